@@ -1,0 +1,37 @@
+"""Exceptions the library raises for problems a user can cause.
+
+The CLI turns any ``EvsamError`` into one red ``Error: ...`` line and exit code 1; everything
+else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class EvsamError(Exception):
+    """Base class: a problem with the user's input, files or environment."""
+
+
+class UnknownModelError(EvsamError, KeyError):
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class CheckpointError(EvsamError):
+    """A checkpoint file is missing, unreadable or does not fit the model."""
+
+
+class DataError(EvsamError):
+    """A dataset, image or JSON file is missing or malformed."""
+
+
+class MissingDependencyError(EvsamError):
+    """An optional extra (ultralytics, groundingdino, tensorrt, lvis ...) is not installed."""
+
+    def __init__(self, package: str, extra: str, what: str) -> None:
+        super().__init__(f"{what} needs {package}, which is not installed; install it with: pip install 'evsam[{extra}]'")
+        self.package = package
+        self.extra = extra
+
+
+class DeviceError(EvsamError):
+    """The requested device or engine is not available (e.g. TensorRT without an NVIDIA GPU)."""
