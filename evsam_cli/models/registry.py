@@ -43,7 +43,7 @@ class ModelSpec:
     build: Callable[[], Sam]
     filename: str  # the official release file
     url: str
-    paper_params_m: float
+    paper_params_m: float | None  # as reported by the EfficientViT-SAM paper (None: not reported)
     paper_macs_g: float | None
     aliases: tuple[str, ...] = ()
 
@@ -115,7 +115,7 @@ def _xl_variant(name: str, backbone: str, head_depth: int) -> Callable[[], Sam]:
     )
 
 
-# Paper, Table 1: parameters (M) and MACs (G) of the whole model at its input size.
+# Paper, Table 1: parameters (M) of the whole model, image-encoder MACs (G) at its input size.
 for _name, _backbone, _depth, _size, _params, _macs in (
     ("efficientvit-sam-l0", "l0", 4, 512, 34.8, 35.0),
     ("efficientvit-sam-l1", "l1", 8, 512, 47.7, 49.0),
@@ -157,8 +157,8 @@ def _sam_vit(name: str, kind: str) -> Callable[[], Sam]:
 
 
 for _kind, _file, _params, _macs in (
-    ("vit_b", "sam_vit_b_01ec64.pth", 93.7, 488.0),
-    ("vit_l", "sam_vit_l_0b3195.pth", 312.3, 1315.0),
+    ("vit_b", "sam_vit_b_01ec64.pth", None, None),
+    ("vit_l", "sam_vit_l_0b3195.pth", None, None),
     ("vit_h", "sam_vit_h_4b8939.pth", 641.1, 2973.0),
 ):
     _name = "sam-" + _kind.replace("_", "-")
@@ -327,6 +327,8 @@ def create_model(
     name: str,
     checkpoint: str | os.PathLike[str] | None = None,
     device: str | torch.device = "cpu",
+    *,
+    input_size: int | None = None,
 ) -> Sam:
     """Build a zoo model, optionally load weights, move it to ``device`` and set eval mode.
 
@@ -335,9 +337,18 @@ def create_model(
       checkpoint: None (random init), a file path, or ``"hub"`` (the official release file,
         downloaded to ``hub_dir()`` when there is a network).
       device: where the model lives.
+      input_size: encoder input side other than the model's own (EfficientViT-SAM only, a
+        multiple of 32: the neck resizes every scale to 64x64, so weights are unchanged).
+        Used for training at a reduced size and for fast tests.
     """
     spec = get_spec(name)
     model = spec.build()
+    if input_size is not None and input_size != model.input_size:
+        if spec.family != "efficientvit-sam":
+            raise ValueError(f"{spec.name} only runs at {model.input_size}x{model.input_size}")
+        if input_size % 32 or input_size < 64:
+            raise ValueError(f"input_size must be a multiple of 32 and at least 64, got {input_size}")
+        model.input_size = int(input_size)
     if checkpoint is not None:
         path = download_checkpoint(spec.name) if str(checkpoint) == "hub" else Path(checkpoint)
         load_checkpoint(model, path)

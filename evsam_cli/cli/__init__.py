@@ -1,0 +1,1 @@
+"""The ``evsam`` command line: one thin module per subcommand, assembled in ``app.py``."""
