@@ -272,7 +272,7 @@ def _describe_mismatch(model: Sam, path: Path, state: Mapping[str, torch.Tensor]
         return None
 
     def first(keys: list[str]) -> str:
-        return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+        return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
 
     parts = []
     if missing:
@@ -284,6 +284,20 @@ def _describe_mismatch(model: Sam, path: Path, state: Mapping[str, torch.Tensor]
     return f"checkpoint {path} does not fit model {model.name}: " + "; ".join(parts)
 
 
+def guess_model(state: Mapping[str, torch.Tensor]) -> str | None:
+    """The zoo model whose parameter names and shapes ``state`` matches exactly, if any."""
+    for name, spec in _MODELS.items():
+        with torch.device("meta"):
+            candidate = spec.build()
+        expected = candidate.state_dict()
+        layout = _to_model_layout(candidate, dict(state))
+        if expected.keys() == layout.keys() and all(
+            tuple(layout[k].shape) == tuple(v.shape) for k, v in expected.items()
+        ):
+            return name
+    return None
+
+
 def load_checkpoint(model: Sam, checkpoint: str | os.PathLike[str]) -> dict[str, Any]:
     """Load ``checkpoint`` into ``model`` strictly; returns the evsam metadata of the file."""
     path = Path(checkpoint).expanduser()
@@ -291,9 +305,9 @@ def load_checkpoint(model: Sam, checkpoint: str | os.PathLike[str]) -> dict[str,
     state = _to_model_layout(model, state)
     problem = _describe_mismatch(model, path, state)
     if problem is not None:
-        saved = meta.get("model")
+        saved = meta.get("model") or guess_model(state)
         if saved and saved != model.name:
-            problem += f" (the file was written for {saved})"
+            problem += f". The file looks like {saved}: pass --model {saved} / create_model({saved!r}, ...)"
         raise CheckpointError(problem)
     model.load_state_dict(state, strict=True)
     return meta
