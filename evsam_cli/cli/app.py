@@ -7,13 +7,41 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import sys
+from typing import Any
+
 import typer
+from typer.core import TyperGroup
 
 from .. import __version__
 from . import bench, data, distill, eval as eval_cmd, export, finetune, models_cmd, predict
-from .common import set_debug
+from .common import error, set_debug
+
+class EvsamGroup(TyperGroup):
+    """Usage mistakes (bad flag values, missing options) end like every other user error:
+    one ``Error:`` line on stderr and exit code 1, instead of click's framed message and code 2."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except typer.Abort:
+            error("aborted")
+            sys.exit(1)
+        except typer.TyperException as exc:  # click's ClickException family, vendored by typer
+            message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+            if not message.strip():  # no_args_is_help: the help text was the answer
+                sys.exit(0)
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            error(f"{message}{hint}")
+            sys.exit(1)
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
 
 app = typer.Typer(
+    cls=EvsamGroup,
     name="evsam",
     help="EfficientViT-SAM toolkit: distill, finetune, export, benchmark and evaluate fast Segment Anything models.",
     no_args_is_help=True,
