@@ -1,0 +1,79 @@
+"""All prompts of one image through the mask decoder in a few batched passes.
+
+Each prompt gets SAM's multimask output and keeps the mask with the highest predicted IoU,
+upscaled to the original image size and thresholded at 0 -- the official evaluation's
+``predictor.predict(..., multimask_output=True)`` followed by ``masks[iou.argmax()]``, but
+one decoder call per chunk of prompts instead of one per prompt, and only the chosen mask
+upscaled.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..models.sam import Sam
+
+
+def to_prompt_frame(
+    coords: np.ndarray, original_size: tuple[int, int], frame_size: tuple[int, int]
+) -> np.ndarray:
+    """(..., 2) x,y in original pixels -> the model's prompt frame (float64, as SAM's transform)."""
+    out = np.array(coords, dtype=np.float64, copy=True)
+    out[..., 0] = out[..., 0] * (frame_size[1] / original_size[1])
+    out[..., 1] = out[..., 1] * (frame_size[0] / original_size[0])
+    return out
+
+
+@torch.inference_mode()
+def best_masks(
+    model: Sam,
+    embedding: Tensor,
+    original_size: tuple[int, int],
+    *,
+    boxes: np.ndarray | None = None,
+    point_coords: np.ndarray | None = None,
+    point_labels: np.ndarray | None = None,
+    chunk: int = 32,
+) -> Tensor:
+    """Best-of-multimask masks for N prompts of one image.
+
+    Args:
+      embedding: (1, 256, 64, 64) image embedding.
+      original_size: (H, W) of the image.
+      boxes: (N, 4) xyxy pixels; or point_coords (N, K, 2) x,y pixels with point_labels (N, K).
+      chunk: prompts per decoder pass (bounds memory: each mask is upscaled to H x W).
+    Returns:
+      (N, H, W) bool masks on the model's device.
+    """
+    frame = model.prompt_frame_size(original_size)
+    device = model.device
+    if boxes is not None:
+        n = len(boxes)
+        boxes_t = torch.as_tensor(
+            to_prompt_frame(np.asarray(boxes).reshape(-1, 2, 2), original_size, frame).reshape(-1, 4)
+        )
+        boxes_t = boxes_t.to(device=device, dtype=torch.float32)
+    elif point_coords is not None and point_labels is not None:
+        n = len(point_coords)
+        coords_t = torch.as_tensor(to_prompt_frame(point_coords, original_size, frame)).to(
+            device=device, dtype=torch.float32
+        )
+        labels_t = torch.as_tensor(np.asarray(point_labels), dtype=torch.int64, device=device)
+    else:
+        raise ValueError("give boxes or point_coords with point_labels")
+    out = torch.empty((n, *original_size), dtype=torch.bool, device=device)
+    for start in range(0, n, chunk):
+        sl = slice(start, start + chunk)
+        if boxes is not None:
+            low_res, iou = model.decode(embedding, boxes=boxes_t[sl], multimask_output=True)
+        else:
+            low_res, iou = model.decode(
+                embedding, point_coords=coords_t[sl], point_labels=labels_t[sl], multimask_output=True
+            )
+        best = iou.argmax(dim=1)
+        chosen = low_res[torch.arange(low_res.shape[0], device=device), best].unsqueeze(1).float()
+        masks = model.postprocess_masks(chosen, frame, original_size)
+        out[sl] = masks[:, 0] > model.mask_threshold
+    return out

@@ -1,0 +1,105 @@
+"""Image decoding and ground-truth preparation in DataLoader workers.
+
+Workers read the image, resize it for the encoder (longest side = the model's input size, PIL
+bilinear, as ``Sam.resize_image``) and, for box/point prompts, decode the ground-truth masks,
+so the main process only runs the model. An image that cannot be read becomes an item with an
+``error`` for the runner to skip and report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from ..data.images import load_image
+from ..errors import DataError
+from ..models.sam import preprocess_shape
+from .datasets import EvalImage, annotation_to_mask, bbox_xywh_to_xyxy
+
+
+@dataclass
+class EvalItem:
+    index: int  # position in the evaluated image list
+    image: EvalImage
+    error: str | None = None
+    fatal: str | None = None  # a malformed annotation: stops the run
+    encoder_input: torch.Tensor | None = None  # (3, h, w) uint8, longest side = input size
+    original_size: tuple[int, int] = (0, 0)
+    rgb: np.ndarray | None = None  # (H, W, 3) uint8, only when a detector needs it
+    gt_masks: np.ndarray | None = None  # (N, H, W) bool
+    gt_boxes: np.ndarray | None = None  # (N, 4) xyxy
+    gt_areas: list[float] | None = None
+    gt_ids: list[Any] | None = None
+
+
+def resize_longest(image: np.ndarray, size: int) -> np.ndarray:
+    """HxWx3 uint8 -> longest side ``size`` (PIL bilinear, SAM's rounding); unchanged if already so."""
+    h, w = image.shape[:2]
+    if max(h, w) == size:
+        return image
+    new_h, new_w = preprocess_shape(h, w, size)
+    return np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
+
+
+class EvalImages(Dataset):
+    """Items of ``images[indices]``; ``with_gt``: decode GT masks of annotations with area >= 1."""
+
+    def __init__(
+        self,
+        *,
+        images: list[EvalImage],
+        indices: range | list[int],
+        annotations: dict[int, list[dict[str, Any]]],
+        input_size: int,
+        with_gt: bool,
+        keep_rgb: bool,
+    ) -> None:
+        self.images = images
+        self.indices = list(indices)
+        self.annotations = annotations
+        self.input_size = input_size
+        self.with_gt = with_gt
+        self.keep_rgb = keep_rgb
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> EvalItem:
+        index = self.indices[i]
+        image = self.images[index]
+        item = EvalItem(index=index, image=image)
+        try:
+            rgb = load_image(image.path)
+        except DataError as exc:
+            item.error = str(exc)
+            return item
+        h, w = rgb.shape[:2]
+        item.original_size = (h, w)
+        item.encoder_input = torch.from_numpy(
+            np.array(resize_longest(rgb, self.input_size), dtype=np.uint8, copy=True)
+        ).permute(2, 0, 1)
+        if self.keep_rgb:
+            item.rgb = rgb
+        if self.with_gt:
+            anns = [a for a in self.annotations.get(image.image_id, []) if float(a["area"]) >= 1]
+            try:
+                masks = [annotation_to_mask(a, h, w) for a in anns]
+            except DataError as exc:
+                item.fatal = f"{exc} (image {image.image_id}, {image.path})"
+                return item
+            item.gt_masks = np.stack(masks) if masks else np.zeros((0, h, w), dtype=bool)
+            item.gt_boxes = np.array([bbox_xywh_to_xyxy(a["bbox"]) for a in anns], dtype=np.float64).reshape(
+                -1, 4
+            )
+            item.gt_areas = [float(a["area"]) for a in anns]
+            item.gt_ids = [a.get("id") for a in anns]
+        return item
+
+
+def collate(batch: list[EvalItem]) -> list[EvalItem]:
+    return batch
