@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -120,4 +120,71 @@ def predict_image(
     }
     write_json_atomic(output / "scores.json", result)
     json.dumps(result)  # fail loudly here rather than leave a non-serialisable result to callers
+    return result
+
+
+def predict_everything(
+    *,
+    image_path: str | Path,
+    output: str | Path,
+    model_name: str,
+    checkpoint: str | None,
+    points_per_side: int = 32,
+    points_per_batch: int = 128,
+    pred_iou_thresh: float = 0.88,
+    stability_score_thresh: float = 0.95,
+    box_nms_thresh: float = 0.7,
+    crop_n_layers: int = 0,
+    min_mask_region_area: int = 0,
+    device: str = "cpu",
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """ "Segment everything" in one image; writes ``masks.json`` and ``overlay.png`` to ``output``.
+
+    ``masks.json`` has SA-1B's layout: ``{"image": {"file_name", "height", "width"},
+    "annotations": [{"id", "segmentation" (COCO RLE), "area", "bbox" (xywh), "predicted_iou",
+    "point_coords", "stability_score", "crop_box"}]}`` plus ``model``, ``checkpoint``,
+    ``settings``, ``num_masks``, ``mean_predicted_iou`` and ``seconds``. Settings are checked
+    before the image and the model are loaded. Returns the content of ``masks.json``.
+    """
+    from .automatic import AutomaticMaskGenerator, validate_settings
+    from .models import create_model
+
+    settings = {
+        "points_per_side": points_per_side,
+        "points_per_batch": points_per_batch,
+        "pred_iou_thresh": pred_iou_thresh,
+        "stability_score_thresh": stability_score_thresh,
+        "box_nms_thresh": box_nms_thresh,
+        "crop_n_layers": crop_n_layers,
+        "min_mask_region_area": min_mask_region_area,
+    }
+    t_start = time.perf_counter()
+    validate_settings(output_mode="coco_rle", **settings)  # before the slow loading
+    output = Path(output)
+    image = load_image(image_path)
+    model = create_model(model_name, checkpoint=checkpoint, device=resolve_device(device))
+    generator = AutomaticMaskGenerator(model, output_mode="coco_rle", **settings)
+    t0 = time.perf_counter()
+    records = generator.generate(image, progress=progress)
+    seconds = time.perf_counter() - t0
+
+    from .amg_utils import rle_to_mask
+
+    # Largest first, so that small masks stay visible on top of the large ones they sit in.
+    by_area = sorted(range(len(records)), key=lambda i: -records[i]["area"])
+    overlay = overlay_masks(image, [rle_to_mask(records[i]["segmentation"]) for i in by_area])
+    output.mkdir(parents=True, exist_ok=True)
+    _save_png(output / "overlay.png", overlay)
+    result = {
+        "image": {"file_name": str(image_path), "height": int(image.shape[0]), "width": int(image.shape[1])},
+        "model": model.name,
+        "checkpoint": checkpoint,
+        "settings": settings,
+        "num_masks": len(records),
+        "mean_predicted_iou": float(np.mean([r["predicted_iou"] for r in records])) if records else None,
+        "seconds": {"generate": seconds, **generator.timings, "total": time.perf_counter() - t_start},
+        "annotations": [{"id": i, **r} for i, r in enumerate(records)],
+    }
+    write_json_atomic(output / "masks.json", result)
     return result

@@ -197,3 +197,12 @@ class SamPredictor:
         if not return_logits:
             masks = masks > self.model.mask_threshold
         return masks, scores, low_res
+
+
+def __getattr__(name: str) -> object:
+    """Lazy re-export of ``AutomaticMaskGenerator`` (its module imports this one)."""
+    if name == "AutomaticMaskGenerator":
+        from .automatic import AutomaticMaskGenerator
+
+        return AutomaticMaskGenerator
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -42,18 +42,73 @@ def predict_cli(
         ),
     ] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 ...")] = "cpu",
+    everything: Annotated[
+        bool,
+        typer.Option(
+            "--everything", help="Segment everything: prompt a grid of points, no --box/--point needed."
+        ),
+    ] = False,
+    points_per_side: Annotated[
+        int | None, typer.Option(help="--everything: grid points per side (default 32).")
+    ] = None,
+    points_per_batch: Annotated[
+        int | None, typer.Option(help="--everything: prompts per decoder pass (default 128).")
+    ] = None,
+    pred_iou_thresh: Annotated[
+        float | None,
+        typer.Option(help="--everything: keep masks with predicted IoU above this (default 0.88)."),
+    ] = None,
+    stability_score_thresh: Annotated[
+        float | None, typer.Option(help="--everything: minimum stability score (default 0.95).")
+    ] = None,
+    box_nms_thresh: Annotated[
+        float | None, typer.Option(help="--everything: box IoU that marks a duplicate (default 0.7).")
+    ] = None,
+    crop_n_layers: Annotated[
+        int | None, typer.Option(help="--everything: extra layers of image crops (default 0).")
+    ] = None,
+    min_mask_region_area: Annotated[
+        int | None,
+        typer.Option(
+            help="--everything: fill holes / drop islands smaller than this many pixels (default 0)."
+        ),
+    ] = None,
 ) -> None:
-    """Segment objects in IMAGE from box and/or point prompts.
+    """Segment objects in IMAGE from box and/or point prompts, or everything in it.
 
     Writes [bold]mask_<i>.png[/bold] (best mask of each prompt), [bold]overlay.png[/bold] and
-    [bold]scores.json[/bold] to --output.
+    [bold]scores.json[/bold] to --output. With [bold]--everything[/bold]: [bold]masks.json[/bold]
+    (every mask as COCO RLE, SA-1B layout) and [bold]overlay.png[/bold].
 
     Examples:
 
       evsam predict photo.jpg --box 40,60,380,420 -o out/
 
       evsam predict photo.jpg --point 200,150 --point 260,40,0 -m xl1 --checkpoint efficientvit_sam_xl1.pt -o out/
+
+      evsam predict photo.jpg --everything --checkpoint efficientvit_sam_l0.pt -o out/
+
+      evsam predict photo.jpg --everything --points-per-side 16 --crop-n-layers 1 -o out/
     """
+    everything_options = {
+        "points_per_side": points_per_side,
+        "points_per_batch": points_per_batch,
+        "pred_iou_thresh": pred_iou_thresh,
+        "stability_score_thresh": stability_score_thresh,
+        "box_nms_thresh": box_nms_thresh,
+        "crop_n_layers": crop_n_layers,
+        "min_mask_region_area": min_mask_region_area,
+    }
+    if everything:
+        if box or point:
+            raise typer.BadParameter("--everything prompts a point grid itself; drop --box/--point")
+        _predict_everything(image, output, model, checkpoint, device, everything_options)
+        return
+    given = [k for k, v in everything_options.items() if v is not None]
+    if given:
+        flag = "--" + given[0].replace("_", "-")
+        raise typer.BadParameter(f"{flag} applies to --everything only", param_hint=flag)
+
     from ..predict import predict_image
 
     boxes = [parse_floats(b, 4, "--box") for b in box or []]
@@ -88,3 +143,51 @@ def predict_cli(
         )
     console.print(table)
     console.print(f"encoder {result['encoder_seconds']:.2f} s, decoder {result['decoder_seconds']:.2f} s -> {output}")
+
+
+def _predict_everything(
+    image: Path, output: Path, model: str, checkpoint: str | None, device: str, options: dict
+) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ..predict import predict_everything
+
+    settings = {k: v for k, v in options.items() if v is not None}
+    with Progress(
+        TextColumn("[bold]segment everything"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("points"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("points", total=None)
+        result = predict_everything(
+            image_path=image,
+            output=output,
+            model_name=model,
+            checkpoint=checkpoint,
+            device=device,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+            **settings,
+        )
+
+    from rich.table import Table
+
+    seconds = result["seconds"]
+    table = Table(title=f"{result['model']} on {image.name}: segment everything")
+    for col in ("masks", "mean predicted IoU", "mean stability", "encoder (s)", "decoder (s)", "total (s)"):
+        table.add_column(col, justify="right")
+    anns = result["annotations"]
+    mean_iou = result["mean_predicted_iou"]
+    table.add_row(
+        str(result["num_masks"]),
+        "-" if mean_iou is None else f"{mean_iou:.3f}",
+        f"{sum(a['stability_score'] for a in anns) / len(anns):.3f}" if anns else "-",
+        f"{seconds['encoder_s']:.2f}",
+        f"{seconds['decoder_s'] + seconds['postprocess_s']:.2f}",
+        f"{seconds['total']:.2f}",
+    )
+    console.print(table)
+    console.print(f"masks.json and overlay.png -> {output}")

@@ -1,0 +1,508 @@
+"""Automatic mask generation ("segment everything") with segment-anything's semantics.
+
+``AutomaticMaskGenerator`` prompts the model with a regular grid of points (per image crop),
+keeps the masks that pass the predicted-IoU and stability thresholds, removes duplicates with
+box NMS and returns SA-1B-style records. The results are those of the official generator for
+the same weights and settings; the work is ordered so that little of it is done at full
+resolution, without changing any result:
+
+1. The decoder runs in two halves. The two-way transformer gives every prompt's IoU
+   predictions; the mask head (output upscaling + hypernetwork product) then runs only for the
+   prompts with at least one mask above ``pred_iou_thresh``, and only for those masks.
+2. Only masks passing the IoU filter are upscaled to full resolution (in bounded chunks), where
+   the stability score is computed on the upscaled logits exactly as the official generator
+   does, and boxes are taken.
+3. Surviving masks are kept cropped to their box; box NMS runs on the boxes, and only the masks
+   NMS keeps are ever assembled at full size or run-length encoded.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torchvision.ops import batched_nms
+
+from .amg_utils import (
+    box_near_crop_edge,
+    build_layer_point_grids,
+    generate_crop_boxes,
+    mask_to_box,
+    mask_to_coco_rle,
+    mask_to_rle,
+    masks_to_boxes,
+    remove_small_regions,
+    stability_score,
+    xyxy_to_xywh,
+)
+from .data.images import to_rgb_uint8
+from .errors import EvsamError
+from .models.sam import Sam
+from .predictor import SamPredictor
+
+OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
+# Full-resolution logits upscaled at once are bounded to about this many float32 values.
+_FULL_RES_BUDGET = 2**26
+
+
+class AmgConfigError(EvsamError, ValueError):
+    """An automatic-mask-generator setting is missing, contradictory or out of range."""
+
+
+@dataclass
+class _Candidates:
+    """Masks kept so far, in the order the official generator would hold them.
+
+    ``pieces[i]`` is mask i cropped to its box; ``offsets[i]`` the (row, col) of that piece in
+    the frame the boxes are in.
+    """
+
+    boxes: list[Tensor] = field(default_factory=list)  # (K, 4) int64 inclusive xyxy
+    iou: list[Tensor] = field(default_factory=list)  # (K,) float32
+    stability: list[Tensor] = field(default_factory=list)  # (K,) float32
+    points: list[np.ndarray] = field(default_factory=list)  # (K, 2) float64 x, y
+    crop_boxes: list[list[int]] = field(default_factory=list)  # one xyxy per mask
+    pieces: list[np.ndarray] = field(default_factory=list)
+    offsets: list[tuple[int, int]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.pieces)
+
+    def box_tensor(self) -> Tensor:
+        return torch.cat(self.boxes).cpu() if self.boxes else torch.zeros(0, 4, dtype=torch.int64)
+
+    def compact(self) -> None:
+        """Concatenate the per-batch tensors (after which each list holds one entry)."""
+        if len(self.boxes) > 1:
+            self.boxes = [torch.cat(self.boxes).cpu()]
+            self.iou = [torch.cat(self.iou).cpu()]
+            self.stability = [torch.cat(self.stability).cpu()]
+            self.points = [np.concatenate(self.points)]
+
+    def select(self, keep: Tensor) -> _Candidates:
+        """The candidates at indices ``keep`` (a LongTensor), in that order."""
+        self.compact()
+        idx = keep.cpu().long()
+        order = idx.tolist()
+        return _Candidates(
+            boxes=[self.boxes[0][idx]] if self.boxes else [],
+            iou=[self.iou[0][idx]] if self.iou else [],
+            stability=[self.stability[0][idx]] if self.stability else [],
+            points=[self.points[0][idx.numpy()]] if self.points else [],
+            crop_boxes=[self.crop_boxes[i] for i in order],
+            pieces=[self.pieces[i] for i in order],
+            offsets=[self.offsets[i] for i in order],
+        )
+
+    def extend(self, other: _Candidates) -> None:
+        for name in ("boxes", "iou", "stability", "points", "crop_boxes", "pieces", "offsets"):
+            getattr(self, name).extend(getattr(other, name))
+
+    def full_mask(self, i: int, size: tuple[int, int]) -> np.ndarray:
+        mask = np.zeros(size, dtype=bool)
+        r, c = self.offsets[i]
+        piece = self.pieces[i]
+        mask[r : r + piece.shape[0], c : c + piece.shape[1]] = piece
+        return mask
+
+
+class AutomaticMaskGenerator:
+    def __init__(
+        self,
+        model: Sam,
+        *,
+        points_per_side: int | None = 32,
+        points_per_batch: int = 128,
+        pred_iou_thresh: float = 0.88,
+        stability_score_thresh: float = 0.95,
+        stability_score_offset: float = 1.0,
+        box_nms_thresh: float = 0.7,
+        crop_n_layers: int = 0,
+        crop_nms_thresh: float = 0.7,
+        crop_overlap_ratio: float = 512 / 1500,
+        crop_n_points_downscale_factor: int = 1,
+        point_grids: Sequence[np.ndarray] | None = None,
+        min_mask_region_area: int = 0,
+        output_mode: str = "binary_mask",
+    ) -> None:
+        """
+        Args:
+          model: any zoo model (``create_model``); its device is used.
+          points_per_side: the grid has points_per_side**2 points (on the whole image and on
+            every crop, divided by ``crop_n_points_downscale_factor**layer`` in crop layer i).
+            Exactly one of this and ``point_grids``.
+          points_per_batch: prompts decoded per decoder pass (memory grows ~20 MB per prompt).
+          pred_iou_thresh: keep masks whose predicted IoU is above this (0 disables), in [0, 1].
+          stability_score_thresh: keep masks whose stability score is at least this (0
+            disables), in [0, 1].
+          stability_score_offset: logit offset used by the stability score (>= 0).
+          box_nms_thresh: box IoU above which the lower-scored duplicate within a crop is removed.
+          crop_n_layers: extra crop layers; layer i cuts the image into (2**i)**2 crops.
+          crop_nms_thresh: box IoU for removing duplicates between crops (smaller crops win).
+          crop_overlap_ratio: overlap of layer-1 crops as a fraction of the short side, in [0, 1).
+          crop_n_points_downscale_factor: >= 1, see ``points_per_side``.
+          point_grids: explicit grids, one (K, 2) array of x, y in [0, 1] per crop layer.
+          min_mask_region_area: when > 0, fill holes and drop islands smaller than this many
+            pixels, then re-run NMS (needs scipy).
+          output_mode: "binary_mask" (HxW bool array), "coco_rle" (compressed, JSON-ready) or
+            "uncompressed_rle".
+        Raises:
+          AmgConfigError: a setting is missing, contradictory or out of range.
+        """
+        grids = validate_settings(
+            points_per_side=points_per_side,
+            points_per_batch=points_per_batch,
+            pred_iou_thresh=pred_iou_thresh,
+            stability_score_thresh=stability_score_thresh,
+            stability_score_offset=stability_score_offset,
+            box_nms_thresh=box_nms_thresh,
+            crop_n_layers=crop_n_layers,
+            crop_nms_thresh=crop_nms_thresh,
+            crop_overlap_ratio=crop_overlap_ratio,
+            crop_n_points_downscale_factor=crop_n_points_downscale_factor,
+            point_grids=point_grids,
+            min_mask_region_area=min_mask_region_area,
+            output_mode=output_mode,
+        )
+
+        self.model = model
+        self.predictor = SamPredictor(model)
+        self.point_grids = grids
+        self.points_per_batch = points_per_batch
+        self.pred_iou_thresh = float(pred_iou_thresh)
+        self.stability_score_thresh = float(stability_score_thresh)
+        self.stability_score_offset = float(stability_score_offset)
+        self.box_nms_thresh = float(box_nms_thresh)
+        self.crop_n_layers = crop_n_layers
+        self.crop_nms_thresh = float(crop_nms_thresh)
+        self.crop_overlap_ratio = float(crop_overlap_ratio)
+        self.crop_n_points_downscale_factor = crop_n_points_downscale_factor
+        self.min_mask_region_area = min_mask_region_area
+        self.output_mode = output_mode
+        self.timings: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ public API
+    @torch.inference_mode()
+    def generate(
+        self, image: np.ndarray, *, progress: Callable[[int, int], None] | None = None
+    ) -> list[dict[str, Any]]:
+        """Masks for everything in ``image`` (HxWx3 uint8 RGB; grayscale/RGBA/16-bit converted).
+
+        Args:
+          progress: called as ``progress(points_done, points_total)`` after every decoder pass.
+        Returns:
+          one record per mask, best first within a crop: ``segmentation`` (HxW bool array or a
+          COCO RLE dict, see ``output_mode``), ``area`` (pixels), ``bbox`` (xywh, SAM's
+          convention: x + w is the last covered column), ``predicted_iou``, ``point_coords``
+          ([[x, y]], the prompt), ``stability_score``, ``crop_box`` (xywh).
+        Raises:
+          DataError: ``image`` is not an image-shaped array.
+        """
+        image = to_rgb_uint8(image)
+        size = (int(image.shape[0]), int(image.shape[1]))
+        self.timings = {"encoder_s": 0.0, "decoder_s": 0.0, "postprocess_s": 0.0}
+        crop_boxes, layers = generate_crop_boxes(size, self.crop_n_layers, self.crop_overlap_ratio)
+        total = sum(len(self.point_grids[layer]) for layer in layers)
+        done = [0]
+
+        def step(n: int) -> None:
+            done[0] += n
+            if progress is not None:
+                progress(done[0], total)
+
+        data = _Candidates()
+        for crop_box, layer in zip(crop_boxes, layers, strict=True):
+            data.extend(self._process_crop(image, crop_box, layer, size, step))
+
+        t0 = time.perf_counter()
+        if len(crop_boxes) > 1 and len(data) > 0:
+            crop_t = torch.tensor(data.crop_boxes, dtype=torch.int64)
+            areas = (crop_t[:, 2] - crop_t[:, 0]) * (crop_t[:, 3] - crop_t[:, 1])
+            keep = _nms(data.box_tensor(), 1 / areas, self.crop_nms_thresh)  # smaller crops win
+            data = data.select(keep)
+        if self.min_mask_region_area > 0 and len(data) > 0:
+            data = self._remove_small_regions(data, size)
+        records = self._records(data, size)
+        self.timings["postprocess_s"] += time.perf_counter() - t0
+        return records
+
+    # ------------------------------------------------------------------ one crop
+    def _process_crop(
+        self,
+        image: np.ndarray,
+        crop_box: list[int],
+        layer: int,
+        size: tuple[int, int],
+        step: Callable[[int], None],
+    ) -> _Candidates:
+        x0, y0, x1, y1 = crop_box
+        t0 = time.perf_counter()
+        self.predictor.set_image(image[y0:y1, x0:x1])
+        self.timings["encoder_s"] += time.perf_counter() - t0
+
+        crop_h, crop_w = y1 - y0, x1 - x0
+        points = self.point_grids[layer] * np.array([[crop_w, crop_h]])
+        data = _Candidates()
+        t0 = time.perf_counter()
+        for start in range(0, len(points), self.points_per_batch):
+            batch = points[start : start + self.points_per_batch]
+            self._process_batch(batch, crop_box, size, data)
+            step(len(batch))
+        self.predictor.reset_image()
+
+        data.compact()
+        if len(data) > 0:
+            keep = _nms(data.boxes[0], data.iou[0], self.box_nms_thresh)
+            data = data.select(keep)
+            data.boxes = [data.boxes[0] + torch.tensor([x0, y0, x0, y0])]
+            data.points = [data.points[0] + np.array([[x0, y0]])]
+            data.offsets = [(r + y0, c + x0) for r, c in data.offsets]
+        self.timings["decoder_s"] += time.perf_counter() - t0
+        return data
+
+    def _process_batch(
+        self, points: np.ndarray, crop_box: list[int], size: tuple[int, int], data: _Candidates
+    ) -> None:
+        """Decode one batch of (N, 2) points (crop pixels) and append the masks that survive."""
+        dev = self.model.device
+        # Float64 prompt coordinates, as the official generator passes them.
+        coords = torch.as_tensor(self.predictor.apply_coords(points), device=dev)[:, None, :]
+        labels = torch.ones(coords.shape[0], 1, dtype=torch.int64, device=dev)
+        iou, src, mask_tokens = self._decode_tokens(coords, labels)  # iou (N, 3)
+
+        keep = (
+            iou > self.pred_iou_thresh
+            if self.pred_iou_thresh > 0.0
+            else torch.ones_like(iou, dtype=torch.bool)
+        )
+        flat = keep.flatten().nonzero().squeeze(1)  # prompt-major order, as SAM flattens (N, 3)
+        if flat.numel() == 0:
+            return
+        prompt_idx, token_idx = flat // 3, flat % 3
+        low_res = self._mask_logits(src, mask_tokens, prompt_idx, token_idx)  # (K, 256, 256)
+        iou_kept = iou.flatten()[flat]
+        points_kept = points[prompt_idx.cpu().numpy()]
+
+        pred = self.predictor
+        assert pred.input_size is not None and pred.original_size is not None
+        h, w = pred.original_size
+        chunk = max(1, _FULL_RES_BUDGET // (self.model.prompt_size**2 + h * w))
+        threshold = self.model.mask_threshold
+        for start in range(0, low_res.shape[0], chunk):
+            sl = slice(start, start + chunk)
+            logits = self.model.postprocess_masks(low_res[sl, None].float(), pred.input_size, (h, w))[:, 0]
+            stab = stability_score(logits, threshold, self.stability_score_offset)
+            if self.stability_score_thresh > 0.0:
+                ok = stab >= self.stability_score_thresh
+            else:
+                ok = torch.ones_like(stab, dtype=torch.bool)
+            masks = logits[ok] > threshold
+            del logits
+            boxes = masks_to_boxes(masks)
+            inside = ~box_near_crop_edge(boxes, crop_box, [0, 0, size[1], size[0]])
+            idx = ok.nonzero().squeeze(1)[inside]
+            masks, boxes = masks[inside], boxes[inside]
+            if idx.numel() == 0:
+                continue
+            data.boxes.append(boxes.cpu())
+            data.iou.append(iou_kept[sl][idx].float().cpu())
+            data.stability.append(stab[idx].cpu())
+            data.points.append(points_kept[sl][idx.cpu().numpy()])
+            data.crop_boxes.extend([list(crop_box)] * idx.numel())
+            for m, (bx0, by0, bx1, by1) in zip(masks, boxes.tolist(), strict=True):
+                data.pieces.append(m[by0 : by1 + 1, bx0 : bx1 + 1].cpu().numpy())
+                data.offsets.append((by0, bx0))
+
+    # ------------------------------------------------------------------ the decoder in two halves
+    def _decode_tokens(self, coords: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Prompt-frame points (N, 1, 2) -> multimask IoU predictions (N, 3), the transformer's
+        image tokens (N or 1, HW, C) and the three multimask output tokens (N, 3, C).
+
+        This is ``MaskDecoder.predict_masks`` up to the transformer; the mask head is deferred
+        to ``_mask_logits`` so that it runs only for the masks the IoU filter keeps.
+        """
+        model, dec = self.model, self.model.mask_decoder
+        sparse, dense = model.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+        n = sparse.shape[0]
+        output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
+        output_tokens = output_tokens.to(sparse.dtype).unsqueeze(0).expand(n, -1, -1)
+        tokens = torch.cat([output_tokens, sparse], dim=1)
+        image = self.predictor.get_image_embedding() + dense
+        hs, src = dec.transformer(image, model.prompt_encoder.get_dense_pe(), tokens)
+        iou = dec.iou_prediction_head(hs[:, 0, :])[:, 1:]
+        return iou, src, hs[:, 2 : 2 + 3, :]
+
+    def _mask_logits(self, src: Tensor, mask_tokens: Tensor, prompt_idx: Tensor, token_idx: Tensor) -> Tensor:
+        """Low-res logits (K, 256, 256) of the multimask outputs ``token_idx`` of ``prompt_idx``."""
+        dec = self.model.mask_decoder
+        needed, inverse = torch.unique(prompt_idx, return_inverse=True)
+        side = int(math.isqrt(src.shape[1]))
+        out = []
+        step = 32  # prompts upscaled at once (each ~20 MB of activations)
+        for start in range(0, needed.numel(), step):
+            ids = needed[start : start + step]
+            s = src[ids] if src.shape[0] > 1 else src.expand(ids.numel(), -1, -1)
+            s = s.transpose(1, 2).reshape(ids.numel(), -1, side, side)
+            upscaled = dec.output_upscaling(s)
+            hyper = torch.stack(
+                [dec.output_hypernetworks_mlps[i + 1](mask_tokens[ids, i, :]) for i in range(3)], dim=1
+            )
+            b, c, h, w = upscaled.shape
+            out.append((hyper @ upscaled.reshape(b, c, h * w)).reshape(b, 3, h, w))
+        masks = torch.cat(out)  # (len(needed), 3, 256, 256)
+        return masks[inverse, token_idx]
+
+    # ------------------------------------------------------------------ post-processing
+    def _remove_small_regions(self, data: _Candidates, size: tuple[int, int]) -> _Candidates:
+        """Fill small holes, drop small islands, then NMS again preferring untouched masks."""
+        new_masks, boxes, unchanged = [], [], []
+        for i in range(len(data)):
+            mask = data.full_mask(i, size)
+            mask, filled = remove_small_regions(mask, self.min_mask_region_area, "holes")
+            mask, dropped = remove_small_regions(mask, self.min_mask_region_area, "islands")
+            new_masks.append(mask)
+            boxes.append(mask_to_box(mask))
+            unchanged.append(0.0 if (filled or dropped) else 1.0)
+        box_t = torch.tensor(boxes, dtype=torch.int64)
+        keep = _nms(box_t, torch.tensor(unchanged), max(self.box_nms_thresh, self.crop_nms_thresh))
+        data.compact()
+        for i in keep.tolist():
+            if unchanged[i] == 0.0:
+                bx0, by0, bx1, by1 = boxes[i]
+                data.pieces[i] = new_masks[i][by0 : by1 + 1, bx0 : bx1 + 1]
+                data.offsets[i] = (by0, bx0)
+                data.boxes[0][i] = box_t[i]
+        return data.select(keep)
+
+    def _records(self, data: _Candidates, size: tuple[int, int]) -> list[dict[str, Any]]:
+        if len(data) == 0:
+            return []
+        data.compact()
+        boxes = data.boxes[0].tolist()
+        ious = data.iou[0].tolist()
+        stabs = data.stability[0].tolist()
+        points = data.points[0].tolist()
+        records = []
+        for i in range(len(data)):
+            mask = data.full_mask(i, size)
+            if self.output_mode == "binary_mask":
+                seg: Any = mask
+            elif self.output_mode == "coco_rle":
+                seg = mask_to_coco_rle(mask)
+            else:
+                seg = mask_to_rle(mask)
+            records.append(
+                {
+                    "segmentation": seg,
+                    "area": int(data.pieces[i].sum()),
+                    "bbox": xyxy_to_xywh(boxes[i]),
+                    "predicted_iou": ious[i],
+                    "point_coords": [points[i]],
+                    "stability_score": stabs[i],
+                    "crop_box": xyxy_to_xywh(data.crop_boxes[i]),
+                }
+            )
+        return records
+
+
+def validate_settings(
+    *,
+    points_per_side: int | None = 32,
+    points_per_batch: int = 128,
+    pred_iou_thresh: float = 0.88,
+    stability_score_thresh: float = 0.95,
+    stability_score_offset: float = 1.0,
+    box_nms_thresh: float = 0.7,
+    crop_n_layers: int = 0,
+    crop_nms_thresh: float = 0.7,
+    crop_overlap_ratio: float = 512 / 1500,
+    crop_n_points_downscale_factor: int = 1,
+    point_grids: Sequence[np.ndarray] | None = None,
+    min_mask_region_area: int = 0,
+    output_mode: str = "binary_mask",
+) -> list[np.ndarray]:
+    """Check ``AutomaticMaskGenerator``'s settings (same names and defaults) without a model.
+
+    Returns the point grid of every crop layer, (K, 2) x, y in [0, 1]; raises ``AmgConfigError``.
+    """
+    if (points_per_side is None) == (point_grids is None):
+        raise AmgConfigError("give exactly one of points_per_side and point_grids")
+    _check_int("points_per_batch", points_per_batch, 1)
+    _check_int("crop_n_layers", crop_n_layers, 0)
+    _check_int("crop_n_points_downscale_factor", crop_n_points_downscale_factor, 1)
+    _check_int("min_mask_region_area", min_mask_region_area, 0)
+    for name, value in (
+        ("pred_iou_thresh", pred_iou_thresh),
+        ("stability_score_thresh", stability_score_thresh),
+        ("box_nms_thresh", box_nms_thresh),
+        ("crop_nms_thresh", crop_nms_thresh),
+    ):
+        _check_range(name, value, 0.0, 1.0)
+    _check_range("stability_score_offset", stability_score_offset, 0.0, math.inf)
+    _check_range("crop_overlap_ratio", crop_overlap_ratio, 0.0, 1.0, high_open=True)
+    if output_mode not in OUTPUT_MODES:
+        raise AmgConfigError(f"output_mode must be one of {', '.join(OUTPUT_MODES)}; got {output_mode!r}")
+    if points_per_side is not None:
+        _check_int("points_per_side", points_per_side, 1)
+        deepest = int(points_per_side / crop_n_points_downscale_factor**crop_n_layers)
+        if deepest < 1:
+            raise AmgConfigError(
+                f"points_per_side={points_per_side} leaves no points in crop layer {crop_n_layers} "
+                f"after dividing by crop_n_points_downscale_factor={crop_n_points_downscale_factor}"
+                f"**{crop_n_layers}"
+            )
+        grids = build_layer_point_grids(points_per_side, crop_n_layers, crop_n_points_downscale_factor)
+    else:
+        assert point_grids is not None
+        grids = [_check_grid(i, g) for i, g in enumerate(point_grids)]
+        if len(grids) < crop_n_layers + 1:
+            raise AmgConfigError(
+                f"point_grids has {len(grids)} grid(s) but crop_n_layers={crop_n_layers} needs "
+                f"{crop_n_layers + 1} (one per layer, the whole image first)"
+            )
+    if min_mask_region_area > 0:
+        try:
+            import scipy.ndimage  # noqa: F401
+        except ImportError:
+            from .errors import MissingDependencyError
+
+            raise MissingDependencyError("scipy", "dev", "min_mask_region_area > 0") from None
+    return grids
+
+
+def _nms(boxes: Tensor, scores: Tensor, threshold: float) -> Tensor:
+    """Indices kept by box NMS, best score first (one class: torchvision's batched_nms)."""
+    boxes = boxes.float()
+    return batched_nms(boxes, scores.to(boxes.device), torch.zeros_like(boxes[:, 0]), iou_threshold=threshold)
+
+
+def _check_int(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise AmgConfigError(f"{name} must be an integer >= {low}; got {value!r}")
+
+
+def _check_range(name: str, value: Any, low: float, high: float, *, high_open: bool = False) -> None:
+    ok = isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
+    if ok:
+        v = float(value)
+        ok = math.isfinite(v) and low <= v and (v < high if high_open else v <= high)
+    if not ok:
+        bound = f"[{low:g}, {high:g})" if high_open else f"[{low:g}, {high:g}]"
+        raise AmgConfigError(f"{name} must be a number in {bound}; got {value!r}")
+
+
+def _check_grid(i: int, grid: Any) -> np.ndarray:
+    arr = np.asarray(grid, dtype=np.float64)
+    if arr.ndim != 2 or arr.shape[1] != 2 or len(arr) == 0:
+        raise AmgConfigError(
+            f"point_grids[{i}] must be a non-empty (K, 2) array of x, y; got shape {arr.shape}"
+        )
+    if not np.all(np.isfinite(arr)) or arr.min() < 0.0 or arr.max() > 1.0:
+        raise AmgConfigError(f"point_grids[{i}] must hold coordinates normalised to [0, 1]")
+    return arr
