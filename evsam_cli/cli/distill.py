@@ -1,13 +1,166 @@
-"""`evsam distill`: knowledge distillation (not implemented yet)."""
+"""`evsam distill`: distil SAM-ViT's image encoder into an EfficientViT-SAM student on SA-1B."""
 
 from __future__ import annotations
 
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
 import typer
 
-from .common import error
+from .common import command, console, setup_logging
 
 
-def distill_cli(ctx: typer.Context) -> None:
-    """knowledge distillation (not implemented yet)."""
-    error("evsam distill is not implemented yet")
-    raise typer.Exit(1)
+class TeacherName(str, Enum):
+    vit_b = "vit_b"
+    vit_l = "vit_l"
+    vit_h = "vit_h"
+
+
+@command
+def distill_cli(
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Run folder (metrics, checkpoints, student.pt).")
+    ],
+    teacher: Annotated[
+        TeacherName, typer.Option(help="SAM image encoder to learn from.")
+    ] = TeacherName.vit_h,
+    teacher_checkpoint: Annotated[
+        Path | None, typer.Option(help="Meta's sam_vit_*.pth for the teacher (required unless --resume).")
+    ] = None,
+    student: Annotated[
+        str, typer.Option(help="EfficientViT-SAM variant to train (l0 ... xl1).")
+    ] = "efficientvit-sam-l0",
+    data: Annotated[
+        Path | None,
+        typer.Option(help="SA-1B: folder of sa_*.jpg + sa_*.json, or of sa_*.tar shards (or one .tar)."),
+    ] = None,
+    steps: Annotated[
+        int, typer.Option(min=1, help="Optimizer steps (ignored when --epochs is given).")
+    ] = 10000,
+    epochs: Annotated[
+        float | None, typer.Option(min=0.0, help="Train for this many passes over the data.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per micro-batch, per process.")] = 8,
+    grad_accum: Annotated[int, typer.Option(min=1, help="Micro-batches per optimizer step.")] = 1,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warmup then cosine).")] = 1e-3,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (not on norms/biases).")] = 0.05,
+    warmup_steps: Annotated[int, typer.Option(min=0, help="Linear warmup steps.")] = 500,
+    grad_clip: Annotated[float, typer.Option(min=0.0, help="Max gradient norm (0: off).")] = 1.0,
+    image_size: Annotated[
+        int | None,
+        typer.Option(
+            help="Student input side (multiple of 32). Default: the student's own (512 L*, 1024 XL*)."
+        ),
+    ] = None,
+    teacher_cache: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder caching teacher embeddings (fp16, 2 MiB per image) across epochs and runs."
+        ),
+    ] = None,
+    val_images: Annotated[int, typer.Option(min=0, help="Held-out images for val_mse.")] = 16,
+    val_every: Annotated[
+        int, typer.Option(min=0, help="Validate every N steps (0: only at step 0 and the end).")
+    ] = 1000,
+    save_every: Annotated[int, typer.Option(min=1, help="Write checkpoints/last.pt every N steps.")] = 1000,
+    log_every: Annotated[int, typer.Option(min=1, help="Write a metrics.jsonl record every N steps.")] = 10,
+    workers: Annotated[int, typer.Option(min=0, help="Data-loader worker processes per rank.")] = 4,
+    seed: Annotated[int, typer.Option(help="Random seed (data order, initialisation).")] = 0,
+    device: Annotated[
+        str, typer.Option(help="auto, cpu, cuda (under torchrun: each rank its LOCAL_RANK GPU).")
+    ] = "auto",
+    amp: Annotated[
+        bool, typer.Option("--amp/--no-amp", help="Mixed precision on GPU (bf16, else fp16).")
+    ] = True,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in --output from checkpoints/last.pt.")
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace a run already in --output.")
+    ] = False,
+    progress: Annotated[
+        bool, typer.Option("--progress/--no-progress", help="Progress bar on rank 0.")
+    ] = True,
+) -> None:
+    """Distil a SAM ViT image encoder into an EfficientViT-SAM student (MSE on image embeddings).
+
+    Writes [bold]metrics.jsonl[/bold] (step, loss, lr, data_wait_s, cache hits; val_mse at validations),
+    [bold]checkpoints/last.pt[/bold] (resumable), [bold]student.pt[/bold] (the full model with SAM's prompt
+    encoder and mask decoder from the teacher file) and [bold]summary.json[/bold] in --output.
+
+    Examples:
+
+      evsam distill --teacher vit_h --teacher-checkpoint sam_vit_h_4b8939.pth --student efficientvit-sam-l0 --data SA1B_DIR --output runs/l0
+
+      evsam distill ... --teacher-cache /scratch/vit_h_cache --epochs 2 --batch-size 16
+
+      torchrun --nproc-per-node 8 -m evsam_cli distill ... --output runs/l0
+
+      evsam distill --output runs/l0 --resume
+    """
+    from .. import distributed as dist_utils
+    from ..train.config import DataConfig, DistillConfig, LoopConfig, OptimConfig
+    from ..train.distill import distill
+
+    if resume and overwrite:
+        raise typer.BadParameter("--resume and --overwrite exclude each other")
+    if not resume and teacher_checkpoint is None:
+        raise typer.BadParameter(
+            "--teacher-checkpoint is required (Meta's sam_vit_*.pth)", param_hint="--teacher-checkpoint"
+        )
+    if not resume and data is None:
+        raise typer.BadParameter("--data is required (an SA-1B folder or .tar shards)", param_hint="--data")
+    setup_logging(main_process=dist_utils.get_info().is_main or _env_rank() == 0)
+    cfg = DistillConfig(
+        teacher=teacher.value,
+        teacher_checkpoint=str(teacher_checkpoint or "-"),
+        student=student,
+        image_size=image_size,
+        teacher_cache=str(teacher_cache) if teacher_cache else None,
+        loop=LoopConfig(
+            output=str(output),
+            steps=steps,
+            epochs=epochs,
+            grad_accum=grad_accum,
+            seed=seed,
+            device=device,
+            amp=amp,
+            log_every=log_every,
+            val_every=val_every,
+            save_every=save_every,
+        ),
+        optim=OptimConfig(lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, grad_clip=grad_clip),
+        data=DataConfig(path=str(data or ""), batch_size=batch_size, workers=workers, val_images=val_images),
+    )
+    summary = distill(cfg, resume=resume, overwrite=overwrite, progress=progress)
+    if _env_rank() != 0:
+        return
+    from rich.table import Table
+
+    table = Table(title=f"distill {summary['teacher']} -> {summary['student']}")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    rows = [
+        ("steps", str(summary["steps"])),
+        ("images", str(summary["images"])),
+        ("images/s", f"{summary['images_per_s']:.2f}"),
+        ("final loss", _fmt(summary["final_loss"])),
+        ("val mse", _fmt(summary["val_mse"])),
+        ("teacher forwards", str(summary["teacher_forwards"])),
+        ("skipped images", str(len(summary["skipped_images"]))),
+        ("student weights", summary["student_weights"]),
+    ]
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.5g}"
+
+
+def _env_rank() -> int:
+    import os
+
+    return int(os.environ.get("RANK", "0"))

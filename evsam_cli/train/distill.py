@@ -1,0 +1,366 @@
+"""Knowledge distillation: an EfficientViT-SAM image encoder learns SAM-ViT's image embedding.
+
+As in the paper, the loss is the mean squared error between the student's and the frozen
+teacher's (256, 64, 64) embeddings of SA-1B images, each model seeing the image at its own
+input size. The teacher's forward pass is the dominant cost (ViT-H is ~3 TFLOPs per image), so
+its embeddings go through a ``TeacherCache``: computed once per image, reused across epochs and
+runs, and the teacher is not even built while every image it is asked for is cached.
+
+The distilled ``student.pt`` is a complete model: the student's encoder plus SAM's prompt
+encoder and mask decoder taken from the teacher checkpoint (the paper keeps SAM's head), so
+``create_model(student, checkpoint="student.pt")`` loads it strictly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .. import distributed as dist_utils
+from ..data.sa1b import BatchStream, Sa1bRecord, Sa1bStream, open_sa1b
+from ..data.transforms import normalize_padded, resize_longest_padded
+from ..devices import resolve_device
+from ..errors import CheckpointError
+from ..models import create_model, get_spec, save_weights
+from ..models.registry import _describe_mismatch, _to_model_layout, guess_model
+from .config import DistillConfig, from_dict, to_dict
+from .loop import (
+    TrainingError,
+    amp_dtype,
+    environment,
+    load_checkpoint_file,
+    prepare_output,
+    train,
+    write_summary,
+)
+from .losses import mse
+from .teacher_cache import TeacherCache, file_sha256
+
+log = logging.getLogger("evsam.distill")
+
+TEACHER_SIZE = 1024
+TEACHER_MODELS = {"vit_b": "sam-vit-b", "vit_l": "sam-vit-l", "vit_h": "sam-vit-h"}
+
+
+# ---------------------------------------------------------------------------- teacher
+def read_teacher_head(teacher: str, checkpoint: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """Check that ``checkpoint`` is a SAM ``teacher`` file and return its prompt encoder + mask decoder.
+
+    Only tensor names and shapes are compared (the file is memory-mapped), so a wrong file fails
+    in a second, before any training starts. Raises ``CheckpointError`` naming the file, the
+    teacher, the first mismatching keys and, when recognisable, the teacher the file is for.
+    """
+    path = Path(checkpoint).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"teacher checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read teacher checkpoint {path}: {type(exc).__name__}: {exc}") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not obj:
+        raise CheckpointError(f"teacher checkpoint {path} holds no state dict")
+    name = TEACHER_MODELS[teacher]
+    with torch.device("meta"):
+        model = get_spec(name).build()
+    state = _to_model_layout(model, {k.removeprefix("module."): v for k, v in obj.items()})
+    problem = _describe_mismatch(model, path, state)
+    if problem is not None:
+        found = guess_model(state)
+        hint = ""
+        if found in TEACHER_MODELS.values():
+            hint = (
+                f"; it is a {found} checkpoint: use --teacher {found.removeprefix('sam-').replace('-', '_')}"
+            )
+        elif found:
+            hint = f"; it is a {found} checkpoint, not a SAM teacher"
+        raise CheckpointError(f"wrong teacher checkpoint for --teacher {teacher}: {problem}{hint}")
+    return {k: v.clone() for k, v in state.items() if not k.startswith("image_encoder.")}
+
+
+class Teacher:
+    """SAM ViT image encoder, frozen and in eval mode, built on first use (a warm cache never builds it)."""
+
+    def __init__(self, teacher: str, checkpoint: str, device: torch.device, *, amp: bool) -> None:
+        self.name = TEACHER_MODELS[teacher]
+        self.checkpoint = checkpoint
+        self.device = device
+        self.dtype = amp_dtype(device, amp)
+        self.forwards = 0  # images run through the teacher
+        self._encoder: nn.Module | None = None
+
+    @property
+    def encoder(self) -> nn.Module:
+        if self._encoder is None:
+            log.info("loading teacher %s from %s", self.name, self.checkpoint)
+            model = create_model(self.name, checkpoint=self.checkpoint, device=self.device)
+            self._encoder = model.image_encoder.eval().requires_grad_(False)
+        return self._encoder
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor, sizes: Tensor) -> Tensor:
+        """(M, 3, 1024, 1024) uint8 padded + (M, 2) sizes -> (M, 256, 64, 64) embeddings, fp16-rounded.
+
+        Rounded to float16 whether or not a cache stores them, so a cold and a warm run train on
+        identical targets.
+        """
+        x = normalize_padded(images.to(self.device), sizes)
+        with torch.autocast(
+            self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None
+        ):
+            out = torch.cat([self.encoder(x[i : i + 1]) for i in range(len(x))])
+        self.forwards += len(x)
+        return out.to(torch.float16)
+
+
+# ---------------------------------------------------------------------------- data
+@dataclass(frozen=True)
+class DistillTransform:
+    """Record -> student input, plus either the cached teacher embedding or the teacher input."""
+
+    student_size: int
+    cache: TeacherCache | None
+
+    def __call__(self, record: Sa1bRecord, rng: np.random.Generator) -> dict[str, Any]:
+        student, student_hw = resize_longest_padded(record.image, self.student_size)
+        target = self.cache.load(record.image_id) if self.cache is not None else None
+        teacher, teacher_hw = (
+            (None, None) if target is not None else resize_longest_padded(record.image, TEACHER_SIZE)
+        )
+        return {
+            "image_id": record.image_id,
+            "student": student,
+            "student_hw": torch.tensor(student_hw),
+            "target": target,
+            "teacher": teacher,
+            "teacher_hw": None if teacher_hw is None else torch.tensor(teacher_hw),
+        }
+
+
+def collate_distill(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack students; cached targets and teacher inputs go in separate stacks with their indices."""
+    hit = [i for i, s in enumerate(samples) if s["target"] is not None]
+    miss = [i for i, s in enumerate(samples) if s["target"] is None]
+    return {
+        "image_id": [s["image_id"] for s in samples],
+        "student": torch.stack([s["student"] for s in samples]),
+        "student_hw": torch.stack([s["student_hw"] for s in samples]),
+        "hit_index": hit,
+        "targets": torch.stack([samples[i]["target"] for i in hit]) if hit else None,
+        "miss_index": miss,
+        "teacher": torch.stack([samples[i]["teacher"] for i in miss]) if miss else None,
+        "teacher_hw": torch.stack([samples[i]["teacher_hw"] for i in miss]) if miss else None,
+    }
+
+
+def teacher_targets(
+    batch: dict[str, Any], teacher: Teacher, cache: TeacherCache | None, device: torch.device
+) -> Tensor:
+    """(B, 256, 64, 64) float targets: cached ones as they are, the rest from the teacher (then cached)."""
+    n = len(batch["image_id"])
+    targets = torch.empty(n, 256, 64, 64, dtype=torch.float16, device=device)
+    if batch["hit_index"]:
+        targets[batch["hit_index"]] = batch["targets"].to(device)
+    if batch["miss_index"]:
+        fresh = teacher(batch["teacher"], batch["teacher_hw"])
+        targets[batch["miss_index"]] = fresh
+        if cache is not None:
+            for i, emb in zip(batch["miss_index"], fresh, strict=True):
+                cache.store(batch["image_id"][i], emb)
+    return targets.float()
+
+
+class DistillLoss:
+    """``(student_encoder, batch) -> (MSE to the teacher embedding, cache statistics)``."""
+
+    def __init__(self, teacher: Teacher, cache: TeacherCache | None, device: torch.device) -> None:
+        self.teacher = teacher
+        self.cache = cache
+        self.device = device
+
+    def __call__(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
+        target = teacher_targets(batch, self.teacher, self.cache, self.device)
+        x = normalize_padded(batch["student"].to(self.device), batch["student_hw"])
+        loss = mse(model(x), target)
+        return loss, {
+            "cache_hits": float(len(batch["hit_index"])),
+            "cache_misses": float(len(batch["miss_index"])),
+        }
+
+
+class DistillValidation:
+    """Mean MSE over the held-out slice, split across ranks; teacher targets kept in memory."""
+
+    def __init__(self, records: list[Sa1bRecord], transform: DistillTransform, loss: DistillLoss) -> None:
+        info = dist_utils.get_info()
+        mine = [records[i] for i in dist_utils.shard_indices(len(records), info.rank, info.world_size)]
+        self.samples = [transform(r, np.random.default_rng(0)) for r in mine]
+        self.loss = loss
+        self.targets: list[Tensor] = []
+        self.total = len(records)
+
+    def __call__(self, encoder: nn.Module) -> dict[str, float]:
+        device = self.loss.device
+        if not self.targets:
+            for s in self.samples:
+                batch = collate_distill([s])
+                self.targets.append(
+                    teacher_targets(batch, self.loss.teacher, self.loss.cache, device).half().cpu()
+                )
+        total = torch.zeros(2, dtype=torch.float64, device=device)
+        for s, target in zip(self.samples, self.targets, strict=True):
+            x = normalize_padded(s["student"][None].to(device), s["student_hw"][None])
+            total[0] += float(mse(encoder(x), target.to(device)))
+            total[1] += 1
+        if dist_utils.get_info().distributed:
+            torch.distributed.all_reduce(total)
+        return {"val_mse": float(total[0] / total[1].clamp(min=1))}
+
+
+# ---------------------------------------------------------------------------- entry point
+def _count_images(source: Any) -> int:
+    """Training images in ``source`` (tar headers are read, image data is not)."""
+    if not source.is_tar:
+        return len(source.train_units)
+    import tarfile
+
+    total = 0
+    for unit in source.train_units:
+        with tarfile.open(unit.path) as tar:
+            total += max(0, sum(1 for m in tar if m.name.endswith(".jpg")) - unit.skip)
+    return total
+
+
+def steps_for_epochs(epochs: float, images: int, batch_size: int, grad_accum: int, world_size: int) -> int:
+    per_step = batch_size * grad_accum * world_size
+    return max(1, int(np.ceil(epochs * images / per_step)))
+
+
+def saved_config(output: Path) -> dict[str, Any]:
+    return load_checkpoint_file(output / "checkpoints" / "last.pt")["config"]
+
+
+def distill(
+    config: DistillConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = False
+) -> dict[str, Any]:
+    """Run (or resume) a distillation; returns the summary also written to ``OUTPUT/summary.json``.
+
+    Writes ``OUTPUT/metrics.jsonl``, ``OUTPUT/config.json``, ``OUTPUT/checkpoints/last.pt``,
+    ``OUTPUT/student.pt`` (full model, loadable by ``create_model``) and ``OUTPUT/summary.json``.
+    On resume the configuration saved in the checkpoint is used (only the output folder is taken
+    from ``config``).
+    """
+    output = Path(config.loop.output)
+    if resume:
+        prepare_output(output, resume=True, overwrite=False)
+        config = from_dict(DistillConfig, saved_config(output))
+        config.loop.output = str(output)
+    cfg = config
+    spec = get_spec(cfg.student)  # UnknownModelError lists the names
+    if spec.family != "efficientvit-sam":
+        raise TrainingError(f"--student must be an EfficientViT-SAM model (l0 ... xl1), not {spec.name}")
+    image_size = cfg.image_size or spec.input_size
+    head = read_teacher_head(cfg.teacher, cfg.teacher_checkpoint)
+    source = open_sa1b(cfg.data.path, val_images=cfg.data.val_images)
+
+    device = resolve_device(cfg.loop.device)
+    info = dist_utils.init_distributed(device)
+    if device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+    if not resume:
+        prepare_output(output, resume=False, overwrite=overwrite)
+    output.mkdir(parents=True, exist_ok=True)
+
+    cache = None
+    if cfg.teacher_cache:
+        digest = dist_utils.broadcast_object(file_sha256(cfg.teacher_checkpoint) if info.is_main else None)
+        cache = TeacherCache(cfg.teacher_cache, teacher=cfg.teacher, checkpoint_hash=digest)
+        if info.is_main:
+            cache.describe(cfg.teacher_checkpoint)
+    if cfg.loop.epochs and not resume:
+        images = _count_images(source)
+        cfg.loop.steps = steps_for_epochs(
+            cfg.loop.epochs, images, cfg.data.batch_size, cfg.loop.grad_accum, info.world_size
+        )
+
+    torch.manual_seed(cfg.loop.seed)  # same initial student on every rank
+    student = create_model(spec.name, input_size=image_size, device=device)
+    encoder = student.image_encoder.train()
+
+    transform = DistillTransform(image_size, cache)
+    dataset = Sa1bStream(
+        source,
+        transform=transform,
+        collate=collate_distill,
+        batch_size=cfg.data.batch_size,
+        seed=cfg.loop.seed,
+        rank=info.rank,
+        world_size=info.world_size,
+        num_workers=cfg.data.workers,
+    )
+    stream = BatchStream(dataset, num_workers=cfg.data.workers, pin_memory=device.type == "cuda")
+    teacher = Teacher(cfg.teacher, cfg.teacher_checkpoint, device, amp=cfg.loop.amp)
+    loss = DistillLoss(teacher, cache, device)
+    val_records = [r for r in source.validation_records() if isinstance(r, Sa1bRecord)]
+    validate = DistillValidation(val_records, transform, loss) if val_records else None
+
+    def save_student(enc: nn.Module, path: Path) -> None:
+        full = create_model(spec.name, input_size=image_size)
+        full.image_encoder.load_state_dict(enc.state_dict())
+        for part in ("prompt_encoder", "mask_decoder"):
+            sub = {k[len(part) + 1 :]: v for k, v in head.items() if k.startswith(part + ".")}
+            getattr(full, part).load_state_dict(sub, strict=True)
+        save_weights(
+            full,
+            path,
+            input_size=image_size,
+            teacher=cfg.teacher,
+            teacher_checkpoint=str(cfg.teacher_checkpoint),
+            distilled=True,
+        )
+
+    config_dict = {"student": spec.name, **to_dict(cfg)}
+    result = train(
+        model=encoder,
+        loss_fn=loss,
+        stream=stream,
+        loop=cfg.loop,
+        optim=cfg.optim,
+        device=device,
+        config=config_dict,
+        validate=validate,
+        save_weights=save_student,
+        weights_name="student.pt",
+        resume=resume,
+        progress=progress,
+    )
+    forwards = sum(dist_utils.all_gather_objects(teacher.forwards))
+    summary = {
+        "student": spec.name,
+        "teacher": cfg.teacher,
+        "teacher_checkpoint": str(cfg.teacher_checkpoint),
+        "image_size": image_size,
+        "steps": result.steps,
+        "epochs": result.epochs,
+        "images": result.images,
+        "seconds": result.seconds,
+        "images_per_s": result.images / max(result.seconds, 1e-9),
+        "final_loss": result.final_loss,
+        "val_mse": result.validation.get("val_mse"),
+        "val_images": len(val_records),
+        "teacher_forwards": forwards,
+        "teacher_cache": str(cache.folder) if cache is not None else None,
+        "skipped_images": result.skipped_images,
+        "student_weights": str(output / "student.pt"),
+        **environment(),
+    }
+    write_summary(output, summary)
+    return summary

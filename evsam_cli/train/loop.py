@@ -1,0 +1,436 @@
+"""The training loop shared by ``evsam distill`` and ``evsam finetune``.
+
+One function, ``train``, readable top to bottom like torchvision's ``train_one_epoch`` or
+nanoGPT's ``train.py``: AdamW (no decay on norms and biases), linear warmup + cosine LR,
+gradient accumulation, clipping, AMP on CUDA, DDP under ``torchrun``, a non-finite loss stops the
+run with an error, ``metrics.jsonl`` (one JSON object per log event), atomic checkpoints every
+``save_every`` steps and an exact ``--resume`` (model, optimizer, loss scaler, every rank's data
+position and RNG state).
+
+What is trained is decided by the caller: a module, a ``loss_fn(model, batch) -> (loss, metrics)``
+(distillation is such a loss with a frozen teacher inside), a ``validate(model) -> metrics``
+and a ``save_weights(model, path)`` for the final/best weight files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .. import distributed as dist_utils
+from ..data.sa1b import BatchStream
+from ..errors import CheckpointError, EvsamError
+from ..io import atomic_path, write_json_atomic
+from .config import LoopConfig, OptimConfig
+
+log = logging.getLogger("evsam.train")
+
+LossFn = Callable[[nn.Module, dict[str, Any]], tuple[Tensor, dict[str, float]]]
+Validate = Callable[[nn.Module], dict[str, float]]
+SaveWeights = Callable[[nn.Module, Path], None]
+
+RUN_FILES = ("metrics.jsonl", "config.json", "summary.json", "checkpoints")
+
+
+class TrainingError(EvsamError):
+    """The run cannot go on (non-finite loss, nothing to resume, output folder in use ...)."""
+
+
+# ---------------------------------------------------------------------------- output folder
+def prepare_output(output: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix two runs in one folder: an existing run needs ``resume`` or ``overwrite``."""
+    last = output / "checkpoints" / "last.pt"
+    if resume:
+        if not last.is_file():
+            raise TrainingError(f"nothing to resume in {output}: {last} does not exist")
+        return
+    holds_run = any((output / name).exists() for name in RUN_FILES)
+    if holds_run and not overwrite:
+        raise TrainingError(
+            f"{output} already holds a training run; pass --resume to continue it or --overwrite to replace it"
+        )
+    if holds_run and dist_utils.is_main():
+        for name in RUN_FILES:
+            path = output / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+    dist_utils.barrier()
+
+
+# ---------------------------------------------------------------------------- optimisation
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW; parameters with fewer than 2 dimensions (norm scales, biases) get no weight decay."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def lr_at(step: int, total: int, cfg: OptimConfig) -> float:
+    """Linear warmup over ``warmup_steps``, then cosine from ``lr`` down to ``min_lr_ratio * lr``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, total - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
+    """bf16 on GPUs that have it, else fp16; None (full fp32) on CPU or when disabled."""
+    if not enabled or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+# ---------------------------------------------------------------------------- logging
+class MetricsLog:
+    """``metrics.jsonl`` on the main rank: one JSON object per line, flushed as written."""
+
+    def __init__(self, path: Path, *, enabled: bool) -> None:
+        self.path = path
+        self.enabled = enabled
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records logged after ``step`` (a killed run may have logged past its checkpoint)."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by the kill
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(line)
+        with atomic_path(self.path) as tmp:
+            tmp.write_text("".join(k + "\n" for k in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+
+@dataclass
+class _Window:
+    """Sums over the steps since the last log event."""
+
+    steps: int = 0
+    loss: float = 0.0
+    data_wait: float = 0.0
+    seconds: float = 0.0
+    images: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def add(
+        self, loss: float, data_wait: float, seconds: float, images: int, extra: dict[str, float]
+    ) -> None:
+        self.steps += 1
+        self.loss += loss
+        self.data_wait += data_wait
+        self.seconds += seconds
+        self.images += images
+        for k, v in extra.items():
+            self.extra[k] = self.extra.get(k, 0.0) + v
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write to a temporary file in the same folder, then rename: a kill never leaves half a file."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint_file(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # a truncated or foreign file: say which
+        raise CheckpointError(
+            f"cannot read training checkpoint {path}: {type(exc).__name__}: {exc}"
+        ) from None
+
+
+# ---------------------------------------------------------------------------- the loop
+@dataclass
+class TrainResult:
+    steps: int
+    epochs: int
+    images: int
+    seconds: float
+    final_loss: float | None
+    validation: dict[str, float]
+    best: dict[str, float] | None
+    skipped_images: list[str]
+    extra: dict[str, float]
+
+
+def train(
+    *,
+    model: nn.Module,
+    loss_fn: LossFn,
+    stream: BatchStream,
+    loop: LoopConfig,
+    optim: OptimConfig,
+    device: torch.device,
+    config: dict[str, Any],
+    validate: Validate | None = None,
+    best_metric: tuple[str, str] | None = None,
+    save_weights: SaveWeights | None = None,
+    weights_name: str = "model.pt",
+    best_name: str | None = None,
+    resume: bool = False,
+    progress: bool = False,
+) -> TrainResult:
+    """Train ``model`` for ``loop.steps`` optimizer steps (each ``loop.grad_accum`` micro-batches).
+
+    Args:
+      model: the module being trained, on ``device`` (wrapped in DDP here when distributed).
+      loss_fn: ``(model, batch) -> (scalar loss, {name: float})``; the floats are averaged over
+        the log window and written to metrics.jsonl (e.g. cache hits, per-term losses).
+      stream: this rank's batches (``BatchStream``); its position is checkpointed.
+      config: the run's configuration, stored in checkpoints.
+      validate: ``model -> {name: float}``, run at step 0, every ``val_every`` steps and at the end.
+      best_metric: (name, "max"|"min"): keep ``best_name`` with the best validation value.
+      save_weights: writes the unwrapped model to a weights file (final and best).
+      resume: continue from ``OUTPUT/checkpoints/last.pt``.
+      progress: show a progress bar on rank 0.
+    """
+    info = dist_utils.get_info()
+    output = Path(loop.output)
+    ckpt_path = output / "checkpoints" / "last.pt"
+    metrics = MetricsLog(output / "metrics.jsonl", enabled=info.is_main)
+
+    seed_everything(loop.seed + info.rank)
+    optimizer = build_optimizer(model, optim)
+    dtype = amp_dtype(device, loop.amp)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    step, best, last_val = 0, None, {}
+    skipped_before = 0
+
+    if resume:
+        ckpt = load_checkpoint_file(ckpt_path)
+        if ckpt["world_size"] != info.world_size:
+            raise TrainingError(
+                f"{ckpt_path} was written by {ckpt['world_size']} processes; resume it with the same number "
+                f"(torchrun --nproc-per-node {ckpt['world_size']}), not {info.world_size}"
+            )
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        stream.load_state_dict(ckpt["data"][info.rank])
+        _set_rng_state(ckpt["rng"][info.rank])
+        step, best, last_val = ckpt["step"], ckpt.get("best"), ckpt.get("validation", {})
+        skipped_before = len(stream.skipped)
+        metrics.truncate_after(step)
+        log.info("resumed from %s at step %d", ckpt_path, step)
+    elif info.is_main:
+        write_json_atomic(output / "config.json", config)
+
+    model_without_ddp = model
+    if info.distributed:
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+
+    def checkpoint() -> None:
+        data_states = dist_utils.all_gather_objects(stream.state_dict())
+        rng_states = dist_utils.all_gather_objects(_rng_state())
+        if info.is_main:
+            state = {
+                "model": model_without_ddp.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
+                "step": step,
+                "config": config,
+                "data": data_states,
+                "rng": rng_states,
+                "best": best,
+                "validation": last_val,
+                "world_size": info.world_size,
+                "evsam": {
+                    "format": "evsam-train-checkpoint",
+                    "model": config.get("model", config.get("student")),
+                },
+            }
+            save_checkpoint(ckpt_path, state)
+        dist_utils.barrier()
+
+    def run_validation() -> dict[str, float]:
+        nonlocal best
+        if validate is None:
+            return {}
+        model_without_ddp.eval()
+        with (
+            torch.no_grad(),
+            torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None),
+        ):
+            values = validate(model_without_ddp)
+        model_without_ddp.train()
+        metrics.write({"step": step, **values})
+        if best_metric is not None and best_name and save_weights is not None:
+            name, mode = best_metric
+            value = values[name]
+            better = best is None or (value > best[name] if mode == "max" else value < best[name])
+            if better:
+                best = {"step": step, name: value}
+                if info.is_main:
+                    save_weights(model_without_ddp, output / best_name)
+        log.info("step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
+        return values
+
+    model.train()
+    if step == 0 and validate is not None:
+        last_val = run_validation()
+
+    bar = None
+    if progress and info.is_main:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=loop.steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+
+    window = _Window()
+    start = time.perf_counter()
+    final_loss = None
+    images_before = stream.images
+    while step < loop.steps:
+        t_step = time.perf_counter()
+        lr = lr_at(step, loop.steps, optim)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        data_wait, step_loss, step_images, extra = 0.0, 0.0, 0, {}
+        for micro in range(loop.grad_accum):
+            t_data = time.perf_counter()
+            batch = next(stream)
+            data_wait += time.perf_counter() - t_data
+            step_images += len(batch["image_id"])
+            sync = micro == loop.grad_accum - 1 or not info.distributed
+            with nullcontext() if sync else model.no_sync():
+                with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                    loss, parts = loss_fn(model, batch)
+                _check_finite(loss, step, info.distributed)
+                scaler.scale(loss / loop.grad_accum).backward()
+            step_loss += float(loss.detach()) / loop.grad_accum
+            for k, v in parts.items():
+                extra[k] = extra.get(k, 0.0) + v
+        if optim.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model_without_ddp.parameters(), optim.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        window.add(step_loss, data_wait, time.perf_counter() - t_step, step_images, extra)
+        final_loss = step_loss
+
+        if step % loop.log_every == 0 or step == loop.steps:
+            record = _log_record(window, step, stream.epoch, lr, device)
+            metrics.write(record)
+            if bar is not None:
+                bar.set_postfix(loss=f"{record['loss']:.4g}", wait=f"{record['data_wait_s']:.3f}s")
+            window = _Window()
+        if validate is not None and loop.val_every and step % loop.val_every == 0 and step < loop.steps:
+            last_val = run_validation()
+        if step % loop.save_every == 0 or step == loop.steps:
+            if step == loop.steps and validate is not None:
+                last_val = run_validation()
+            checkpoint()
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+
+    if info.is_main and save_weights is not None:
+        save_weights(model_without_ddp, output / weights_name)
+    dist_utils.barrier()
+    seconds = time.perf_counter() - start
+    all_skipped = sorted({s for names in dist_utils.all_gather_objects(stream.skipped) for s in names})
+    images = sum(dist_utils.all_gather_objects(stream.images - images_before))
+    del skipped_before
+    return TrainResult(
+        steps=step,
+        epochs=stream.epoch,
+        images=images,
+        seconds=seconds,
+        final_loss=final_loss,
+        validation=last_val,
+        best=best,
+        skipped_images=all_skipped,
+        extra={},
+    )
+
+
+def _check_finite(loss: Tensor, step: int, distributed: bool) -> None:
+    """Every rank stops together when any rank's loss is NaN/inf (a lone raise would hang the others)."""
+    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+    if distributed:
+        torch.distributed.all_reduce(bad)
+    if bad.item() > 0:
+        raise TrainingError(
+            f"the loss became non-finite ({float(loss.detach())}) at step {step + 1}; "
+            "lower --lr, raise --warmup-steps or check the data (the last checkpoint is intact)"
+        )
+
+
+def _log_record(window: _Window, step: int, epoch: int, lr: float, device: torch.device) -> dict[str, Any]:
+    """Averages over the window, reduced across ranks (images/s summed over ranks)."""
+    n = max(1, window.steps)
+    values = {"loss": window.loss / n, "data_wait_s": window.data_wait / n, "step_s": window.seconds / n}
+    values.update({k: v / n for k, v in window.extra.items()})
+    values = dist_utils.reduce_mean(values, device=device if device.type == "cuda" else None)
+    world = dist_utils.get_info().world_size
+    images_per_s = world * window.images / max(window.seconds, 1e-9)
+    return {"step": step, "epoch": epoch, "lr": lr, **values, "images_per_s": images_per_s}
+
+
+def write_summary(output: Path, summary: dict[str, Any]) -> None:
+    if dist_utils.is_main():
+        write_json_atomic(output / "summary.json", summary)
+
+
+def environment() -> dict[str, Any]:
+    """Where the run happened (for summary.json)."""
+    info = dist_utils.get_info()
+    return {"world_size": info.world_size, "pid": os.getpid(), "torch": torch.__version__}

@@ -1,0 +1,211 @@
+"""`evsam distill` end to end on a generated SA-1B folder with a random ViT-B teacher in Meta's format.
+
+SAM ViT-B at 1024x1024 takes many seconds per image on a small CPU, so the file runs the teacher
+exactly twice (the cold run below fills the cache) and every later run reads the warm cache,
+which is itself what the cache test checks. The student trains at a 64x64 input.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from evsam_cli.cli.app import app
+from evsam_cli.data.synthetic import write_sa1b
+from evsam_cli.models import create_model, export_state_dict, read_state_dict
+from evsam_cli.train.config import DataConfig, DistillConfig, LoopConfig, OptimConfig
+from evsam_cli.train.distill import distill
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distill")
+    write_sa1b(root / "sa1b", num_images=2, image_size=64, seed=0)
+    torch.manual_seed(0)
+    teacher = create_model("sam-vit-b")
+    torch.save(export_state_dict(teacher), root / "sam_vit_b.pth")  # plain Meta layout, like the release
+    return root
+
+
+def _cfg(env: Path, output: Path, **loop) -> DistillConfig:
+    defaults = dict(steps=2, log_every=1, save_every=1, val_every=0, device="cpu")
+    return DistillConfig(
+        teacher="vit_b",
+        teacher_checkpoint=str(env / "sam_vit_b.pth"),
+        student="l0",
+        image_size=64,
+        teacher_cache=str(env / "cache"),
+        loop=LoopConfig(output=str(output), **{**defaults, **loop}),
+        optim=OptimConfig(lr=1e-3, warmup_steps=1),
+        data=DataConfig(path=str(env / "sa1b"), batch_size=1, workers=0, val_images=1),
+    )
+
+
+def _records(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+def _args(env: Path, output: Path, *extra: str) -> list[str]:
+    return [
+        "distill",
+        "--teacher", "vit_b",
+        "--teacher-checkpoint", str(env / "sam_vit_b.pth"),
+        "--student", "l0",
+        "--data", str(env / "sa1b"),
+        "--output", str(output),
+        "--image-size", "64",
+        "--teacher-cache", str(env / "cache"),
+        "--batch-size", "1",
+        "--workers", "0",
+        "--lr", "1e-3",
+        "--warmup-steps", "1",
+        "--val-images", "1",
+        "--log-every", "1",
+        "--save-every", "1",
+        "--val-every", "0",
+        "--device", "cpu",
+        "--no-progress",
+        *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cold(env):
+    """The only run that calls the teacher: 1 training image over 2 epochs + 1 validation image."""
+    output = env / "cold"
+    summary = distill(_cfg(env, output))
+    return output, summary
+
+
+def test_cold_run_fills_the_cache_and_second_epoch_skips_the_teacher(env, cold):
+    output, summary = cold
+    assert summary["teacher_forwards"] == 2  # one training image, one validation image: once each
+    train_records = [r for r in _records(output) if "loss" in r]
+    assert [(r["epoch"], r["cache_misses"], r["cache_hits"]) for r in train_records] == [(0, 1, 0), (1, 0, 1)]
+    assert len(list((env / "cache").glob("vit_b-*/*/*.npy"))) == 2
+    meta = json.loads(next((env / "cache").glob("vit_b-*/teacher.json")).read_text())
+    assert meta["teacher"] == "vit_b" and len(meta["sha256"]) == 64
+    val = [r["val_mse"] for r in _records(output) if "val_mse" in r]
+    assert len(val) == 2 and all(v > 0 for v in val)
+
+
+def test_student_file_is_a_complete_model_with_sams_head(env, cold):
+    output, _ = cold
+    model = create_model("efficientvit-sam-l0", checkpoint=output / "student.pt", input_size=64)  # strict
+    teacher_state, _ = read_state_dict(env / "sam_vit_b.pth")
+    for key in (
+        "mask_decoder.iou_prediction_head.layers.0.weight",
+        "prompt_encoder.point_embeddings.0.weight",
+    ):
+        assert torch.equal(model.state_dict()[key], teacher_state[key])
+    ckpt = torch.load(output / "checkpoints" / "last.pt", weights_only=False)
+    encoder_state = {
+        k.removeprefix("image_encoder."): v for k, v in model.state_dict().items() if "image_encoder" in k
+    }
+    assert all(torch.equal(encoder_state[k], v) for k, v in ckpt["model"].items())
+    assert ckpt["step"] == 2 and (output / "config.json").is_file() and (output / "summary.json").is_file()
+
+
+def test_loss_falls_and_a_killed_run_resumes_exactly(env, cold):
+    steps = "6"
+    reference = env / "reference"
+    summary = distill(_cfg(env, reference, steps=6))
+    ref = [r for r in _records(reference) if "loss" in r]
+    assert summary["teacher_forwards"] == 0  # warm cache: the teacher is never even built
+    assert ref[-1]["loss"] < 0.7 * ref[0]["loss"]
+    val = [r["val_mse"] for r in _records(reference) if "val_mse" in r]
+    assert val[-1] < val[0]
+
+    killed = env / "killed"
+    cmd = [sys.executable, "-m", "evsam_cli", *_args(env, killed, "--steps", steps)]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    last = killed / "checkpoints" / "last.pt"
+    deadline = time.time() + 120
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    assert not (killed / "student.pt").exists()
+    done = torch.load(last, weights_only=False)["step"]
+    assert 1 <= done < 6
+
+    result = subprocess.run(
+        [sys.executable, "-m", "evsam_cli", "distill", "--output", str(killed), "--resume", "--no-progress"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    resumed = [r for r in _records(killed) if "loss" in r]
+    assert [r["step"] for r in resumed] == list(range(1, 7))  # no step lost or logged twice
+    for a, b in zip(resumed, ref, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7), (a, b)
+        assert a["lr"] == pytest.approx(b["lr"])
+    final = torch.load(killed / "student.pt", weights_only=True)["state_dict"]
+    expected = torch.load(reference / "student.pt", weights_only=True)["state_dict"]
+    for key, value in expected.items():
+        torch.testing.assert_close(final[key], value, rtol=1e-4, atol=1e-5)
+
+
+def test_two_process_torchrun(env, cold):
+    output = env / "ddp"
+    args = _args(env, output, "--steps", "2", "--val-images", "0")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "evsam_cli", *args]
+    result = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 2
+    assert summary["images"] == 4  # 2 ranks x 2 steps x batch 1
+    assert summary["teacher_forwards"] == 0
+    assert [r["step"] for r in _records(output)] == [1, 2]
+    create_model("l0", checkpoint=output / "student.pt")
+
+
+runner = CliRunner()
+
+
+def _error_line(result) -> str:
+    text = (result.stderr if hasattr(result, "stderr") else result.output).strip()
+    return text.splitlines()[-1] if text else ""
+
+
+def test_bad_inputs_end_with_one_error_line(env, cold, tmp_path):
+    cases = {
+        "no SA-1B images": _args(env, tmp_path / "a") + ["--data", str(tmp_path)],
+        "wrong teacher checkpoint for --teacher vit_h": [*_args(env, tmp_path / "b"), "--teacher", "vit_h"],
+        "unknown model 'l9'": [*_args(env, tmp_path / "c"), "--student", "l9"],
+        "already holds a training run": _args(env, env / "cold"),
+        "nothing to resume": ["distill", "--output", str(tmp_path / "d"), "--resume"],
+        "teacher checkpoint not found": [
+            *_args(env, tmp_path / "e"),
+            "--teacher-checkpoint",
+            str(tmp_path / "x.pth"),
+        ],
+    }
+    for needle, args in cases.items():
+        result = runner.invoke(app, args)
+        assert result.exit_code == 1, (needle, result.output)
+        line = _error_line(result)
+        assert line.startswith("Error:") and needle in line, (needle, result.output)
+        assert "Traceback" not in result.output
+    # The wrong-size teacher error names the teacher the file is for.
+    result = runner.invoke(app, [*_args(env, tmp_path / "b"), "--teacher", "vit_h"])
+    assert "use --teacher vit_b" in result.output
+    # --overwrite replaces the refused run.
+    result = runner.invoke(app, [*_args(env, tmp_path / "f"), "--steps", "1", "--val-images", "1"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, [*_args(env, tmp_path / "f"), "--steps", "1", "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert [r["step"] for r in _records(tmp_path / "f") if "loss" in r] == [1]
