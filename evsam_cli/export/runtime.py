@@ -1,0 +1,415 @@
+"""Running exported models without PyTorch model code: ``OnnxSamPredictor``.
+
+Pre- and post-processing are numpy re-statements of ``Sam.preprocess`` and
+``Sam.postprocess_masks``: PIL bilinear resize of the longest side to the encoder input size,
+normalise, zero-pad; prompts mapped to the 1024 prompt frame; low-res logits upsampled with the
+exact weights of ``F.interpolate(mode="bilinear", align_corners=False)``. ``ExportedSamPredictor``
+holds all of that; subclasses only run the two graphs (onnxruntime here, TensorRT in
+``tensorrt.py``). Nothing in this module imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ..data.images import to_rgb_uint8
+from ..errors import DataError, MissingDependencyError
+from .errors import ExportError
+
+# Defaults of every zoo model; exported graphs carry their own values in metadata.
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+PROMPT_SIZE = 1024
+LOW_RES_SIZE = 256
+NUM_MASK_TOKENS = 4  # token 0: single-mask output; tokens 1-3: multimask outputs
+
+
+def preprocess_shape(height: int, width: int, long_side: int) -> tuple[int, int]:
+    """(h, w) after resizing so the longest side is ``long_side`` (SAM's rounding)."""
+    scale = long_side * 1.0 / max(height, width)
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def bilinear_matrix(out_size: int, in_size: int) -> np.ndarray:
+    """(out_size, in_size) weights of 1-D bilinear resampling, ``align_corners=False``.
+
+    Row i mixes the two input samples around ``(i + 0.5) * in / out - 0.5`` (clamped at 0),
+    exactly as PyTorch's ``upsample_bilinear2d``; 2-D resizing is ``Wy @ x @ Wx.T``.
+    """
+    scale = in_size / out_size
+    src = np.maximum((np.arange(out_size, dtype=np.float64) + 0.5) * scale - 0.5, 0.0)
+    i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+    i1 = np.minimum(i0 + 1, in_size - 1)
+    frac = src - i0
+    weights = np.zeros((out_size, in_size), dtype=np.float64)
+    rows = np.arange(out_size)
+    np.add.at(weights, (rows, i0), 1.0 - frac)
+    np.add.at(weights, (rows, i1), frac)
+    return weights
+
+
+def postprocess_matrices(
+    input_size: tuple[int, int], original_size: tuple[int, int], prompt_size: int = PROMPT_SIZE
+) -> tuple[np.ndarray, np.ndarray]:
+    """(Ay (H, 256), Ax (W, 256)) with ``Ay @ low_res @ Ax.T`` = ``Sam.postprocess_masks``.
+
+    The reference upsamples 256 -> prompt_size, crops to ``input_size`` (the image inside the
+    prompt frame) and resizes to ``original_size``; all three steps are linear per axis, so
+    they compose into one matrix per axis.
+    """
+    mats = []
+    for axis in (0, 1):
+        up = bilinear_matrix(prompt_size, LOW_RES_SIZE)[: input_size[axis]]
+        down = bilinear_matrix(original_size[axis], input_size[axis])
+        mats.append((down @ up).astype(np.float32))
+    return mats[0], mats[1]
+
+
+def upscale_masks(low_res: np.ndarray, ay: np.ndarray, ax: np.ndarray) -> np.ndarray:
+    """(N, C, 256, 256) logits -> (N, C, H, W) with the matrices of ``postprocess_matrices``."""
+    return np.matmul(np.matmul(ay, low_res.astype(np.float32, copy=False)), ax.T)
+
+
+class ExportedSamPredictor:
+    """SamPredictor's API over exported graphs; subclasses implement ``_encode``/``_decode``."""
+
+    mask_threshold: float = 0.0
+
+    def __init__(
+        self,
+        *,
+        input_size: int,
+        prompt_size: int = PROMPT_SIZE,
+        pixel_mean: tuple[float, ...] = PIXEL_MEAN,
+        pixel_std: tuple[float, ...] = PIXEL_STD,
+        mask_batch: str = "broadcast",
+        max_prompts_per_pass: int = 256,
+    ) -> None:
+        """
+        Args:
+          input_size: side of the square encoder input (the graph's static H = W).
+          prompt_size: side of the prompt frame (1024).
+          pixel_mean / pixel_std: per-channel normalisation in [0, 255] pixel units.
+          mask_batch: "broadcast" (the decoder takes one shared mask input for all prompts) or
+            "prompts" (the decoder's mask-input batch must equal the prompt count).
+          max_prompts_per_pass: prompts per decoder call in ``predict_batch``.
+        """
+        self.image_size = int(input_size)
+        self.prompt_size = int(prompt_size)
+        self.pixel_mean = np.asarray(pixel_mean, dtype=np.float32).reshape(1, 1, 3)
+        self.pixel_std = np.asarray(pixel_std, dtype=np.float32).reshape(1, 1, 3)
+        if mask_batch not in ("broadcast", "prompts"):
+            raise ValueError(f"mask_batch must be 'broadcast' or 'prompts', got {mask_batch!r}")
+        self.mask_batch = mask_batch
+        self.max_prompts_per_pass = max(1, int(max_prompts_per_pass))
+        self.reset_image()
+
+    # ------------------------------------------------------------------ graphs (subclasses)
+    def _encode(self, images: np.ndarray) -> np.ndarray:
+        """(B, 3, S, S) float32 -> (B, 256, 64, 64) float32."""
+        raise NotImplementedError
+
+    def _decode(self, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Decoder inputs by name -> (N, 4, 256, 256) logits and (N, 4) IoU predictions."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ image
+    def reset_image(self) -> None:
+        self.features: np.ndarray | None = None
+        self.original_size: tuple[int, int] | None = None
+        self.input_size: tuple[int, int] | None = None  # image size inside the prompt frame
+        self.is_image_set = False
+
+    def preprocess(self, image: np.ndarray) -> np.ndarray:
+        """HxWx3 uint8 RGB -> (1, 3, S, S) float32: resize longest side, normalise, zero-pad."""
+        h, w = image.shape[:2]
+        if max(h, w) != self.image_size:
+            new_h, new_w = preprocess_shape(h, w, self.image_size)
+            image = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
+        x = (image.astype(np.float32) - self.pixel_mean) / self.pixel_std
+        padded = np.zeros((self.image_size, self.image_size, 3), dtype=np.float32)
+        padded[: x.shape[0], : x.shape[1]] = x
+        return np.ascontiguousarray(padded.transpose(2, 0, 1)[None])
+
+    def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
+        """Embed an image. ``image``: HxWx3 uint8 (grayscale, RGBA and 16-bit are converted)."""
+        if image_format not in ("RGB", "BGR"):
+            raise ValueError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
+        image = to_rgb_uint8(image)
+        if image_format == "BGR":
+            image = np.ascontiguousarray(image[..., ::-1])
+        embedding = self._encode(self.preprocess(image))
+        self.set_embedding(embedding, image.shape[:2])
+
+    def set_embedding(self, embedding: np.ndarray, original_size: tuple[int, int]) -> None:
+        """Use a precomputed (1, 256, 64, 64) embedding of an image of ``original_size`` (h, w)."""
+        embedding = np.asarray(embedding, dtype=np.float32)
+        if embedding.ndim == 3:
+            embedding = embedding[None]
+        self.features = np.ascontiguousarray(embedding)
+        self.original_size = (int(original_size[0]), int(original_size[1]))
+        self.input_size = preprocess_shape(*self.original_size, self.prompt_size)
+        self.is_image_set = True
+
+    def get_image_embedding(self) -> np.ndarray:
+        self._check_image()
+        assert self.features is not None
+        return self.features
+
+    def _check_image(self) -> None:
+        if not self.is_image_set:
+            raise RuntimeError("an image must be set with .set_image(...) before mask prediction")
+
+    # ------------------------------------------------------------------ prompts
+    def apply_coords(self, coords: np.ndarray) -> np.ndarray:
+        """(..., 2) x,y in original pixels -> the prompt frame."""
+        assert self.original_size is not None and self.input_size is not None
+        old_h, old_w = self.original_size
+        new_h, new_w = self.input_size
+        coords = np.array(coords, dtype=np.float64, copy=True)
+        coords[..., 0] = coords[..., 0] * (new_w / old_w)
+        coords[..., 1] = coords[..., 1] * (new_h / old_h)
+        return coords
+
+    def apply_boxes(self, boxes: np.ndarray) -> np.ndarray:
+        """(N, 4) xyxy in original pixels -> the prompt frame."""
+        return self.apply_coords(np.asarray(boxes, dtype=np.float64).reshape(-1, 2, 2)).reshape(-1, 4)
+
+    def prompt_points(
+        self,
+        point_coords: np.ndarray | None,
+        point_labels: np.ndarray | None,
+        boxes: np.ndarray | None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Points and boxes in original pixels -> the decoder's (N, K, 2) coords and (N, K) labels.
+
+        Points come first; a box adds its two corners (labels 2, 3); without a box one padding
+        point (label -1) is appended, as SAM's prompt encoder does.
+        """
+        coords_parts: list[np.ndarray] = []
+        label_parts: list[np.ndarray] = []
+        n = None
+        if point_coords is not None:
+            if point_labels is None:
+                raise ValueError("point_labels must be given with point_coords")
+            coords = np.asarray(point_coords)
+            labels = np.asarray(point_labels)
+            if coords.ndim != 3 or coords.shape[-1] != 2 or labels.shape != coords.shape[:2]:
+                raise ValueError(
+                    f"point_coords must be (N, K, 2) and point_labels (N, K); got {coords.shape}, {labels.shape}"
+                )
+            n = coords.shape[0]
+            coords_parts.append(self.apply_coords(coords).astype(np.float32))
+            label_parts.append(labels.astype(np.float32))
+        if boxes is not None:
+            b = np.asarray(boxes)
+            if b.ndim != 2 or b.shape[1] != 4:
+                raise ValueError(f"boxes must be (N, 4) xyxy, got shape {b.shape}")
+            if n is not None and b.shape[0] != n:
+                raise ValueError(f"{b.shape[0]} boxes but {n} point prompts")
+            n = b.shape[0]
+            coords_parts.append(self.apply_boxes(b).astype(np.float32).reshape(n, 2, 2))
+            label_parts.append(np.tile(np.array([[2.0, 3.0]], dtype=np.float32), (n, 1)))
+        elif n is not None:
+            coords_parts.append(np.zeros((n, 1, 2), dtype=np.float32))
+            label_parts.append(np.full((n, 1), -1.0, dtype=np.float32))
+        if n is None:
+            raise ValueError("exported predictors need point or box prompts (a mask alone is not supported)")
+        return np.concatenate(coords_parts, axis=1), np.concatenate(label_parts, axis=1)
+
+    # ------------------------------------------------------------------ prediction
+    def predict(
+        self,
+        point_coords: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        box: np.ndarray | None = None,
+        mask_input: np.ndarray | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One prompt set: points (K, 2) with labels (K,), a box (4,) xyxy, a (1, 256, 256) mask.
+
+        Returns masks (C, H, W), scores (C,) and low-res logits (C, 256, 256); C = 3 or 1.
+        """
+        if point_coords is not None and point_labels is None:
+            raise ValueError("point_labels must be given with point_coords")
+        masks, scores, low_res = self.predict_batch(
+            point_coords=None if point_coords is None else np.asarray(point_coords)[None],
+            point_labels=None if point_labels is None else np.asarray(point_labels)[None],
+            boxes=None if box is None else np.asarray(box).reshape(1, 4),
+            mask_input=None if mask_input is None else np.asarray(mask_input)[None],
+            multimask_output=multimask_output,
+            return_logits=return_logits,
+        )
+        return masks[0], scores[0], low_res[0]
+
+    def predict_batch(
+        self,
+        point_coords: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        boxes: np.ndarray | None = None,
+        mask_input: np.ndarray | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """N prompts of the current image: points (N, K, 2)/(N, K), boxes (N, 4), masks (N, 1, 256, 256).
+
+        Returns masks (N, C, H, W), scores (N, C) and low-res logits (N, C, 256, 256).
+        """
+        self._check_image()
+        assert self.features is not None and self.input_size is not None and self.original_size is not None
+        coords, labels = self.prompt_points(point_coords, point_labels, boxes)
+        n = coords.shape[0]
+        masks_in = None
+        if mask_input is not None:
+            masks_in = np.asarray(mask_input, dtype=np.float32)
+            if (
+                masks_in.ndim != 4
+                or masks_in.shape[1:] != (1, LOW_RES_SIZE, LOW_RES_SIZE)
+                or masks_in.shape[0] != n
+            ):
+                raise ValueError(f"mask_input must be ({n}, 1, 256, 256), got {masks_in.shape}")
+        select = slice(1, None) if multimask_output else slice(0, 1)
+        ay, ax = postprocess_matrices(self.input_size, self.original_size, self.prompt_size)
+        out_masks, out_scores, out_low = [], [], []
+        for start in range(0, n, self.max_prompts_per_pass):
+            sl = slice(start, start + self.max_prompts_per_pass)
+            count = coords[sl].shape[0]
+            if masks_in is not None:
+                mask, has = masks_in[sl], np.ones(count, dtype=np.float32)
+            else:
+                rows = 1 if self.mask_batch == "broadcast" else count
+                mask = np.zeros((rows, 1, LOW_RES_SIZE, LOW_RES_SIZE), dtype=np.float32)
+                has = np.zeros(rows, dtype=np.float32)
+            low, iou = self._decode(
+                {
+                    "image_embeddings": self.features,
+                    "point_coords": np.ascontiguousarray(coords[sl]),
+                    "point_labels": np.ascontiguousarray(labels[sl]),
+                    "mask_input": mask,
+                    "has_mask_input": has,
+                }
+            )
+            low, iou = low[:, select], iou[:, select]
+            masks = upscale_masks(low, ay, ax)
+            out_masks.append(masks if return_logits else masks > self.mask_threshold)
+            out_scores.append(iou.astype(np.float32))
+            out_low.append(low.astype(np.float32))
+        return np.concatenate(out_masks), np.concatenate(out_scores), np.concatenate(out_low)
+
+
+def _import_onnxruntime() -> Any:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise MissingDependencyError("onnxruntime", "all", "running exported ONNX models") from None
+    return onnxruntime
+
+
+def onnx_providers(device: str = "cpu") -> list[str]:
+    """Execution providers for ``device`` ("cpu" or "cuda"); CUDA needs onnxruntime-gpu."""
+    ort = _import_onnxruntime()
+    if device.startswith("cuda"):
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            from ..errors import DeviceError
+
+            raise DeviceError(
+                "onnxruntime on cuda needs the CUDAExecutionProvider (pip install onnxruntime-gpu); "
+                f"available: {', '.join(ort.get_available_providers())}"
+            )
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def open_session(path: str | os.PathLike[str], *, device: str = "cpu", threads: int | None = None) -> Any:
+    """An onnxruntime session for ``path`` with a clear error for a missing or broken file."""
+    ort = _import_onnxruntime()
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"ONNX file not found: {path}")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=onnx_providers(device))
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+        raise ExportError(f"onnxruntime cannot load {path}: {exc}") from None
+
+
+def graph_metadata(session: Any) -> dict[str, Any]:
+    """The ``evsam.*`` metadata written by ``export_onnx`` (JSON-decoded), or {}."""
+    meta = session.get_modelmeta().custom_metadata_map
+    out = {}
+    for key, value in meta.items():
+        if key.startswith("evsam."):
+            try:
+                out[key[len("evsam.") :]] = json.loads(value)
+            except json.JSONDecodeError:
+                out[key[len("evsam.") :]] = value
+    return out
+
+
+class OnnxSamPredictor(ExportedSamPredictor):
+    """``SamPredictor``'s API over ``encoder.onnx`` and ``decoder.onnx`` run by onnxruntime.
+
+    Example::
+
+        p = OnnxSamPredictor("export/encoder.onnx", "export/decoder.onnx")
+        p.set_image(rgb)
+        masks, scores, low_res = p.predict(box=np.array([10, 20, 200, 240]))
+    """
+
+    def __init__(
+        self,
+        encoder_path: str | os.PathLike[str],
+        decoder_path: str | os.PathLike[str],
+        *,
+        device: str = "cpu",
+        threads: int | None = None,
+        max_prompts_per_pass: int = 256,
+    ) -> None:
+        """
+        Args:
+          encoder_path / decoder_path: files written by ``evsam export``.
+          device: "cpu" or "cuda" (onnxruntime-gpu).
+          threads: intra-op threads (onnxruntime's default: all cores).
+          max_prompts_per_pass: prompts per decoder call in ``predict_batch``.
+        """
+        self.encoder = open_session(encoder_path, device=device, threads=threads)
+        self.decoder = open_session(decoder_path, device=device, threads=threads)
+        enc_in = self.encoder.get_inputs()[0]
+        dec_names = {i.name for i in self.decoder.get_inputs()}
+        missing = [n for n in ("image_embeddings", "point_coords", "point_labels") if n not in dec_names]
+        if missing:
+            raise ExportError(f"{decoder_path} is not an evsam decoder graph: inputs {sorted(dec_names)}")
+        size = enc_in.shape[-1]
+        if not isinstance(size, int):
+            raise ExportError(
+                f"{encoder_path}: the encoder input {enc_in.name} has no static size ({enc_in.shape})"
+            )
+        enc_meta, dec_meta = graph_metadata(self.encoder), graph_metadata(self.decoder)
+        self.encoder_input = enc_in.name
+        self.decoder_inputs = sorted(dec_names)
+        super().__init__(
+            input_size=size,
+            prompt_size=int(enc_meta.get("prompt_size", PROMPT_SIZE)),
+            pixel_mean=tuple(enc_meta.get("pixel_mean", PIXEL_MEAN)),
+            pixel_std=tuple(enc_meta.get("pixel_std", PIXEL_STD)),
+            mask_batch=str(dec_meta.get("mask_batch", "broadcast")),
+            max_prompts_per_pass=max_prompts_per_pass,
+        )
+
+    def _encode(self, images: np.ndarray) -> np.ndarray:
+        return self.encoder.run(None, {self.encoder_input: images.astype(np.float32, copy=False)})[0]
+
+    def _decode(self, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        feeds = {k: v for k, v in inputs.items() if k in self.decoder_inputs}
+        low, iou = self.decoder.run(["low_res_masks", "iou_predictions"], feeds)
+        return low, iou
