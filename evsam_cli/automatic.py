@@ -3,16 +3,18 @@
 ``AutomaticMaskGenerator`` prompts the model with a regular grid of points (per image crop),
 keeps the masks that pass the predicted-IoU and stability thresholds, removes duplicates with
 box NMS and returns SA-1B-style records. The results are those of the official generator for
-the same weights and settings; the work is ordered so that little of it is done at full
-resolution, without changing any result:
+the same weights and settings (up to float rounding in the decoder, ~1e-6 relative); the work
+is ordered so that little of it is done at full resolution, without changing any result:
 
-1. The decoder runs in two halves. The two-way transformer gives every prompt's IoU
+1. The decoder's transformer is restructured for hundreds of prompts on one image
+   (``amg_utils.grid_transformer``: projections moved to the prompt-token side, same algebra).
+2. The decoder runs in two halves. The two-way transformer gives every prompt's IoU
    predictions; the mask head (output upscaling + hypernetwork product) then runs only for the
    prompts with at least one mask above ``pred_iou_thresh``, and only for those masks.
-2. Only masks passing the IoU filter are upscaled to full resolution (in bounded chunks), where
+3. Only masks passing the IoU filter are upscaled to full resolution (in bounded chunks), where
    the stability score is computed on the upscaled logits exactly as the official generator
    does, and boxes are taken.
-3. Surviving masks are kept cropped to their box; box NMS runs on the boxes, and only the masks
+4. Surviving masks are kept cropped to their box; box NMS runs on the boxes, and only the masks
    NMS keeps are ever assembled at full size or run-length encoded.
 """
 
@@ -33,6 +35,7 @@ from .amg_utils import (
     box_near_crop_edge,
     build_layer_point_grids,
     generate_crop_boxes,
+    grid_transformer,
     mask_to_box,
     mask_to_coco_rle,
     mask_to_rle,
@@ -324,8 +327,9 @@ class AutomaticMaskGenerator:
         """Prompt-frame points (N, 1, 2) -> multimask IoU predictions (N, 3), the transformer's
         image tokens (N or 1, HW, C) and the three multimask output tokens (N, 3, C).
 
-        This is ``MaskDecoder.predict_masks`` up to the transformer; the mask head is deferred
-        to ``_mask_logits`` so that it runs only for the masks the IoU filter keeps.
+        This is ``MaskDecoder.predict_masks`` up to the transformer (restructured for many
+        prompts, see ``grid_transformer``); the mask head is deferred to ``_mask_logits`` so that
+        it runs only for the masks the IoU filter keeps.
         """
         model, dec = self.model, self.model.mask_decoder
         sparse, dense = model.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
@@ -334,7 +338,7 @@ class AutomaticMaskGenerator:
         output_tokens = output_tokens.to(sparse.dtype).unsqueeze(0).expand(n, -1, -1)
         tokens = torch.cat([output_tokens, sparse], dim=1)
         image = self.predictor.get_image_embedding() + dense
-        hs, src = dec.transformer(image, model.prompt_encoder.get_dense_pe(), tokens)
+        hs, src = grid_transformer(dec.transformer, image, model.prompt_encoder.get_dense_pe(), tokens)
         iou = dec.iou_prediction_head(hs[:, 0, :])[:, 1:]
         return iou, src, hs[:, 2 : 2 + 3, :]
 
