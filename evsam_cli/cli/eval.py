@@ -92,7 +92,7 @@ def eval_cli(
     device: Annotated[
         str, typer.Option(help="cpu, cuda, cuda:1 ... (under torchrun each rank takes its GPU).")
     ] = "cpu",
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per encoder pass.")] = 1,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per encoder pass.")] = 4,
     workers: Annotated[int, typer.Option(min=0, help="DataLoader processes decoding images.")] = 2,
     input_size: Annotated[
         int | None, typer.Option(hidden=True, help="Encoder input override (quick tests).")

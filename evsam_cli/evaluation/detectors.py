@@ -350,14 +350,14 @@ class GroundingDinoDetector:
         std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
         return ((x - mean) / std).to(self.device)
 
-    def _positive_map(self, names: Sequence[str], caption: str) -> torch.Tensor:
-        """(C, max_text_len) token weights of each category (uniform over its tokens)."""
+    def _positive_map(self, names: Sequence[str], caption: str, width: int) -> torch.Tensor:
+        """(C, width) token weights of each category (uniform over its tokens, within max_text_len)."""
         tokenized = self.tokenizer(caption)
-        pos = torch.zeros(len(names), self.max_text_len)
+        pos = torch.zeros(len(names), width)
         for c, (start, end) in enumerate(caption_spans(names)):
             tokens = {tokenized.char_to_token(i) for i in range(start, end)} - {None}
             for t in tokens:
-                if t < self.max_text_len:
+                if t < min(width, self.max_text_len):
                     pos[c, t] = 1.0
         return pos / pos.sum(1, keepdim=True).clamp(min=1)
 
@@ -371,7 +371,7 @@ class GroundingDinoDetector:
             caption = make_caption(names)
             out = self.model(x[None], captions=[caption])
             prob = out["pred_logits"][0].float().sigmoid().cpu()  # (queries, max_text_len)
-            pos = self._positive_map(names, caption)[:, : prob.shape[1]]
+            pos = self._positive_map(names, caption, prob.shape[1])
             per_cat = prob @ pos.T  # (queries, C)
             scores.append(per_cat.flatten())
             boxes.append(out["pred_boxes"][0].float().cpu().repeat_interleave(len(group), dim=0))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -135,7 +136,8 @@ def _run_lvis(
     image_ids: Sequence[int] | None,
     max_dets: int,
 ) -> dict[str, float | None]:
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # lvis calls Logger.warn
         try:
             gt = lvis.LVIS(str(annotation_file))
         except (KeyError, TypeError, ValueError) as exc:

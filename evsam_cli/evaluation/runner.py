@@ -54,6 +54,8 @@ class DetectorOptions:
       ``OUTPUT/detections_<detector>.json``).
     weights: YOLOv8 or GroundingDINO weights; config: GroundingDINO's config file;
     text_encoder: a local BERT folder for GroundingDINO.
+    image_size: the detector's input size (YOLO's imgsz, default 640; GroundingDINO's shorter
+      side, default 800, longer side at most 1333/800 of it).
     """
 
     name: str = "vitdet"
@@ -61,6 +63,7 @@ class DetectorOptions:
     weights: Path | None = None
     config: Path | None = None
     text_encoder: Path | None = None
+    image_size: int | None = None
 
 
 @dataclass
@@ -79,7 +82,7 @@ def evaluate(
     *,
     dataset: str,
     output: str | Path,
-    model: str = "efficientvit-sam-l0",
+    model: str | Sam = "efficientvit-sam-l0",
     checkpoint: str | None = None,
     prompt: str = "box",
     clicks: int = 1,
@@ -89,7 +92,7 @@ def evaluate(
     annotations: str | Path | None = None,
     limit: int | None = None,
     device: str = "cpu",
-    batch_size: int = 1,
+    batch_size: int = 4,
     workers: int = 2,
     prompts_per_pass: int = 32,
     input_size: int | None = None,
@@ -99,6 +102,8 @@ def evaluate(
 
     Args:
       dataset: "coco" or "lvis".
+      model: a zoo name (built with ``checkpoint``), or an already built model on ``device``
+        (``checkpoint`` is then only recorded).
       prompt: "box" (GT boxes), "point" (``clicks`` simulated clicks) or "detector".
       detector: box source for detector prompts.
       data_root / images / annotations: the standard layout, or explicit paths.
@@ -129,7 +134,10 @@ def evaluate(
     )
     if run_detector is not None:
         run_detector = run_detector(dev)
-    sam = create_model(model, checkpoint, dev, input_size=input_size)
+    if isinstance(model, Sam):
+        sam = model.to(dev).eval()
+    else:
+        sam = create_model(model, checkpoint, dev, input_size=input_size)
 
     shard = dist_utils.shard_indices(len(data), info.rank, info.world_size)
     items = EvalImages(
@@ -299,6 +307,7 @@ def _detector_boxes(
                 categories=data.categories,
                 device=device,
                 max_det=300 if data.name == "lvis" else 100,
+                image_size=options.image_size or 640,
             )
         if options.config is None or options.text_encoder is None:
             raise DataError(
@@ -311,6 +320,8 @@ def _detector_boxes(
             categories=data.categories,
             device=device,
             max_det=300 if data.name == "lvis" else 100,
+            image_size=options.image_size or 800,
+            max_size=round((options.image_size or 800) * 1333 / 800),
         )
 
     return {}, build

@@ -1,0 +1,140 @@
+"""Box-prompt COCO evaluation: `evsam eval` against the official EfficientViT-SAM evaluation loop.
+
+Both sides evaluate EfficientViT-SAM L0 with the same weights on the same generated COCO-format
+set on this machine. The official side is the loop of the official ``eval_efficientvit_sam_model.py``
+(``run_box``), driven through the ``efficientsam==1.0.0`` package (a packaging of the official
+code): per image, the annotations are looked up, the image is read and embedded with
+``EfficientViTSamPredictor.set_image``, and every GT box goes through one ``predict`` call
+(multimask output, best predicted IoU). evsam's side is ``evsam_cli.evaluation.evaluate``.
+
+Both sides' per-instance IoUs are computed with the same formula (intersection / union, percent)
+so that identical masks give identical metrics; the official script adds 1e-7 to the union,
+a relative difference below 1e-9. Timings are the best of ``--repeats`` alternating runs (the
+machine may be shared), each the whole evaluation: building the model from the weights file,
+reading images and annotations, encoding, decoding and scoring.
+
+    python benchmarks/bench_eval.py --images 20 --size 640 --repeats 2 --json bench_eval.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from evsam_cli.data.synthetic import write_coco
+from evsam_cli.evaluation import evaluate
+from evsam_cli.evaluation.datasets import annotation_to_mask, bbox_xywh_to_xyxy
+from evsam_cli.evaluation.metrics import mask_iou, miou_summary
+from evsam_cli.models import create_model, save_weights
+
+
+def official_box_loop(predictor: Any, image_dir: Path, ann_file: Path) -> tuple[list[float], list[float]]:
+    """The official run_box loop (single process): areas and IoUs in dataset order."""
+    data = json.loads(ann_file.read_text())
+    annotations = data["annotations"]
+    areas, ious = [], []
+    for im in data["images"]:
+        anns = [a for a in annotations if a["image_id"] == im["id"]]  # as the official dataset does
+        image = np.array(Image.open(image_dir / im["file_name"]).convert("RGB"))
+        predictor.set_image(image)
+        for ann in anns:
+            if ann["area"] < 1:
+                continue
+            gt = annotation_to_mask(ann, image.shape[0], image.shape[1])
+            box = np.array(bbox_xywh_to_xyxy(ann["bbox"]))
+            masks, iou_pred, _ = predictor.predict(
+                point_coords=None, point_labels=None, box=box, multimask_output=True
+            )
+            pred = masks[iou_pred.argmax()]
+            areas.append(float(ann["area"]))
+            ious.append(float(mask_iou(torch.as_tensor(pred)[None], torch.as_tensor(gt)[None])[0]))
+    return areas, ious
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--images", type=int, default=20)
+    parser.add_argument("--size", type=int, default=640, help="longest image side, as COCO")
+    parser.add_argument("--objects", type=int, nargs=2, default=(4, 12), help="objects per image (min max)")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+
+    from efficientsam.models.efficientvit.sam import EfficientViTSamPredictor
+    from efficientsam.sam_model_zoo import create_efficientvit_sam_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        paths = write_coco(
+            root / "coco",
+            num_images=args.images,
+            image_size=args.size,
+            objects_per_image=tuple(args.objects),
+            seed=args.seed,
+        )
+        torch.manual_seed(args.seed)
+        weights = save_weights(create_model("efficientvit-sam-l0"), root / "l0.pt")
+
+        official_s, evsam_s = [], []
+        official_result: tuple[list[float], list[float]] = ([], [])
+        metrics: dict[str, Any] = {}
+        for r in range(args.repeats):
+            t0 = time.perf_counter()
+            official = create_efficientvit_sam_model("efficientvit-sam-l0", True, str(weights)).eval()
+            predictor = EfficientViTSamPredictor(official)
+            official_result = official_box_loop(predictor, paths["images"], paths["annotations"])
+            official_s.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            metrics = evaluate(
+                dataset="coco",
+                output=root / f"out{r}",
+                data_root=root / "coco",
+                model="efficientvit-sam-l0",
+                checkpoint=str(weights),
+                prompt="box",
+                workers=args.workers,
+                batch_size=args.batch_size,
+            )
+            evsam_s.append(time.perf_counter() - t0)
+            print(f"run {r}: official {official_s[-1]:.2f} s, evsam {evsam_s[-1]:.2f} s")
+
+        official_miou = miou_summary(*official_result)
+        identical = official_miou == metrics["miou"]
+        max_diff = max(abs((official_miou[k] or 0) - (metrics["miou"][k] or 0)) for k in official_miou)
+        report = {
+            "machine": {
+                "cpu": platform.processor() or platform.machine(),
+                "threads": torch.get_num_threads(),
+                "torch": torch.__version__,
+            },
+            "images": args.images,
+            "instances": len(official_result[0]),
+            "official_seconds": round(min(official_s), 3),
+            "evsam_seconds": round(min(evsam_s), 3),
+            "speedup": round(min(official_s) / min(evsam_s), 2),
+            "official_miou": official_miou,
+            "evsam_miou": metrics["miou"],
+            "metrics_identical": identical,
+            "max_abs_miou_difference": max_diff,
+        }
+    print(json.dumps(report, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
