@@ -1,0 +1,174 @@
+"""Benchmark: evsam's AutomaticMaskGenerator against the official EfficientViT-SAM generator.
+
+Both generators get the same weights, the same image and the same settings; the script reports
+both wall times, the speed-up, and how well the masks agree (counts, IoU of matched masks).
+
+The weights are random but fixed (no network access is needed). Untrained weights predict IoUs
+near 0 and flat logits, so every mask would fail the default thresholds and the comparison would
+be empty; the script therefore shifts the IoU head's output bias by +0.9 and scales the
+hypernetwork output layers by 100, which gives predicted IoUs around 0.85 +- 0.07 and sharp
+logits: a realistic share of masks passes pred_iou_thresh=0.88 and stability_score_thresh=0.95.
+Both models load that same state dict (the official one is saved with torch.save and loaded by
+``create_model(name, checkpoint=file)``).
+
+Usage:
+  python benchmarks/bench_amg.py                       # L0, 32x32 points, 768x1024 image
+  python benchmarks/bench_amg.py --points-per-side 16 --box-nms-thresh 1.0 --json out.json
+Needs ``efficientsam==1.0.0`` (pip install 'evsam[dev]').
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def official_model(name: str, seed: int) -> torch.nn.Module:
+    from efficientsam.sam_model_zoo import create_efficientvit_sam_model
+
+    torch.manual_seed(seed)
+    model = create_efficientvit_sam_model(name, pretrained=False).eval()
+    with torch.no_grad():
+        model.mask_decoder.iou_prediction_head.layers[-1].bias += 0.9
+        for mlp in model.mask_decoder.output_hypernetworks_mlps:
+            mlp.layers[-1].weight *= 100
+    return model
+
+
+def match_masks(ours: list[np.ndarray], ref: list[np.ndarray]) -> dict:
+    """Greedy one-to-one matching by mask IoU (best pairs first)."""
+    if not ours or not ref:
+        return {"matched": 0, "mean_iou": None, "min_iou": None, "identical": 0}
+    a = torch.from_numpy(np.stack([m.ravel() for m in ours])).float()
+    b = torch.from_numpy(np.stack([m.ravel() for m in ref])).float()
+    inter = a @ b.T
+    union = a.sum(1)[:, None] + b.sum(1)[None, :] - inter
+    iou = (inter / union.clamp_min(1)).numpy()
+    pairs = []
+    used_a, used_b = set(), set()
+    for flat in np.argsort(-iou, axis=None):
+        i, j = np.unravel_index(flat, iou.shape)
+        if i in used_a or j in used_b:
+            continue
+        used_a.add(i)
+        used_b.add(j)
+        pairs.append(float(iou[i, j]))
+        if len(pairs) == min(len(ours), len(ref)):
+            break
+    identical = sum(1 for p in pairs if p == 1.0)
+    return {
+        "matched": len(pairs),
+        "mean_iou": float(np.mean(pairs)),
+        "min_iou": float(min(pairs)),
+        "identical": identical,
+    }
+
+
+def machine() -> dict:
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout.splitlines()[
+            :20
+        ]
+    except OSError:
+        lscpu = []
+    return {
+        "platform": platform.platform(),
+        "cpu": next((line.split(":", 1)[1].strip() for line in lscpu if line.startswith("Model name")), None),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "loadavg": os.getloadavg(),
+        "lscpu": lscpu,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="efficientvit-sam-l0")
+    parser.add_argument("--points-per-side", type=int, default=32)
+    parser.add_argument("--height", type=int, default=768)
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--pred-iou-thresh", type=float, default=0.88)
+    parser.add_argument("--stability-score-thresh", type=float, default=0.95)
+    parser.add_argument("--box-nms-thresh", type=float, default=0.7)
+    parser.add_argument("--crop-n-layers", type=int, default=0)
+    parser.add_argument("--points-per-batch", type=int, default=128, help="ours (official: its default 64)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+
+    from efficientsam.models.efficientvit.sam import EfficientViTSamAutomaticMaskGenerator
+
+    from evsam_cli.automatic import AutomaticMaskGenerator
+    from evsam_cli.data.synthetic import synth_image
+    from evsam_cli.models import create_model
+
+    ref = official_model(args.model, args.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "weights.pt"
+        torch.save(ref.state_dict(), path)
+        ours = create_model(args.model, checkpoint=str(path)).eval()
+    image, _, _ = synth_image(np.random.default_rng(args.seed), args.height, args.width, 12)
+    settings = {
+        "points_per_side": args.points_per_side,
+        "pred_iou_thresh": args.pred_iou_thresh,
+        "stability_score_thresh": args.stability_score_thresh,
+        "box_nms_thresh": args.box_nms_thresh,
+        "crop_n_layers": args.crop_n_layers,
+    }
+    gen_ours = AutomaticMaskGenerator(ours, points_per_batch=args.points_per_batch, **settings)
+    gen_ref = EfficientViTSamAutomaticMaskGenerator(ref, **settings)
+    load_start = os.getloadavg()
+
+    # Warm-up (first-call allocations, oneDNN kernel selection) on a tiny grid.
+    for gen in (
+        AutomaticMaskGenerator(ours, points_per_side=2),
+        EfficientViTSamAutomaticMaskGenerator(ref, points_per_side=2),
+    ):
+        gen.generate(image)
+
+    t0 = time.perf_counter()
+    rec_ours = gen_ours.generate(image)
+    t_ours = time.perf_counter() - t0
+    print(f"evsam:    {len(rec_ours)} masks in {t_ours:.1f} s {gen_ours.timings}", flush=True)
+    t0 = time.perf_counter()
+    rec_ref = gen_ref.generate(image)
+    t_ref = time.perf_counter() - t0
+    print(f"official: {len(rec_ref)} masks in {t_ref:.1f} s", flush=True)
+
+    agreement = match_masks([r["segmentation"] for r in rec_ours], [r["segmentation"] for r in rec_ref])
+    same_order = [
+        bool(np.array_equal(a["segmentation"], b["segmentation"]))
+        for a, b in zip(rec_ours, rec_ref, strict=False)
+    ]
+    result = {
+        "model": args.model,
+        "image_size": [args.height, args.width],
+        "settings": settings,
+        "points_per_batch": {"evsam": args.points_per_batch, "official": 64},
+        "evsam": {"seconds": t_ours, "masks": len(rec_ours), "timings": gen_ours.timings},
+        "official": {"seconds": t_ref, "masks": len(rec_ref)},
+        "speedup": t_ref / t_ours,
+        "agreement": {**agreement, "identical_in_order": sum(same_order)},
+        "machine": {**machine(), "loadavg_start": load_start},
+    }
+    print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=2))
+    print(
+        f"machine: {result['machine']['cpu']}, {result['machine']['cpus']} CPUs, load {load_start} -> "
+        f"{result['machine']['loadavg']}"
+    )
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
