@@ -16,15 +16,21 @@ from .models.sam import Sam
 
 
 class SamPredictor:
-    def __init__(self, model: Sam, *, max_prompts_per_pass: int = 256) -> None:
+    def __init__(self, model: Sam, *, max_prompts_per_pass: int = 256, optimize: bool = True) -> None:
         """
         Args:
-          model: any zoo model (``create_model``).
+          model: any zoo model (``create_model``), with its weights already loaded.
           max_prompts_per_pass: prompts decoded per decoder call in ``predict_batch``; bounds
             memory (each prompt carries a 256x64x64 image-side tensor through the decoder).
+          optimize: run the image encoder through an inference copy with BatchNorm folded and
+            channels-last layout (same outputs up to float rounding; the model is untouched).
+            The copy is taken now: weights changed later are not seen by this predictor.
         """
+        from .models.optimize import optimize_encoder
+
         self.model = model
         self.max_prompts_per_pass = max_prompts_per_pass
+        self.image_encoder = optimize_encoder(model.image_encoder) if optimize else model.image_encoder
         self.reset_image()
 
     # ------------------------------------------------------------------ image
@@ -47,7 +53,7 @@ class SamPredictor:
         if image_format == "BGR":
             image = np.ascontiguousarray(image[..., ::-1])
         x = self.model.preprocess(image)
-        self.set_embedding(self.model.image_encoder(x), image.shape[:2])
+        self.set_embedding(self.image_encoder(x), image.shape[:2])
 
     def set_embedding(self, embedding: Tensor, original_size: tuple[int, int]) -> None:
         """Use a precomputed (1, 256, 64, 64) embedding of an image of ``original_size`` (h, w)."""

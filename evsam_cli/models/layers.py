@@ -29,14 +29,12 @@ class LayerNorm2d(nn.LayerNorm):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        u = x.mean(dim=1, keepdim=True)
-        x = x - u
-        x = x * torch.rsqrt(x.square().mean(dim=1, keepdim=True) + self.eps)
-        if self.elementwise_affine:
-            x = x * self.weight.float().view(1, -1, 1, 1) + self.bias.float().view(1, -1, 1, 1)
-        return x.to(dtype)
+        # One fused layer_norm over the channel axis of an NHWC view (several times faster than
+        # the mean/var/normalise chain); the result stays channels-last in memory.
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        y = F.layer_norm(x.float().permute(0, 2, 3, 1), self.normalized_shape, weight, bias, self.eps)
+        return y.permute(0, 3, 1, 2).to(x.dtype)
 
 
 def batch_norm(channels: int) -> nn.BatchNorm2d:

@@ -55,6 +55,46 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).reshape(batch, -1, self.internal_dim)
         return self.out_proj(out)
 
+    # The two cross attentions between a few prompt tokens (T ~ 7) and many image tokens
+    # (HW = 4096) are rewritten so that no per-prompt (HW x internal_dim) projection of the image
+    # side is ever formed. Both rewrites are exact algebra (equal up to float rounding):
+    #   softmax(q (x Wk^T + bk)^T) = softmax((q Wk) x^T)          (q.bk is constant per row)
+    #   P (x Wv^T + bv) = (P x) Wv^T + bv                         (rows of P sum to one)
+    #   out_proj(P v) = P out_proj(v)                             (same reason)
+    # For HW >> T this costs 2*h*T*C*HW MACs per prompt instead of ~3*HW*C*D.
+
+    def tokens_to_image(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Prompt tokens attend to image tokens: q (N, T, C); k, v (N, HW, C) -> (N, T, C)."""
+        n, t, _ = q.shape
+        h, d = self.num_heads, self.internal_dim // self.num_heads
+        qh = self.q_proj(q).reshape(n, t, h, d).transpose(1, 2)  # (N, h, T, d)
+        wk = self.k_proj.weight.reshape(h, d, -1)  # (h, d, C)
+        wv = self.v_proj.weight.reshape(h, d, -1)
+        qk = (qh @ wk).reshape(n, h * t, -1) * d**-0.5  # (N, hT, C)
+        attn = torch.softmax(qk @ k.transpose(1, 2), dim=-1)  # (N, hT, HW)
+        pv = (attn @ v).reshape(n, h, t, -1)  # (N, h, T, C)
+        out = pv @ wv.transpose(1, 2) + self.v_proj.bias.reshape(h, 1, d)  # (N, h, T, d)
+        return self.out_proj(out.transpose(1, 2).reshape(n, t, self.internal_dim))
+
+    def image_to_tokens(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Image tokens attend to prompt tokens: q (1 or N, HW, C); k, v (N, T, C) -> (N, HW, C)."""
+        n, t, _ = k.shape
+        h, d = self.num_heads, self.internal_dim // self.num_heads
+        kh = self.k_proj(k).reshape(n, t, h, d).transpose(1, 2)  # (N, h, T, d)
+        vh = self.v_proj(v).reshape(n, t, h, d).transpose(1, 2)
+        wq = self.q_proj.weight.reshape(h, d, -1)  # (h, d, C)
+        scale = d**-0.5
+        m = (wq.transpose(1, 2) @ kh.transpose(2, 3)) * scale  # (N, h, C, T)
+        m = m.permute(0, 2, 1, 3).reshape(n, -1, h * t)  # (N, C, hT)
+        bias = (kh @ self.q_proj.bias.reshape(h, d, 1)).reshape(n, h * t, 1) * scale
+        # Logits laid out (N, hT, HW): the softmax then runs over a strided axis of length T,
+        # several times faster on CPU than over a contiguous last axis of length 7.
+        logits = m.transpose(1, 2) @ q.transpose(1, 2) + bias  # (N, hT, HW)
+        attn = torch.softmax(logits.reshape(n, h, t, -1), dim=2).reshape(n, h * t, -1)
+        wo = self.out_proj.weight.reshape(-1, h, d).transpose(0, 1)  # (h, C, d)
+        u = (vh @ wo.transpose(1, 2)).reshape(n, h * t, -1)  # (N, hT, C)
+        return attn.transpose(1, 2) @ u + self.out_proj.bias
+
 
 class TwoWayAttentionBlock(nn.Module):
     """Token self-attention, token->image attention, token MLP, image->token attention."""
@@ -91,10 +131,14 @@ class TwoWayAttentionBlock(nn.Module):
         queries = self.norm1(queries)
 
         k = keys + key_pe
-        queries = self.norm2(queries + self.cross_attn_token_to_image(queries + query_pe, k, keys))
+        if keys.shape[0] == 1:  # image side shared by all prompts: project it once
+            attn_out = self.cross_attn_token_to_image(queries + query_pe, k, keys)
+        else:
+            attn_out = self.cross_attn_token_to_image.tokens_to_image(queries + query_pe, k, keys)
+        queries = self.norm2(queries + attn_out)
         queries = self.norm3(queries + self.mlp(queries))
 
-        keys = self.norm4(keys + self.cross_attn_image_to_token(k, queries + query_pe, queries))
+        keys = self.norm4(keys + self.cross_attn_image_to_token.image_to_tokens(k, queries + query_pe, queries))
         return queries, keys
 
 
@@ -146,6 +190,6 @@ class TwoWayTransformer(nn.Module):
             queries, keys = layer(queries, keys, point_embedding, image_pe)
         if keys.shape[0] != queries.shape[0]:  # depth 0 or a single prompt: keep the contract
             keys = keys.expand(queries.shape[0], -1, -1)
-        attn = self.final_attn_token_to_image(queries + point_embedding, keys + image_pe, keys)
+        attn = self.final_attn_token_to_image.tokens_to_image(queries + point_embedding, keys + image_pe, keys)
         queries = self.norm_final_attn(queries + attn)
         return queries, keys
