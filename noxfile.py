@@ -36,7 +36,13 @@ def demo(session: nox.Session) -> None:
     session.run("evsam", "models")
     session.run("evsam", "data", "synth", "--format", "coco", "--images", "4", "-o", f"{tmp}/coco")
     session.run(
-        "evsam", "predict", f"{tmp}/coco/val2017/000000000100.jpg", "--box", "20,20,200,200", "-o", f"{tmp}/predict"
+        "evsam",
+        "predict",
+        f"{tmp}/coco/val2017/000000000100.jpg",
+        "--box",
+        "20,20,200,200",
+        "-o",
+        f"{tmp}/predict",
     )
     session.run("evsam", "eval", "coco", "--data-root", f"{tmp}/coco", "--prompt", "box", "--model", "l0",
                 "--output", f"{tmp}/eval")  # fmt: skip

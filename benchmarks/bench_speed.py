@@ -124,9 +124,7 @@ def bench_model(name: str, *, repeats: int, prompts: int, ort: bool) -> dict:
         our_pred.predict_batch(boxes=boxes, multimask_output=True)
 
     dec = interleaved({"official": ref_decoder, "evsam_torch": our_decoder}, max(3, repeats // 2))
-    decoder = {
-        k: {**v, "prompts": prompts, "prompts_per_s": prompts / v["median_s"]} for k, v in dec.items()
-    }
+    decoder = {k: {**v, "prompts": prompts, "prompts_per_s": prompts / v["median_s"]} for k, v in dec.items()}
     for k in decoder:
         decoder[k]["speedup_vs_official"] = dec["official"]["median_s"] / dec[k]["median_s"]
     m_ref, s_ref, _ = ref_pred.predict(box=boxes[0], multimask_output=True)
@@ -154,12 +152,18 @@ def _ort_encoder(model, size: int):
     tmp = Path(tempfile.mkdtemp())
     export_onnx(model, tmp)
     sess = ort.InferenceSession(str(tmp / "encoder.onnx"), providers=["CPUExecutionProvider"])
-    feed = {sess.get_inputs()[0].name: np.random.default_rng(0).standard_normal((1, 3, size, size), dtype=np.float32)}
+    feed = {
+        sess.get_inputs()[0].name: np.random.default_rng(0).standard_normal(
+            (1, 3, size, size), dtype=np.float32
+        )
+    }
     return lambda: sess.run(None, feed)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--models", nargs="+", default=["l0", "xl1"])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--prompts", type=int, default=64)
@@ -177,13 +181,17 @@ def main() -> None:
         results["runs"].append(r)
         print(f"\n{name} (input {r['input_size']}, {r['encoder_macs'] / 1e9:.1f} GMACs, "
               f"matmul {r['matmul_gflops']:.0f} GFLOP/s, MAC floor {r['mac_floor_s'] * 1e3:.0f} ms)")  # fmt: skip
-        print(f"{'encoder b1':22s} {'median ms':>10s} {'p10-p90 ms':>14s} {'img/s':>7s} {'x official':>10s} {'floor %':>8s}")
+        print(
+            f"{'encoder b1':22s} {'median ms':>10s} {'p10-p90 ms':>14s} {'img/s':>7s} {'x official':>10s} {'floor %':>8s}"
+        )
         for k, v in r["encoder"].items():
             print(
                 f"{k:22s} {v['median_s'] * 1e3:10.0f} {v['p10_s'] * 1e3:6.0f}-{v['p90_s'] * 1e3:<7.0f} "
                 f"{v['images_per_s']:7.2f} {v['speedup_vs_official']:10.2f} {100 * v['fraction_of_mac_floor']:7.0f}%"
             )
-        print(f"{'decoder ' + str(args.prompts) + ' boxes':22s} {'median s':>10s} {'p10-p90 s':>14s} {'prm/s':>7s} {'x official':>10s}")
+        print(
+            f"{'decoder ' + str(args.prompts) + ' boxes':22s} {'median s':>10s} {'p10-p90 s':>14s} {'prm/s':>7s} {'x official':>10s}"
+        )
         for k, v in r["decoder"].items():
             print(
                 f"{k:22s} {v['median_s']:10.2f} {v['p10_s']:6.2f}-{v['p90_s']:<7.2f} "

@@ -14,7 +14,9 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise DeviceError(f"device {device!r} was requested but no CUDA GPU is available (use --device cpu)")
+            raise DeviceError(
+                f"device {device!r} was requested but no CUDA GPU is available (use --device cpu)"
+            )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise DeviceError(f"device {device!r} does not exist: {torch.cuda.device_count()} GPU(s) visible")
     elif dev.type == "mps" and not torch.backends.mps.is_available():

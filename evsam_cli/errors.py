@@ -28,7 +28,9 @@ class MissingDependencyError(EvsamError):
     """An optional extra (ultralytics, groundingdino, tensorrt, lvis ...) is not installed."""
 
     def __init__(self, package: str, extra: str, what: str) -> None:
-        super().__init__(f"{what} needs {package}, which is not installed; install it with: pip install 'evsam[{extra}]'")
+        super().__init__(
+            f"{what} needs {package}, which is not installed; install it with: pip install 'evsam[{extra}]'"
+        )
         self.package = package
         self.extra = extra
 

@@ -142,7 +142,9 @@ class SamPredictor:
             coords = np.asarray(point_coords)
             labels = np.asarray(point_labels)
             if coords.ndim != 3 or coords.shape[-1] != 2 or labels.shape != coords.shape[:2]:
-                raise ValueError(f"point_coords must be (N, K, 2) and point_labels (N, K); got {coords.shape}, {labels.shape}")
+                raise ValueError(
+                    f"point_coords must be (N, K, 2) and point_labels (N, K); got {coords.shape}, {labels.shape}"
+                )
             coords_t = torch.as_tensor(self.apply_coords(coords), dtype=torch.float32, device=self.device)
             labels_t = torch.as_tensor(labels, dtype=torch.int64, device=self.device)
             n = coords.shape[0]

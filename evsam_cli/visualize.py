@@ -40,7 +40,10 @@ def overlay_masks(
         out[m] = out[m] * (1 - alpha) + color.astype(np.float32) * alpha
         if draw_outline:
             edge = m & ~(
-                np.pad(m, 1)[2:, 1:-1] & np.pad(m, 1)[:-2, 1:-1] & np.pad(m, 1)[1:-1, 2:] & np.pad(m, 1)[1:-1, :-2]
+                np.pad(m, 1)[2:, 1:-1]
+                & np.pad(m, 1)[:-2, 1:-1]
+                & np.pad(m, 1)[1:-1, 2:]
+                & np.pad(m, 1)[1:-1, :-2]
             )
             out[edge] = color
     img = Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from evsam_cli.errors import CheckpointError
-from evsam_cli.models import create_model, export_state_dict, hub_dir, read_state_dict, save_weights
-from evsam_cli.models import registry
+from evsam_cli.models import create_model, export_state_dict, hub_dir, read_state_dict, registry, save_weights
 
 
 @pytest.fixture(scope="module")

@@ -104,31 +104,63 @@ def test_predict_points_single_prompt(tmp_path, image_file):
 
 
 def test_data_synth_both_formats(tmp_path):
-    result = run("data", "synth", "--format", "coco", "--images", "2", "--size", "96", "-o", str(tmp_path / "coco"))
+    result = run(
+        "data", "synth", "--format", "coco", "--images", "2", "--size", "96", "-o", str(tmp_path / "coco")
+    )
     assert result.exit_code == 0, result.output
     coco = json.loads((tmp_path / "coco" / "annotations" / "instances_val2017.json").read_text())
     assert len(coco["images"]) == 2 and coco["annotations"]
     assert all((tmp_path / "coco" / "val2017" / im["file_name"]).is_file() for im in coco["images"])
     assert (tmp_path / "coco" / "annotations" / "lvis_v1_val.json").is_file()
-    result = run("data", "synth", "--format", "sa1b", "--images", "3", "--shards", "2", "--size", "96", "-o", str(tmp_path / "sa"))
+    result = run(
+        "data",
+        "synth",
+        "--format",
+        "sa1b",
+        "--images",
+        "3",
+        "--shards",
+        "2",
+        "--size",
+        "96",
+        "-o",
+        str(tmp_path / "sa"),
+    )
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in (tmp_path / "sa").iterdir()) == ["sa_000000.tar", "sa_000001.tar"]
 
 
 def test_predict_bad_inputs(tmp_path, image_file, l0_checkpoint):
     out = str(tmp_path / "o")
-    assert_one_line_error(run("predict", str(tmp_path / "nope.jpg"), "--box", "1,2,3,4", "-o", out), "image not found")
+    assert_one_line_error(
+        run("predict", str(tmp_path / "nope.jpg"), "--box", "1,2,3,4", "-o", out), "image not found"
+    )
     corrupt = tmp_path / "corrupt.jpg"
     corrupt.write_bytes(b"not an image")
-    assert_one_line_error(run("predict", str(corrupt), "--box", "1,2,3,4", "-o", out), "cannot decode", "corrupt.jpg")
+    assert_one_line_error(
+        run("predict", str(corrupt), "--box", "1,2,3,4", "-o", out), "cannot decode", "corrupt.jpg"
+    )
     assert_one_line_error(run("predict", str(image_file), "--box", "1,2,3", "-o", out), "--box")
     assert_one_line_error(run("predict", str(image_file), "-o", out), "--box")
     assert_one_line_error(
-        run("predict", str(image_file), "--box", "1,2,3,4", "-m", "l1", "--checkpoint", str(l0_checkpoint), "-o", out),
+        run(
+            "predict",
+            str(image_file),
+            "--box",
+            "1,2,3,4",
+            "-m",
+            "l1",
+            "--checkpoint",
+            str(l0_checkpoint),
+            "-o",
+            out,
+        ),
         "does not fit model efficientvit-sam-l1",
         "looks like efficientvit-sam-l0",
     )
-    assert_one_line_error(run("predict", str(image_file), "--box", "1,2,3,4", "-m", "l7", "-o", out), "unknown model")
+    assert_one_line_error(
+        run("predict", str(image_file), "--box", "1,2,3,4", "-m", "l7", "-o", out), "unknown model"
+    )
     if not torch.cuda.is_available():
         assert_one_line_error(
             run("predict", str(image_file), "--box", "1,2,3,4", "--device", "cuda", "-o", out), "no CUDA GPU"
@@ -141,6 +173,8 @@ def test_usage_errors_are_one_line_exit_1(tmp_path):
 
 
 def test_debug_shows_traceback(tmp_path):
-    result = runner.invoke(app, ["--debug", "predict", str(tmp_path / "nope.jpg"), "--box", "1,2,3,4", "-o", str(tmp_path)])
+    result = runner.invoke(
+        app, ["--debug", "predict", str(tmp_path / "nope.jpg"), "--box", "1,2,3,4", "-o", str(tmp_path)]
+    )
     assert result.exit_code != 0
     assert result.exception is not None and type(result.exception).__name__ == "DataError"

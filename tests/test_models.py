@@ -40,7 +40,15 @@ def test_zoo_lists_eight_models():
     ]
 
 
-@pytest.mark.parametrize("alias,name", [("l0", "efficientvit-sam-l0"), ("XL1", "efficientvit-sam-xl1"), ("vit_h", "sam-vit-h"), ("vit-b", "sam-vit-b")])
+@pytest.mark.parametrize(
+    "alias,name",
+    [
+        ("l0", "efficientvit-sam-l0"),
+        ("XL1", "efficientvit-sam-xl1"),
+        ("vit_h", "sam-vit-h"),
+        ("vit-b", "sam-vit-b"),
+    ],
+)
 def test_aliases(alias, name):
     assert resolve_name(alias) == name
 
@@ -103,9 +111,15 @@ def test_backward_reaches_every_encoder_parameter():
     torch.manual_seed(0)
     model = create_model("l0", input_size=96).train()
     emb = model.image_encoder(torch.randn(2, 3, 96, 96))
-    low_res, iou = model.decode(emb, boxes=torch.tensor([[10.0, 10.0, 600.0, 500.0], [0.0, 0.0, 1000.0, 1000.0]]))
+    low_res, iou = model.decode(
+        emb, boxes=torch.tensor([[10.0, 10.0, 600.0, 500.0], [0.0, 0.0, 1000.0, 1000.0]])
+    )
     (low_res.mean() + iou.mean()).backward()
-    missing = [n for n, p in model.image_encoder.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    missing = [
+        n
+        for n, p in model.image_encoder.named_parameters()
+        if p.grad is None or not torch.isfinite(p.grad).all()
+    ]
     assert not missing
     assert low_res.shape == (2, 3, 256, 256) and iou.shape == (2, 3)
 

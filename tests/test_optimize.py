@@ -80,9 +80,14 @@ def test_factorised_cross_attention_equals_plain_attention(image_batch):
     img_n = image.expand(5, -1, -1)
     with torch.no_grad():
         torch.testing.assert_close(
-            attn.tokens_to_image(tokens, k.expand(5, -1, -1), img_n), attn(tokens, k, image), rtol=1e-4, atol=1e-5
+            attn.tokens_to_image(tokens, k.expand(5, -1, -1), img_n),
+            attn(tokens, k, image),
+            rtol=1e-4,
+            atol=1e-5,
         )
-        torch.testing.assert_close(attn.image_to_tokens(k, tokens, tokens), attn(k, tokens, tokens), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            attn.image_to_tokens(k, tokens, tokens), attn(k, tokens, tokens), rtol=1e-4, atol=1e-5
+        )
 
 
 def test_layernorm2d_matches_definition():

@@ -20,11 +20,19 @@ def test_predict_shapes_and_types(small_model, scene):
     assert masks.shape == (3, 180, 240) and masks.dtype == bool
     assert scores.shape == (3,) and low.shape == (3, 256, 256)
     masks, scores, low = p.predict(
-        point_coords=np.array([[120, 90]]), point_labels=np.array([1]), multimask_output=False, return_logits=True
+        point_coords=np.array([[120, 90]]),
+        point_labels=np.array([1]),
+        multimask_output=False,
+        return_logits=True,
     )
     assert masks.shape == (1, 180, 240) and masks.dtype == np.float32
     assert scores.shape == (1,) and low.shape == (1, 256, 256)
-    assert ((masks > 0) == p.predict(point_coords=np.array([[120, 90]]), point_labels=np.array([1]), multimask_output=False)[0]).all()
+    assert (
+        (masks > 0)
+        == p.predict(point_coords=np.array([[120, 90]]), point_labels=np.array([1]), multimask_output=False)[
+            0
+        ]
+    ).all()
 
 
 def test_batched_equals_unbatched(small_model, scene):
@@ -42,9 +50,13 @@ def test_batched_equals_unbatched(small_model, scene):
 
     coords = np.array([[[120, 90], [20, 20]], [[60, 100], [200, 30]]], dtype=np.float64)
     labels = np.array([[1, 0], [1, 1]])
-    pm, ps, _ = p.predict_batch(point_coords=coords, point_labels=labels, multimask_output=False, return_logits=True)
+    pm, ps, _ = p.predict_batch(
+        point_coords=coords, point_labels=labels, multimask_output=False, return_logits=True
+    )
     for i in range(2):
-        m, s, _ = p.predict(point_coords=coords[i], point_labels=labels[i], multimask_output=False, return_logits=True)
+        m, s, _ = p.predict(
+            point_coords=coords[i], point_labels=labels[i], multimask_output=False, return_logits=True
+        )
         np.testing.assert_allclose(m, pm[i], rtol=1e-4, atol=1e-4)
 
 
@@ -122,10 +134,7 @@ def test_bad_arrays_rejected():
 @pytest.mark.parametrize("mode", ["L", "RGBA", "I;16", "P", "LA", "CMYK"])
 def test_load_image_modes(tmp_path, mode):
     base = Image.new("RGB", (16, 12), (10, 200, 30))
-    if mode == "I;16":
-        img = Image.fromarray(np.full((12, 16), 40000, dtype=np.uint16))
-    else:
-        img = base.convert(mode)
+    img = Image.fromarray(np.full((12, 16), 40000, dtype=np.uint16)) if mode == "I;16" else base.convert(mode)
     path = tmp_path / ("x.tif" if mode in ("I;16", "CMYK") else "x.png")
     img.save(path)
     out = load_image(path)

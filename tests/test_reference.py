@@ -17,7 +17,13 @@ from evsam_cli.predictor import SamPredictor
 efficientsam = pytest.importorskip("efficientsam")
 pytestmark = pytest.mark.reference
 
-VARIANTS = ["efficientvit-sam-l0", "efficientvit-sam-l1", "efficientvit-sam-l2", "efficientvit-sam-xl0", "efficientvit-sam-xl1"]
+VARIANTS = [
+    "efficientvit-sam-l0",
+    "efficientvit-sam-l1",
+    "efficientvit-sam-l2",
+    "efficientvit-sam-xl0",
+    "efficientvit-sam-xl1",
+]
 
 
 def _official(name: str):
@@ -35,7 +41,10 @@ def _official(name: str):
 
 
 def _rel_err(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:
-    a, b = torch.as_tensor(np.asarray(a), dtype=torch.float64), torch.as_tensor(np.asarray(b), dtype=torch.float64)
+    a, b = (
+        torch.as_tensor(np.asarray(a), dtype=torch.float64),
+        torch.as_tensor(np.asarray(b), dtype=torch.float64),
+    )
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
@@ -81,15 +90,25 @@ def test_efficientvit_sam_matches_official_predictor(tmp_path, name):
             assert _rel_err(l2, l1) < 1e-4
             assert np.abs(s2 - s1).max() < 1e-4
     # Mask input from a previous round.
-    m1, s1, _ = ref_pred.predict(point_coords=points, point_labels=labels, mask_input=l1[:1], multimask_output=False)
-    m2, s2, _ = our_pred.predict(point_coords=points, point_labels=labels, mask_input=l2[:1], multimask_output=False)
+    m1, s1, _ = ref_pred.predict(
+        point_coords=points, point_labels=labels, mask_input=l1[:1], multimask_output=False
+    )
+    m2, s2, _ = our_pred.predict(
+        point_coords=points, point_labels=labels, mask_input=l2[:1], multimask_output=False
+    )
     assert (m1 != m2).mean() < 1e-4 and np.abs(s2 - s1).max() < 1e-4
 
 
 def _meta_sam_vit_b():
     from functools import partial
 
-    from efficientsam.segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+    from efficientsam.segment_anything.modeling import (
+        ImageEncoderViT,
+        MaskDecoder,
+        PromptEncoder,
+        Sam,
+        TwoWayTransformer,
+    )
 
     torch.manual_seed(0)
     sam = Sam(

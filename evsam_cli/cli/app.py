@@ -5,17 +5,17 @@ Command modules import torch and friends inside their bodies, so ``evsam --help`
 
 from __future__ import annotations
 
-from typing import Annotated
-
 import sys
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 from typer.core import TyperGroup
 
 from .. import __version__
-from . import bench, data, distill, eval as eval_cmd, export, finetune, models_cmd, predict
+from . import bench, data, distill, export, finetune, models_cmd, predict
+from . import eval as eval_cmd
 from .common import error, set_debug
+
 
 class EvsamGroup(TyperGroup):
     """Usage mistakes (bad flag values, missing options) end like every other user error:
@@ -61,7 +61,8 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     debug: Annotated[
-        bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors (or EVSAM_DEBUG=1).")
+        bool,
+        typer.Option("--debug", help="Show full tracebacks instead of one-line errors (or EVSAM_DEBUG=1)."),
     ] = False,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")

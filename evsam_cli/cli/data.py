@@ -10,7 +10,9 @@ import typer
 
 from .common import command, console
 
-app = typer.Typer(help="Dataset utilities.", no_args_is_help=True, context_settings={"help_option_names": ["-h", "--help"]})
+app = typer.Typer(
+    help="Dataset utilities.", no_args_is_help=True, context_settings={"help_option_names": ["-h", "--help"]}
+)
 
 
 class SynthFormat(str, Enum):
@@ -22,10 +24,16 @@ class SynthFormat(str, Enum):
 @command
 def synth_cli(
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write the dataset into.")],
-    format: Annotated[SynthFormat, typer.Option("--format", help="coco (COCO + LVIS + detections) or sa1b.")] = SynthFormat.coco,
+    format: Annotated[
+        SynthFormat, typer.Option("--format", help="coco (COCO + LVIS + detections) or sa1b.")
+    ] = SynthFormat.coco,
     images: Annotated[int, typer.Option("--images", min=1, help="Number of images.")] = 8,
-    size: Annotated[int, typer.Option("--size", min=32, help="Longest image side (pixels, approximate).")] = 320,
-    shards: Annotated[int, typer.Option("--shards", min=0, help="sa1b only: pack into this many .tar shards.")] = 0,
+    size: Annotated[
+        int, typer.Option("--size", min=32, help="Longest image side (pixels, approximate).")
+    ] = 320,
+    shards: Annotated[
+        int, typer.Option("--shards", min=0, help="sa1b only: pack into this many .tar shards.")
+    ] = 0,
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same dataset).")] = 0,
 ) -> None:
     """Write a small procedurally generated dataset with exact instance masks.

@@ -12,7 +12,9 @@ from .common import command, console
 
 @command
 def models_cli(
-    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the table as JSON to this file.")] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the table as JSON to this file.")
+    ] = None,
 ) -> None:
     """List every model: input size, parameters and image-encoder MACs (counted, not looked up).
 

@@ -22,17 +22,23 @@ def _parse_point(text: str) -> tuple[float, float, int]:
 
 @command
 def predict_cli(
-    image: Annotated[Path, typer.Argument(help="Image file (JPEG, PNG, ...; grayscale/RGBA/16-bit are converted).")],
+    image: Annotated[
+        Path, typer.Argument(help="Image file (JPEG, PNG, ...; grayscale/RGBA/16-bit are converted).")
+    ],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for masks, overlay and scores.")],
-    model: Annotated[str, typer.Option("--model", "-m", help="Model name or alias (see `evsam models`).")] = "l0",
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="Model name or alias (see `evsam models`).")
+    ] = "l0",
     checkpoint: Annotated[
-        str | None, typer.Option(help="Weights file, or 'hub' for the official release. Default: random weights.")
+        str | None,
+        typer.Option(help="Weights file, or 'hub' for the official release. Default: random weights."),
     ] = None,
     box: Annotated[
         list[str] | None, typer.Option("--box", help="x0,y0,x1,y1 in pixels; repeat for several objects.")
     ] = None,
     point: Annotated[
-        list[str] | None, typer.Option("--point", help="x,y[,label] (label 1 fg, 0 bg); all points form one prompt.")
+        list[str] | None,
+        typer.Option("--point", help="x,y[,label] (label 1 fg, 0 bg); all points form one prompt."),
     ] = None,
     multimask: Annotated[
         bool | None,
@@ -116,7 +122,9 @@ def predict_cli(
     if not boxes and not points:
         raise typer.BadParameter("give at least one --box or --point", param_hint="--box/--point")
     if len(boxes) > 1 and points:
-        raise typer.BadParameter("points combine with at most one box (one prompt); several boxes are separate prompts")
+        raise typer.BadParameter(
+            "points combine with at most one box (one prompt); several boxes are separate prompts"
+        )
     result = predict_image(
         image_path=image,
         output=output,
@@ -142,7 +150,9 @@ def predict_cli(
             p["mask"],
         )
     console.print(table)
-    console.print(f"encoder {result['encoder_seconds']:.2f} s, decoder {result['decoder_seconds']:.2f} s -> {output}")
+    console.print(
+        f"encoder {result['encoder_seconds']:.2f} s, decoder {result['decoder_seconds']:.2f} s -> {output}"
+    )
 
 
 def _predict_everything(

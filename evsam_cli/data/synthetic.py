@@ -53,7 +53,9 @@ def _polygon_mask(poly: list[float], h: int, w: int) -> np.ndarray:
     return mask_utils.decode(mask_utils.merge(rles)).astype(bool)
 
 
-def _random_object(rng: np.random.Generator, h: int, w: int, category: dict[str, Any], scale: float) -> SynthObject:
+def _random_object(
+    rng: np.random.Generator, h: int, w: int, category: dict[str, Any], scale: float
+) -> SynthObject:
     cx, cy = rng.uniform(0.1, 0.9) * w, rng.uniform(0.1, 0.9) * h
     r = scale * min(h, w)
     shape = category["shape"]
@@ -91,7 +93,9 @@ def _random_object(rng: np.random.Generator, h: int, w: int, category: dict[str,
 def _texture(rng: np.random.Generator, h: int, w: int, base: np.ndarray, amplitude: float) -> np.ndarray:
     """Smooth random texture around an RGB ``base`` colour: (h, w, 3) float."""
     small = rng.normal(0, 1, (max(2, h // 16), max(2, w // 16), 3)).astype(np.float32)
-    up = np.asarray(Image.fromarray(((small * 40) + 128).clip(0, 255).astype(np.uint8)).resize((w, h), Image.BICUBIC))
+    up = np.asarray(
+        Image.fromarray(((small * 40) + 128).clip(0, 255).astype(np.uint8)).resize((w, h), Image.BICUBIC)
+    )
     noise = (up.astype(np.float32) - 128) / 40 + rng.normal(0, 0.25, (h, w, 3))
     return base[None, None, :] + amplitude * noise
 
@@ -206,7 +210,12 @@ def write_coco(
                 {
                     "image_id": image_id,
                     "category_id": obj.category_id,
-                    "bbox": [round(x, 2), round(y, 2), round(max(1.0, min(bw, w - x)), 2), round(max(1.0, min(bh, h - y)), 2)],
+                    "bbox": [
+                        round(x, 2),
+                        round(y, 2),
+                        round(max(1.0, min(bw, w - x)), 2),
+                        round(max(1.0, min(bh, h - y)), 2),
+                    ],
                     "score": round(float(rng.uniform(0.5, 0.99)), 4),
                 }
             )
@@ -281,7 +290,12 @@ def write_coco(
 
 
 def _sa1b_record(
-    rng: np.random.Generator, image_id: int, h: int, w: int, objects: list[SynthObject], visible: list[np.ndarray]
+    rng: np.random.Generator,
+    image_id: int,
+    h: int,
+    w: int,
+    objects: list[SynthObject],
+    visible: list[np.ndarray],
 ) -> dict[str, Any]:
     anns = []
     for k, vis in enumerate(visible):
@@ -302,7 +316,10 @@ def _sa1b_record(
                 "crop_box": [0.0, 0.0, float(w), float(h)],
             }
         )
-    return {"image": {"image_id": image_id, "width": w, "height": h, "file_name": f"sa_{image_id}.jpg"}, "annotations": anns}
+    return {
+        "image": {"image_id": image_id, "width": w, "height": h, "file_name": f"sa_{image_id}.jpg"},
+        "annotations": anns,
+    }
 
 
 def write_sa1b(

@@ -8,7 +8,6 @@ every later stage starts with a stride-2 downsampling block (no shortcut) follow
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -76,7 +75,9 @@ def _local_block(
 class EfficientViTBackbone(nn.Module):
     """Returns the feature maps of every stage, ``stage0`` (stride 2) ... ``stageN`` (stride 2^(N+1))."""
 
-    def __init__(self, config: BackboneConfig, *, in_channels: int = 3, act_layer: type[nn.Module] = GELUTanh):
+    def __init__(
+        self, config: BackboneConfig, *, in_channels: int = 3, act_layer: type[nn.Module] = GELUTanh
+    ):
         super().__init__()
         c = config
         self.widths = list(c.widths)

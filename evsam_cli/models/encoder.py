@@ -13,7 +13,16 @@ import torch
 from torch import nn
 
 from .efficientvit import EfficientViTBackbone
-from .layers import NORM_EPS, ConvNormAct, FusedMBConv, GELUTanh, LayerNorm2d, OpSequential, Residual, Upsample
+from .layers import (
+    NORM_EPS,
+    ConvNormAct,
+    FusedMBConv,
+    GELUTanh,
+    LayerNorm2d,
+    OpSequential,
+    Residual,
+    Upsample,
+)
 
 EMBED_DIM = 256
 EMBED_SIZE = 64
@@ -50,7 +59,9 @@ class SamNeck(nn.Module):
                 for _ in range(head_depth)
             ]
         )
-        self.output_ops = nn.ModuleList([OpSequential([ConvNormAct(head_width, out_dim, 1, bias=True, norm=False)])])
+        self.output_ops = nn.ModuleList(
+            [OpSequential([ConvNormAct(head_width, out_dim, 1, bias=True, norm=False)])]
+        )
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         x = None

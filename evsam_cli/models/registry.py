@@ -330,7 +330,12 @@ def save_weights(model: nn.Module, path: str | os.PathLike[str], **extra_meta: A
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     inner = getattr(getattr(model, "module", model), "_orig_mod", getattr(model, "module", model))
-    meta = {"model": getattr(inner, "name", ""), "format": "evsam-weights", "version": __version__, **extra_meta}
+    meta = {
+        "model": getattr(inner, "name", ""),
+        "format": "evsam-weights",
+        "version": __version__,
+        **extra_meta,
+    }
     tmp = path.with_name(path.name + ".tmp")
     torch.save({"state_dict": export_state_dict(model), "evsam": meta}, tmp)
     os.replace(tmp, path)

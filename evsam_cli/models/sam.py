@@ -127,7 +127,9 @@ class Sam(nn.Module):
         self, masks: Tensor, input_size: tuple[int, int], original_size: tuple[int, int]
     ) -> Tensor:
         """Low-res logits (N, M, 256, 256) -> logits at the original image size (N, M, H, W)."""
-        masks = F.interpolate(masks, (self.prompt_size, self.prompt_size), mode="bilinear", align_corners=False)
+        masks = F.interpolate(
+            masks, (self.prompt_size, self.prompt_size), mode="bilinear", align_corners=False
+        )
         masks = masks[..., : input_size[0], : input_size[1]]
         return F.interpolate(masks, original_size, mode="bilinear", align_corners=False)
 
@@ -135,7 +137,12 @@ class Sam(nn.Module):
         return f"name={self.name!r}, input_size={self.input_size}, prompt_size={self.prompt_size}"
 
     def config(self) -> dict[str, Any]:
-        return {"name": self.name, "family": self.family, "input_size": self.input_size, "prompt_size": self.prompt_size}
+        return {
+            "name": self.name,
+            "family": self.family,
+            "input_size": self.input_size,
+            "prompt_size": self.prompt_size,
+        }
 
 
 def build_sam_head(*, norm_eps: float) -> tuple[PromptEncoder, MaskDecoder]:
@@ -152,7 +159,9 @@ def build_sam_head(*, norm_eps: float) -> tuple[PromptEncoder, MaskDecoder]:
     )
     mask_decoder = MaskDecoder(
         transformer_dim=256,
-        transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8, norm_eps=norm_eps),
+        transformer=TwoWayTransformer(
+            depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8, norm_eps=norm_eps
+        ),
         num_multimask_outputs=3,
         iou_head_depth=3,
         iou_head_hidden_dim=256,

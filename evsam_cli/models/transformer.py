@@ -121,7 +121,9 @@ class TwoWayAttentionBlock(nn.Module):
         self.cross_attn_image_to_token = Attention(embedding_dim, num_heads, attention_downsample_rate)
         self.skip_first_layer_pe = skip_first_layer_pe
 
-    def forward(self, queries: Tensor, keys: Tensor, query_pe: Tensor, key_pe: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, queries: Tensor, keys: Tensor, query_pe: Tensor, key_pe: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """queries: (N, Nq, C) prompt tokens; keys: (1 or N, HW, C) image tokens."""
         if self.skip_first_layer_pe:
             queries = self.self_attn(queries, queries, queries)
@@ -138,7 +140,9 @@ class TwoWayAttentionBlock(nn.Module):
         queries = self.norm2(queries + attn_out)
         queries = self.norm3(queries + self.mlp(queries))
 
-        keys = self.norm4(keys + self.cross_attn_image_to_token.image_to_tokens(k, queries + query_pe, queries))
+        keys = self.norm4(
+            keys + self.cross_attn_image_to_token.image_to_tokens(k, queries + query_pe, queries)
+        )
         return queries, keys
 
 
@@ -174,7 +178,9 @@ class TwoWayTransformer(nn.Module):
         self.final_attn_token_to_image = Attention(embedding_dim, num_heads, attention_downsample_rate)
         self.norm_final_attn = nn.LayerNorm(embedding_dim, eps=norm_eps)
 
-    def forward(self, image_embedding: Tensor, image_pe: Tensor, point_embedding: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, image_embedding: Tensor, image_pe: Tensor, point_embedding: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """
         Args:
           image_embedding: (1 or N, C, H, W).
@@ -190,6 +196,8 @@ class TwoWayTransformer(nn.Module):
             queries, keys = layer(queries, keys, point_embedding, image_pe)
         if keys.shape[0] != queries.shape[0]:  # depth 0 or a single prompt: keep the contract
             keys = keys.expand(queries.shape[0], -1, -1)
-        attn = self.final_attn_token_to_image.tokens_to_image(queries + point_embedding, keys + image_pe, keys)
+        attn = self.final_attn_token_to_image.tokens_to_image(
+            queries + point_embedding, keys + image_pe, keys
+        )
         queries = self.norm_final_attn(queries + attn)
         return queries, keys
