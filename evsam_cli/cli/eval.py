@@ -219,11 +219,11 @@ def _render(metrics: dict[str, Any], output: Path) -> None:
     title += f", {metrics['detector']})" if metrics["detector"] else ")"
     table = Table(title=title)
     scores = metrics["miou"] if metrics["miou"] is not None else metrics["segm"]
-    label = "mIoU" if metrics["miou"] is not None else "mask AP"
+    label = "mIoU" if metrics["miou"] is not None else "mask"
     table.add_column("metric")
-    for key in scores:
-        table.add_column(f"{label} {key}" if key == "all" else key, justify="right")
-    table.add_row("value (%)", *(_fmt(v) for v in scores.values()))
+    table.add_column("value (%)", justify="right")
+    for key, value in scores.items():
+        table.add_row(f"{label} {key}", _fmt(value))
     console.print(table)
     skipped = len(metrics["skipped_images"])
     console.print(

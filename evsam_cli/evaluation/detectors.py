@@ -184,7 +184,8 @@ class YoloDetector:
         try:
             self.model = YOLO(str(path))
         except Exception as exc:  # ultralytics raises many types for a bad file
-            raise CheckpointError(f"cannot load YOLOv8 weights {path}: {exc}") from None
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]  # ultralytics adds advice lines
+            raise CheckpointError(f"cannot load YOLOv8 weights {path}: {reason}") from None
         self.mapping = class_to_category(dict(self.model.names), categories)
         dev = torch.device(device)
         self.device = "cpu" if dev.type == "cpu" else f"{dev.type}:{dev.index or 0}"
