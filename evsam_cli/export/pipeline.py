@@ -66,6 +66,7 @@ def export_model(
     max_batch: int = 16,
     max_prompts: int = 64,
     max_points: int = 16,
+    opt_prompts: int | None = None,
     workspace_gb: float = 4.0,
     tolerance: Tolerance | None = None,
     check: bool = True,
@@ -78,7 +79,8 @@ def export_model(
       fmt: "onnx" (encoder.onnx, decoder.onnx) or "trt" (also encoder.engine, decoder.engine).
       precision: TensorRT precision ("fp32", "fp16", "bf16"); ONNX graphs are always float32.
       opset / exporter: ONNX opset and exporter ("auto", "torchscript", "dynamo").
-      max_batch / max_prompts / max_points: TensorRT optimization-profile maxima.
+      max_batch / max_prompts / max_points: TensorRT optimization-profile maxima (the encoder's
+        kernels are tuned for max_batch, the decoder's for ``opt_prompts``, default min(16, max)).
       tolerance: allowed onnxruntime-vs-PyTorch difference (``Tolerance``).
       check: measure parity (off only for throwaway exports, e.g. inside ``evsam bench``).
       progress: called with a short description before each step.
@@ -150,6 +152,7 @@ def export_model(
             max_batch=max_batch,
             max_prompts=max_prompts,
             max_points=max_points,
+            opt_prompts=opt_prompts,
             workspace_gb=workspace_gb,
             check=check,
             step=step,
@@ -173,6 +176,7 @@ def _export_trt(
     max_batch: int,
     max_prompts: int,
     max_points: int,
+    opt_prompts: int | None,
     workspace_gb: float,
     check: bool,
     step: Callable[[str], None],
@@ -182,7 +186,10 @@ def _export_trt(
     profiles = {
         "encoder": encoder_profile(input_size=net.input_size, max_batch=max_batch),
         "decoder": decoder_profile(
-            max_prompts=max_prompts, max_points=max_points, mask_batch=onnx_export.mask_batch
+            max_prompts=max_prompts,
+            max_points=max_points,
+            opt_prompts=opt_prompts,
+            mask_batch=onnx_export.mask_batch,
         ),
     }
     fp32_layers = {}

@@ -1,0 +1,305 @@
+"""The engines ``evsam bench`` times, behind one small interface.
+
+Each engine prepares its inputs once (a random normalised image batch, one image embedding and
+P random box prompts in the prompt frame) and exposes three argument-free calls: ``encode``
+(the batch through the image encoder), ``decode`` (P prompts through prompt encoder + mask
+decoder to low-res logits and IoU) and ``end_to_end`` (encode the batch, then decode P prompts
+per image). Only the calls are timed, never input preparation or host transfers of inputs.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import DeviceError, EvsamError
+
+ENGINES = ("torch", "compile", "onnxruntime", "trt")
+DTYPES = ("fp32", "fp16", "bf16")
+
+
+class BenchError(EvsamError):
+    """A benchmark setting that cannot run (an engine/dtype/device combination)."""
+
+
+def random_boxes(count: int, *, frame: int = 1024, seed: int = 0) -> np.ndarray:
+    """(count, 4) xyxy boxes inside a ``frame`` x ``frame`` prompt frame, at least 16 px wide."""
+    rng = np.random.default_rng(seed)
+    xy = rng.uniform(0, frame - 64, size=(count, 2))
+    wh = rng.uniform(16, frame / 2, size=(count, 2))
+    return np.concatenate([xy, np.minimum(xy + wh, frame - 1)], axis=1).astype(np.float32)
+
+
+def box_points(boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 4) boxes -> decoder-graph points (N, 2, 2) and labels (N, 2) = (2, 3)."""
+    n = boxes.shape[0]
+    return boxes.reshape(n, 2, 2).astype(np.float32), np.tile(np.array([[2.0, 3.0]], np.float32), (n, 1))
+
+
+class Engine:
+    name = "engine"
+    cuda = False  # time with CUDA events
+
+    def __init__(self, *, batch_size: int, prompts: int) -> None:
+        self.batch_size = batch_size
+        self.prompts = prompts
+
+    def encode(self) -> Any:
+        raise NotImplementedError
+
+    def decode(self) -> Any:
+        raise NotImplementedError
+
+    def end_to_end(self) -> Any:
+        self.encode()
+        for _ in range(self.batch_size):
+            out = self.decode()
+        return out
+
+    def close(self) -> None:
+        """Release temporary files (exported graphs, engines)."""
+
+
+class TorchEngine(Engine):
+    """Eager PyTorch (``compile=False``) or ``torch.compile`` on the zoo model."""
+
+    def __init__(
+        self, model: Any, *, device: Any, dtype: str, batch_size: int, prompts: int, compile: bool
+    ) -> None:
+        import torch
+
+        super().__init__(batch_size=batch_size, prompts=prompts)
+        self.name = "compile" if compile else "torch"
+        self.cuda = device.type == "cuda"
+        self.torch = torch
+        self.device = device
+        self.model = model.to(device).eval()
+        self.autocast_dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+        gen = torch.Generator().manual_seed(0)
+        size = model.input_size
+        self.images = torch.randn(batch_size, 3, size, size, generator=gen).to(device)
+        self.boxes = torch.from_numpy(random_boxes(prompts)).to(device)
+        encoder = model.image_encoder
+
+        def decode(embedding: Any, boxes: Any) -> Any:
+            return model.decode(embedding, boxes=boxes, multimask_output=True)
+
+        if compile:
+            encoder = torch.compile(encoder)
+            decode = torch.compile(decode)
+        self._encoder = encoder
+        self._decode = decode
+        with self._context():
+            self.embedding = model.image_encoder(self.images[:1])
+
+    def _context(self) -> Any:
+        import contextlib
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.torch.inference_mode())
+        if self.autocast_dtype is not None:
+            stack.enter_context(self.torch.autocast(self.device.type, dtype=self.autocast_dtype))
+        return stack
+
+    def encode(self) -> Any:
+        with self._context():
+            return self._encoder(self.images)
+
+    def decode(self) -> Any:
+        with self._context():
+            return self._decode(self.embedding, self.boxes)
+
+
+class OnnxRuntimeEngine(Engine):
+    """onnxruntime sessions on ``encoder.onnx`` / ``decoder.onnx`` (float32 graphs)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, encoder: Path, decoder: Path, *, device: str, batch_size: int, prompts: int) -> None:
+        from ..export.runtime import graph_metadata, open_session
+
+        super().__init__(batch_size=batch_size, prompts=prompts)
+        self.encoder = open_session(encoder, device=device)
+        self.decoder = open_session(decoder, device=device)
+        size = self.encoder.get_inputs()[0].shape[-1]
+        rng = np.random.default_rng(0)
+        self.images = rng.standard_normal((batch_size, 3, size, size)).astype(np.float32)
+        self.embedding = self.encoder.run(None, {"images": self.images[:1]})[0]
+        coords, labels = box_points(random_boxes(prompts))
+        rows = prompts if graph_metadata(self.decoder).get("mask_batch") == "prompts" else 1
+        self.feeds = {
+            "image_embeddings": self.embedding,
+            "point_coords": coords,
+            "point_labels": labels,
+            "mask_input": np.zeros((rows, 1, 256, 256), np.float32),
+            "has_mask_input": np.zeros(rows, np.float32),
+        }
+
+    def encode(self) -> Any:
+        return self.encoder.run(None, {"images": self.images})
+
+    def decode(self) -> Any:
+        return self.decoder.run(None, self.feeds)
+
+
+class TensorRTEngine(Engine):
+    """Serialized TensorRT engines run on torch CUDA tensors (inputs prepared on the GPU)."""
+
+    name = "trt"
+    cuda = True
+
+    def __init__(
+        self, encoder: Path, decoder: Path, *, batch_size: int, prompts: int, mask_batch: str
+    ) -> None:
+        import torch
+
+        from ..export.tensorrt import TrtRunner
+
+        super().__init__(batch_size=batch_size, prompts=prompts)
+        self.encoder = TrtRunner(encoder)
+        self.decoder = TrtRunner(decoder)
+        size = self.encoder.input_spec("images").shape[-1]
+        gen = torch.Generator().manual_seed(0)
+        self.images = torch.randn(batch_size, 3, size, size, generator=gen).cuda()
+        self.embedding = self.encoder({"images": self.images[:1]})["image_embeddings"].clone()
+        coords, labels = box_points(random_boxes(prompts))
+        rows = prompts if mask_batch == "prompts" else 1
+        self.feeds = {
+            "image_embeddings": self.embedding,
+            "point_coords": torch.from_numpy(coords).cuda(),
+            "point_labels": torch.from_numpy(labels).cuda(),
+            "mask_input": torch.zeros(rows, 1, 256, 256, device="cuda"),
+            "has_mask_input": torch.zeros(rows, device="cuda"),
+        }
+        torch.cuda.synchronize()
+
+    def encode(self) -> Any:
+        return self.encoder({"images": self.images})
+
+    def decode(self) -> Any:
+        return self.decoder(self.feeds)
+
+
+def exported_files(folder: Path, suffix: str) -> tuple[Path, Path]:
+    """encoder/decoder files with ``suffix`` in ``folder``, or a ``BenchError`` naming what lacks."""
+    encoder, decoder = folder / f"encoder{suffix}", folder / f"decoder{suffix}"
+    missing = [str(p) for p in (encoder, decoder) if not p.is_file()]
+    if missing:
+        raise BenchError(f"exported files not found: {', '.join(missing)} (write them with `evsam export`)")
+    return encoder, decoder
+
+
+def make_engine(
+    engine: str,
+    *,
+    model: Any,
+    checkpoint: str | os.PathLike[str] | None,
+    device: Any,
+    dtype: str,
+    batch_size: int,
+    prompts: int,
+    exported: Path | None = None,
+    progress: Any = None,
+) -> Engine:
+    """Build the engine ``engine`` for ``model`` (a built ``Sam``), exporting to a temp folder if needed."""
+    if engine in ("torch", "compile"):
+        return TorchEngine(
+            model,
+            device=device,
+            dtype=dtype,
+            batch_size=batch_size,
+            prompts=prompts,
+            compile=engine == "compile",
+        )
+    if engine == "onnxruntime":
+        if dtype != "fp32":
+            raise BenchError(
+                "onnxruntime runs the float32 graphs: use --dtype fp32 (fp16 is for torch, compile, trt)"
+            )
+        folder, tmp = _exported_folder(
+            exported,
+            model,
+            checkpoint,
+            fmt="onnx",
+            dtype=dtype,
+            batch_size=batch_size,
+            prompts=prompts,
+            progress=progress,
+        )
+        encoder, decoder = exported_files(folder, ".onnx")
+        eng = OnnxRuntimeEngine(encoder, decoder, device=device.type, batch_size=batch_size, prompts=prompts)
+        eng.close = tmp.cleanup if tmp else eng.close  # type: ignore[method-assign]
+        return eng
+    if engine == "trt":
+        if device.type != "cuda":
+            raise DeviceError("--engine trt needs an NVIDIA GPU (--device cuda); none is in use here")
+        from ..export.tensorrt import import_tensorrt, require_cuda
+
+        require_cuda()
+        import_tensorrt()
+        folder, tmp = _exported_folder(
+            exported,
+            model,
+            checkpoint,
+            fmt="trt",
+            dtype=dtype,
+            batch_size=batch_size,
+            prompts=prompts,
+            progress=progress,
+        )
+        encoder, decoder = exported_files(folder, ".engine")
+        mask_batch = _mask_batch(folder)
+        eng = TensorRTEngine(encoder, decoder, batch_size=batch_size, prompts=prompts, mask_batch=mask_batch)
+        eng.close = tmp.cleanup if tmp else eng.close  # type: ignore[method-assign]
+        return eng
+    raise BenchError(f"unknown engine {engine!r}: use one of {', '.join(ENGINES)}")
+
+
+def _mask_batch(folder: Path) -> str:
+    import json
+
+    meta = folder / "export.json"
+    if meta.is_file():
+        return json.loads(meta.read_text()).get("onnx", {}).get("mask_batch", "broadcast")
+    return "broadcast"
+
+
+def _exported_folder(
+    exported: Path | None,
+    model: Any,
+    checkpoint: Any,
+    *,
+    fmt: str,
+    dtype: str,
+    batch_size: int,
+    prompts: int,
+    progress: Any,
+) -> tuple[Path, tempfile.TemporaryDirectory[str] | None]:
+    """The user's export folder, or a fresh throwaway export (no parity check) in a temp folder."""
+    if exported is not None:
+        return Path(exported), None
+    from ..export.pipeline import export_model
+
+    tmp = tempfile.TemporaryDirectory(prefix="evsam-bench-")
+    try:
+        export_model(
+            model=model.name,
+            checkpoint=checkpoint,
+            output_dir=tmp.name,
+            fmt=fmt,
+            precision=dtype if fmt == "trt" else "fp32",
+            input_size=model.input_size,
+            max_batch=batch_size,
+            max_prompts=max(prompts, 1),
+            opt_prompts=max(prompts, 1),
+            check=False,
+            progress=progress,
+        )
+    except BaseException:
+        tmp.cleanup()
+        raise
+    return Path(tmp.name), tmp

@@ -1,0 +1,170 @@
+"""``run_bench``: one model on one engine -> DESIGN.md's bench record; ``bench_zoo`` for many."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .engines import DTYPES, ENGINES, BenchError, make_engine
+from .reference import GPUS, device_matches, known_gpus, reference_for
+from .timing import measure
+
+DEFAULT_WARMUP = 2
+DEFAULT_ITERS = 10
+
+
+def default_dtype(engine: str, device_type: str) -> str:
+    """fp16 for TensorRT on a GPU (the paper's setting), fp32 everywhere else."""
+    return "fp16" if engine == "trt" and device_type == "cuda" else "fp32"
+
+
+def check_settings(
+    *, engine: str, dtype: str, device_type: str, batch_size: int, prompts: int, warmup: int, iters: int
+) -> None:
+    """``BenchError`` for settings that cannot run, before anything slow happens."""
+    if engine not in ENGINES:
+        raise BenchError(f"unknown engine {engine!r}: use one of {', '.join(ENGINES)}")
+    if dtype not in DTYPES:
+        raise BenchError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    if engine in ("torch", "compile") and dtype == "fp16" and device_type == "cpu":
+        raise BenchError(
+            "fp16 on the CPU has no fast kernels in PyTorch (minutes per image): use --dtype bf16 or fp32"
+        )
+    for name, value, low in (("batch size", batch_size, 1), ("prompts", prompts, 1), ("iters", iters, 1)):
+        if value < low:
+            raise BenchError(f"{name} must be at least {low}, got {value}")
+    if warmup < 1:
+        raise BenchError(f"warmup must be at least 1 (the first call is never timed), got {warmup}")
+
+
+def run_bench(
+    *,
+    model: str,
+    engine: str = "torch",
+    checkpoint: str | os.PathLike[str] | None = None,
+    device: str = "auto",
+    dtype: str | None = None,
+    batch_size: int = 1,
+    prompts: int = 16,
+    warmup: int = DEFAULT_WARMUP,
+    iters: int = DEFAULT_ITERS,
+    gpu: str | None = None,
+    exported: str | os.PathLike[str] | None = None,
+    input_size: int | None = None,
+    progress: Callable[[str, int], None] | None = None,
+) -> tuple[dict[str, Any], list[str]]:
+    """Time encoder, decoder and end to end; returns (record, warnings).
+
+    Args:
+      model / checkpoint / input_size: as ``create_model`` (random weights without checkpoint:
+        speed does not depend on the values).
+      engine: torch, compile (torch.compile), onnxruntime, trt.
+      device: cpu, cuda[:i] or auto; dtype: fp32, fp16, bf16 (default: fp16 for trt, else fp32).
+      batch_size: images per encoder call; prompts: box prompts per decoder call (P).
+      warmup / iters: untimed calls (at least 1) and timed calls per measurement.
+      gpu: a100 or orin: the paper's figure for that GPU goes into ``reference``.
+      exported: a folder from ``evsam export`` (onnxruntime: *.onnx, trt: *.engine); default:
+        export to a temporary folder.
+      progress: called as ``progress(phase, steps_done_in_phase)``.
+    Returns:
+      the bench record (DESIGN.md's JSON) and human-readable warnings.
+    """
+    from ..devices import device_name, resolve_device
+    from ..models import create_model
+
+    dev = resolve_device(device)
+    dtype = dtype or default_dtype(engine, dev.type)
+    check_settings(
+        engine=engine,
+        dtype=dtype,
+        device_type=dev.type,
+        batch_size=batch_size,
+        prompts=prompts,
+        warmup=warmup,
+        iters=iters,
+    )
+    if gpu is not None and gpu.lower() not in GPUS:
+        raise BenchError(f"no paper figures for --gpu {gpu!r}: known GPUs are {', '.join(known_gpus())}")
+    warnings: list[str] = []
+    name = device_name(dev)
+    if gpu is not None:
+        setting = GPUS[gpu.lower()]
+        if not device_matches(setting.name, name):
+            warnings.append(
+                f"the paper's figures are for {setting.description}; this run is on {name}, so they are not comparable"
+            )
+        if (engine, dtype, batch_size) != (setting.engine, setting.dtype, setting.batch_size):
+            warnings.append(
+                f"the paper measured {setting.engine} {setting.dtype} at batch {setting.batch_size}; "
+                f"this run is {engine} {dtype} at batch {batch_size}"
+            )
+
+    net = create_model(model, checkpoint=checkpoint, device="cpu", input_size=input_size)
+    report = progress or (lambda _phase, _done: None)
+    report("preparing " + engine, 0)
+    eng = make_engine(
+        engine,
+        model=net,
+        checkpoint=checkpoint,
+        device=dev,
+        dtype=dtype,
+        batch_size=batch_size,
+        prompts=prompts,
+        exported=None if exported is None else Path(exported),
+        progress=lambda msg: report(msg, 0),
+    )
+    try:
+        timings = {}
+        for phase, fn in (("encoder", eng.encode), ("decoder", eng.decode), ("end_to_end", eng.end_to_end)):
+            done = [0]
+
+            def step(phase: str = phase, done: list[int] = done) -> None:
+                done[0] += 1
+                report(phase, done[0])
+
+            report(phase, 0)
+            timings[phase] = measure(fn, warmup=warmup, iters=iters, cuda=eng.cuda, on_step=step)
+    finally:
+        eng.close()
+    record = {
+        "model": net.name,
+        "engine": engine,
+        "device": dev.type,
+        "device_name": name,
+        "dtype": dtype,
+        "batch_size": batch_size,
+        "image_size": int(net.input_size),
+        "encoder": {
+            "images_per_s": round(timings["encoder"].per_second(batch_size), 3),
+            "latency_ms": timings["encoder"].latency_ms(),
+        },
+        "decoder": {
+            "prompts": prompts,
+            "prompts_per_s": round(timings["decoder"].per_second(prompts), 3),
+            "latency_ms": timings["decoder"].latency_ms(),
+        },
+        "end_to_end": {"images_per_s": round(timings["end_to_end"].per_second(batch_size), 3)},
+        "reference": None if gpu is None else reference_for(net.name, gpu),
+    }
+    if gpu is not None and record["reference"] is None:
+        warnings.append(f"the paper gives no {gpu} figure for {net.name}")
+    return record, warnings
+
+
+def bench_zoo(
+    *,
+    models: Sequence[str],
+    on_model: Callable[[str], None] | None = None,
+    **kwargs: Any,
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """``run_bench`` for each of ``models`` with the same settings; (records, warnings)."""
+    records, warnings = [], []
+    for name in models:
+        if on_model:
+            on_model(name)
+        record, warns = run_bench(model=name, **kwargs)
+        records.append(record)
+        warnings.extend(w for w in warns if w not in warnings)
+    return records, warnings
