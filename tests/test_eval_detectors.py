@@ -153,10 +153,12 @@ def _tiny_groundingdino(root: Path) -> tuple[Path, Path, Path]:
 def test_groundingdino_end_to_end_chunked_prompts_and_cache(setup, tmp_path):
     root, _, model = setup
     cfg, weights, bert = _tiny_groundingdino(tmp_path)
-    detector = GroundingDinoDetector(
-        config=cfg, weights=weights, text_encoder=bert, categories=CATEGORIES, image_size=64, max_size=96
-    )
-    assert len(detector.groups) > 1  # "person . car . dog . bottle . chair ." does not fit 8 tokens
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(bert))
+    names = [c["name"] for c in CATEGORIES]
+    groups = split_prompts(names, lambda text: len(tokenizer(text)["input_ids"]), 8)
+    assert len(groups) > 1  # "person . car . dog . bottle . chair ." does not fit 8 tokens: chunked
     opts = DetectorOptions(
         name="groundingdino", weights=weights, config=cfg, text_encoder=bert, image_size=64
     )

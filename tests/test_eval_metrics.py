@@ -88,6 +88,14 @@ def test_coco_ap_of_perfect_masks_is_100(synth):
     assert out["AP75"] == pytest.approx(100.0)
 
 
+def test_coco_ap_scores_only_the_evaluated_images(synth):
+    data = load_dataset("coco", data_root=synth)
+    first_two = data.image_ids[:2]
+    preds = [p for p in _gt_predictions(data) if p["image_id"] in first_two]
+    assert coco_segm_metrics(data.gt, preds, image_ids=first_two)["AP"] == pytest.approx(100.0)
+    assert coco_segm_metrics(data.gt, preds)["AP"] < 100.0  # the other images' objects are misses
+
+
 def test_coco_ap_hand_computed_imperfect_case():
     # One 10x10 ground-truth square; the prediction covers 62 of its pixels: IoU 0.62 passes the
     # thresholds 0.50, 0.55, 0.60 of the ten (0.50:0.95), so AP = 3/10 and AP50 = 100, AP75 = 0.

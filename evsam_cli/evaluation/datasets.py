@@ -97,7 +97,7 @@ def _check_instances(data: Any, path: Path, name: str) -> None:
         isinstance(data.get(k), list) for k in ("images", "annotations", "categories")
     ):
         raise DataError(
-            f"{path} is not a {name.upper()} instance annotation file (needs 'images', 'annotations' and 'categories' lists)"
+            f"{path} is not {'an LVIS' if name == 'lvis' else 'a COCO'} instance annotation file (needs 'images', 'annotations' and 'categories' lists)"
         )
     need_image = ("id", "coco_url" if name == "lvis" else "file_name")
     for im in data["images"][:1] + data["images"][-1:]:

@@ -184,7 +184,9 @@ class YoloDetector:
         try:
             self.model = YOLO(str(path))
         except Exception as exc:  # ultralytics raises many types for a bad file
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]  # ultralytics adds advice lines
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[
+                0
+            ]  # ultralytics adds advice lines
             raise CheckpointError(f"cannot load YOLOv8 weights {path}: {reason}") from None
         self.mapping = class_to_category(dict(self.model.names), categories)
         dev = torch.device(device)

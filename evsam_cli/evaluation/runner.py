@@ -94,7 +94,7 @@ def evaluate(
     device: str = "cpu",
     batch_size: int = 4,
     workers: int = 2,
-    prompts_per_pass: int = 32,
+    prompts_per_pass: int = 64,
     input_size: int | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
