@@ -39,6 +39,44 @@ def check_settings(
         raise BenchError(f"warmup must be at least 1 (the first call is never timed), got {warmup}")
 
 
+def preflight(
+    *,
+    engine: str,
+    device: str,
+    dtype: str | None,
+    batch_size: int,
+    prompts: int,
+    warmup: int,
+    iters: int,
+    gpu: str | None,
+) -> tuple[Any, str]:
+    """Every check that needs no model: (torch device, dtype) or an ``EvsamError``."""
+    from ..devices import resolve_device
+
+    dev = resolve_device(device)
+    dtype = dtype or default_dtype(engine, dev.type)
+    check_settings(
+        engine=engine,
+        dtype=dtype,
+        device_type=dev.type,
+        batch_size=batch_size,
+        prompts=prompts,
+        warmup=warmup,
+        iters=iters,
+    )
+    if gpu is not None and gpu.lower() not in GPUS:
+        raise BenchError(f"no paper figures for --gpu {gpu!r}: known GPUs are {', '.join(known_gpus())}")
+    if engine == "trt":
+        from ..errors import DeviceError
+        from ..export.tensorrt import import_tensorrt, require_cuda
+
+        if dev.type != "cuda":
+            raise DeviceError("--engine trt needs an NVIDIA GPU (--device cuda); none is in use here")
+        require_cuda()
+        import_tensorrt()
+    return dev, dtype
+
+
 def run_bench(
     *,
     model: str,
@@ -71,22 +109,19 @@ def run_bench(
     Returns:
       the bench record (DESIGN.md's JSON) and human-readable warnings.
     """
-    from ..devices import device_name, resolve_device
+    from ..devices import device_name
     from ..models import create_model
 
-    dev = resolve_device(device)
-    dtype = dtype or default_dtype(engine, dev.type)
-    check_settings(
+    dev, dtype = preflight(
         engine=engine,
+        device=device,
         dtype=dtype,
-        device_type=dev.type,
         batch_size=batch_size,
         prompts=prompts,
         warmup=warmup,
         iters=iters,
+        gpu=gpu,
     )
-    if gpu is not None and gpu.lower() not in GPUS:
-        raise BenchError(f"no paper figures for --gpu {gpu!r}: known GPUs are {', '.join(known_gpus())}")
     warnings: list[str] = []
     name = device_name(dev)
     if gpu is not None:
@@ -137,15 +172,15 @@ def run_bench(
         "batch_size": batch_size,
         "image_size": int(net.input_size),
         "encoder": {
-            "images_per_s": round(timings["encoder"].per_second(batch_size), 3),
+            "images_per_s": timings["encoder"].per_second(batch_size),
             "latency_ms": timings["encoder"].latency_ms(),
         },
         "decoder": {
             "prompts": prompts,
-            "prompts_per_s": round(timings["decoder"].per_second(prompts), 3),
+            "prompts_per_s": timings["decoder"].per_second(prompts),
             "latency_ms": timings["decoder"].latency_ms(),
         },
-        "end_to_end": {"images_per_s": round(timings["end_to_end"].per_second(batch_size), 3)},
+        "end_to_end": {"images_per_s": timings["end_to_end"].per_second(batch_size)},
         "reference": None if gpu is None else reference_for(net.name, gpu),
     }
     if gpu is not None and record["reference"] is None:

@@ -109,6 +109,20 @@ def bench_cli(
     if all_models and exported is not None and len(names) > 1:
         raise typer.BadParameter("--exported holds one model's files; it cannot serve --all")
 
+    from ..bench.run import preflight
+
+    preflight(
+        engine=engine.value,
+        device=device,
+        dtype=settings["dtype"],
+        batch_size=batch_size,
+        prompts=prompts,
+        warmup=warmup,
+        iters=iters,
+        gpu=gpu,
+    )
+    if not all_models:
+        resolve_name(model)
     steps = warmup + iters
     with Progress(
         TextColumn("{task.description}"),

@@ -77,6 +77,11 @@ def export_cli(
         error("--fp16 and --bf16 exclude each other")
         raise typer.Exit(1)
     precision = "fp16" if fp16 else "bf16" if bf16 else "fp32"
+    from ..export.pipeline import preflight
+    from ..models import resolve_name
+
+    resolve_name(model)
+    preflight(fmt=fmt.value, precision=precision)  # fail before the progress display starts
     with Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),

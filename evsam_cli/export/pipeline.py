@@ -53,6 +53,24 @@ def _versions() -> dict[str, str | None]:
     return out
 
 
+def preflight(*, fmt: str, precision: str) -> None:
+    """The checks that need no model (format, precision, TensorRT and a GPU for ``trt``)."""
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
+    if precision not in PRECISIONS:
+        raise ExportError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    if fmt == "onnx" and precision != "fp32":
+        raise ExportError(
+            "ONNX graphs are exported in float32; --fp16 applies to --format trt, where TensorRT builds "
+            "fp16 kernels and keeps the normalisation layers in float32"
+        )
+    if fmt == "trt":  # fail before the slow steps
+        from .tensorrt import import_tensorrt, require_cuda
+
+        require_cuda()
+        import_tensorrt()
+
+
 def export_model(
     *,
     model: str,
@@ -88,20 +106,7 @@ def export_model(
       ExportError when a graph cannot be produced or parity is outside tolerance;
       MissingDependencyError / DeviceError for ``trt`` without TensorRT or a GPU.
     """
-    if fmt not in FORMATS:
-        raise ExportError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
-    if precision not in PRECISIONS:
-        raise ExportError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
-    if fmt == "onnx" and precision != "fp32":
-        raise ExportError(
-            "ONNX graphs are exported in float32; --fp16 applies to --format trt, where TensorRT builds "
-            "fp16 kernels and keeps the normalisation layers in float32"
-        )
-    if fmt == "trt":  # fail before the slow steps
-        from .tensorrt import import_tensorrt, require_cuda
-
-        require_cuda()
-        import_tensorrt()
+    preflight(fmt=fmt, precision=precision)
 
     from ..models import create_model
     from ..models.sam import PIXEL_MEAN, PIXEL_STD
