@@ -113,7 +113,8 @@ def test_unreadable_image_is_skipped_and_unknown_detections_dropped(setup, tmp_p
     (broken / bad["file_name"]).write_bytes(
         (paths["images"] / bad["file_name"]).read_bytes()[:300]
     )  # truncated
-    dets = json.loads(paths["detections"].read_text())
+    empty = data["images"][2]  # no boxes for this image: evaluated, nothing to decode
+    dets = [d for d in json.loads(paths["detections"].read_text()) if d["image_id"] != empty["id"]]
     dets.append({"image_id": 999999, "category_id": 1, "bbox": [0, 0, 5, 5], "score": 0.5})
     det_file = tmp_path / "dets.json"
     det_file.write_text(json.dumps(dets))
@@ -129,4 +130,7 @@ def test_unreadable_image_is_skipped_and_unknown_detections_dropped(setup, tmp_p
     assert any("999999" in r.getMessage() and "dropped" in r.getMessage() for r in caplog.records)
     assert any("skipping image" in r.getMessage() for r in caplog.records)
     preds = json.loads((tmp_path / "out" / "predictions.json").read_text())
-    assert {p["image_id"] for p in preds} == {im["id"] for im in data["images"]} - {bad["id"]}
+    assert {p["image_id"] for p in preds} == {im["id"] for im in data["images"]} - {bad["id"], empty["id"]}
+    assert (
+        metrics["num_prompts"] == len(preds) == len(dets) - 1 - sum(d["image_id"] == bad["id"] for d in dets)
+    )

@@ -16,8 +16,11 @@ Detected boxes are cached as COCO-results JSON (written atomically) and reused o
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -300,7 +303,8 @@ class GroundingDinoDetector:
         args.device = str(device)
         args.text_encoder_type = str(Path(text_encoder).resolve())
         try:
-            model = build_model(args)
+            with contextlib.redirect_stdout(io.StringIO()):  # it prints the text encoder path
+                model = build_model(args)
         except OSError as exc:  # transformers cannot read the text encoder folder
             raise CheckpointError(
                 f"cannot build GroundingDINO from {config} with text encoder {text_encoder}: {exc}"
@@ -372,7 +376,10 @@ class GroundingDinoDetector:
         for group in self.groups:
             names = [self.names[i] for i in group]
             caption = make_caption(names)
-            out = self.model(x[None], captions=[caption])
+            with warnings.catch_warnings():  # checkpointing/autocast deprecation notices from its code
+                warnings.simplefilter("ignore", UserWarning)
+                warnings.simplefilter("ignore", FutureWarning)
+                out = self.model(x[None], captions=[caption])
             prob = out["pred_logits"][0].float().sigmoid().cpu()  # (queries, max_text_len)
             pos = self._positive_map(names, caption, prob.shape[1])
             per_cat = prob @ pos.T  # (queries, C)

@@ -161,12 +161,14 @@ def evaluate(
                 log.warning("skipping image %s: %s", item.image.image_id, item.error)
                 part.skipped.append((item.index, _skip_entry(item)))
         ok = [item for item in batch if item.error is None]
-        embeddings = _encode(sam, ok) if ok else None
-        for j, item in enumerate(ok):
-            assert embeddings is not None
+        # Images without a single prompt (no annotations, no boxes) need no embedding.
+        todo = [item for item in ok if _has_prompts(item, prompt, boxes_by_image, run_detector)]
+        embeddings = _encode(sam, todo) if todo else None
+        for item in ok:
+            j = next((k for k, t in enumerate(todo) if t is item), None)
             _evaluate_image(
                 sam,
-                embeddings[j : j + 1],
+                None if j is None or embeddings is None else embeddings[j : j + 1],
                 item,
                 prompt,
                 clicks,
@@ -198,6 +200,14 @@ def evaluate(
 
 
 # ---------------------------------------------------------------------------- per image
+def _has_prompts(
+    item: EvalItem, prompt: str, boxes_by_image: dict[int, list[dict[str, Any]]], live: det.Detector | None
+) -> bool:
+    if prompt != "detector":
+        return item.gt_masks is not None and len(item.gt_masks) > 0
+    return live is not None or bool(boxes_by_image.get(item.image.image_id))
+
+
 def _encode(model: Sam, items: list[EvalItem]) -> torch.Tensor:
     """Encoder inputs of several images (each resized already) -> (B, 256, 64, 64)."""
     with torch.inference_mode():
@@ -209,7 +219,7 @@ def _encode(model: Sam, items: list[EvalItem]) -> torch.Tensor:
 
 def _evaluate_image(
     model: Sam,
-    embedding: torch.Tensor,
+    embedding: torch.Tensor | None,
     item: EvalItem,
     prompt: str,
     clicks: int,
@@ -230,6 +240,7 @@ def _evaluate_image(
         part.num_prompts += len(dets)
         if not dets:
             return
+        assert embedding is not None
         boxes = np.array([bbox_xywh_to_xyxy(d["bbox"]) for d in dets], dtype=np.float64)
         masks = best_masks(model, embedding, size, boxes=boxes, chunk=chunk).cpu().numpy()
         rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
@@ -249,6 +260,7 @@ def _evaluate_image(
     part.num_prompts += n
     if n == 0:
         return
+    assert embedding is not None
     if prompt == "box":
         pred = best_masks(model, embedding, size, boxes=item.gt_boxes, chunk=chunk)
     else:
