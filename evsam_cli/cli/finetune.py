@@ -1,13 +1,159 @@
-"""`evsam finetune`: end-to-end finetuning (not implemented yet)."""
+"""`evsam finetune`: end-to-end training of EfficientViT-SAM on SA-1B or COCO-format data."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
 
-from .common import error
+from .common import command, console, setup_logging
 
 
-def finetune_cli(ctx: typer.Context) -> None:
-    """end-to-end finetuning (not implemented yet)."""
-    error("evsam finetune is not implemented yet")
-    raise typer.Exit(1)
+@command
+def finetune_cli(
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Run folder (metrics, checkpoints, model.pt).")
+    ],
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="EfficientViT-SAM variant (l0 ... xl1).")
+    ] = "l0",
+    init: Annotated[
+        Path | None,
+        typer.Option(help="Start from this file: a student from `evsam distill` or an official checkpoint."),
+    ] = None,
+    sam_head_checkpoint: Annotated[
+        Path | None,
+        typer.Option(
+            help="Without --init: take SAM's prompt encoder and mask decoder from this sam_vit_*.pth."
+        ),
+    ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help="SA-1B folder/shards, or the image folder of a COCO-format set (with --annotations)."
+        ),
+    ] = None,
+    annotations: Annotated[
+        Path | None,
+        typer.Option(help="COCO instances JSON: train on your own data (--data is its image folder)."),
+    ] = None,
+    images: Annotated[Path | None, typer.Option(help="Alias of --data for COCO-format data.")] = None,
+    steps: Annotated[
+        int, typer.Option(min=1, help="Optimizer steps (ignored when --epochs is given).")
+    ] = 10000,
+    epochs: Annotated[
+        float | None, typer.Option(min=0.0, help="Train for this many passes over the data.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per micro-batch, per process.")] = 2,
+    grad_accum: Annotated[int, typer.Option(min=1, help="Micro-batches per optimizer step.")] = 1,
+    image_size: Annotated[
+        int | None, typer.Option(help="Encoder input side (multiple of 32). Default: the model's own.")
+    ] = None,
+    masks_per_image: Annotated[int, typer.Option(min=1, help="Masks (prompts) sampled per image.")] = 16,
+    freeze_bn: Annotated[
+        bool,
+        typer.Option(
+            "--freeze-bn/--train-bn", help="Keep the encoder's BatchNorm statistics fixed while training."
+        ),
+    ] = False,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warmup then cosine).")] = 1e-4,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (not on norms/biases).")] = 0.05,
+    warmup_steps: Annotated[int, typer.Option(min=0, help="Linear warmup steps.")] = 250,
+    grad_clip: Annotated[float, typer.Option(min=0.0, help="Max gradient norm (0: off).")] = 1.0,
+    val_images: Annotated[int, typer.Option(min=0, help="Held-out images for val_iou.")] = 16,
+    val_every: Annotated[
+        int, typer.Option(min=0, help="Validate every N steps (and at step 0 and the end).")
+    ] = 500,
+    save_every: Annotated[int, typer.Option(min=1, help="Write checkpoints/last.pt every N steps.")] = 500,
+    log_every: Annotated[int, typer.Option(min=1, help="Write a metrics.jsonl record every N steps.")] = 10,
+    workers: Annotated[int, typer.Option(min=0, help="Data-loader worker processes per rank.")] = 4,
+    seed: Annotated[int, typer.Option(help="Random seed (data order, prompts, initialisation).")] = 0,
+    device: Annotated[
+        str, typer.Option(help="auto, cpu, cuda (under torchrun: each rank its LOCAL_RANK GPU).")
+    ] = "auto",
+    amp: Annotated[
+        bool, typer.Option("--amp/--no-amp", help="Mixed precision on GPU (bf16, else fp16).")
+    ] = True,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in --output from checkpoints/last.pt.")
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace a run already in --output.")
+    ] = False,
+    progress: Annotated[
+        bool, typer.Option("--progress/--no-progress", help="Progress bar on rank 0.")
+    ] = True,
+) -> None:
+    """Train a whole EfficientViT-SAM end to end: 20 x focal + 1 x dice on box / 1-10 point prompts.
+
+    Writes [bold]metrics.jsonl[/bold] (step, loss, focal, dice; val_iou in percent at validations),
+    [bold]checkpoints/last.pt[/bold] (resumable), [bold]model.pt[/bold] (last), [bold]model_best.pt[/bold]
+    (best val_iou) and [bold]summary.json[/bold] in --output.
+
+    Examples:
+
+      evsam finetune --model l0 --init runs/l0/student.pt --data SA1B_DIR --output runs/l0_ft
+
+      evsam finetune --model l0 --init efficientvit_sam_l0.pt --data my/images --annotations my/instances.json --output runs/mine
+
+      torchrun --nproc-per-node 8 -m evsam_cli finetune --model l0 --init runs/l0/student.pt --data SA1B_DIR --output runs/l0_ft
+    """
+    import os
+
+    from ..train.config import DataConfig, FinetuneConfig, LoopConfig, OptimConfig
+    from ..train.finetune import finetune
+
+    if resume and overwrite:
+        raise typer.BadParameter("--resume and --overwrite exclude each other")
+    if images is not None and data is not None and images != data:
+        raise typer.BadParameter("--images and --data name the same thing; give one")
+    data = data or images
+    if not resume and data is None:
+        raise typer.BadParameter("--data is required (SA-1B, or a COCO image folder with --annotations)")
+    rank = int(os.environ.get("RANK", "0"))
+    setup_logging(main_process=rank == 0)
+    cfg = FinetuneConfig(
+        model=model,
+        init=str(init) if init else None,
+        sam_head_checkpoint=str(sam_head_checkpoint) if sam_head_checkpoint else None,
+        image_size=image_size,
+        masks_per_image=masks_per_image,
+        annotations=str(annotations) if annotations else None,
+        freeze_bn=freeze_bn,
+        loop=LoopConfig(
+            output=str(output),
+            steps=steps,
+            epochs=epochs,
+            grad_accum=grad_accum,
+            seed=seed,
+            device=device,
+            amp=amp,
+            log_every=log_every,
+            val_every=val_every,
+            save_every=save_every,
+        ),
+        optim=OptimConfig(lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, grad_clip=grad_clip),
+        data=DataConfig(path=str(data or ""), batch_size=batch_size, workers=workers, val_images=val_images),
+    )
+    summary = finetune(cfg, resume=resume, overwrite=overwrite, progress=progress)
+    if rank != 0:
+        return
+    from rich.table import Table
+
+    table = Table(title=f"finetune {summary['model']}")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    best = summary["best"] or {}
+    for name, value in (
+        ("steps", str(summary["steps"])),
+        ("images", str(summary["images"])),
+        ("images/s", f"{summary['images_per_s']:.2f}"),
+        ("final loss", "-" if summary["final_loss"] is None else f"{summary['final_loss']:.4g}"),
+        ("val IoU (%)", "-" if summary["val_iou"] is None else f"{summary['val_iou']:.2f}"),
+        ("best val IoU (%)", f"{best['val_iou']:.2f} @ {best['step']}" if best else "-"),
+        ("skipped images", str(len(summary["skipped_images"]))),
+        ("weights", summary["weights"]),
+    ):
+        table.add_row(name, value)
+    console.print(table)

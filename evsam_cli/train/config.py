@@ -116,6 +116,7 @@ class FinetuneConfig:
     image_size: int | None = None
     masks_per_image: int = 16
     annotations: str | None = None  # COCO-format data: the instances JSON (``data.path`` is the image folder)
+    freeze_bn: bool = False  # keep BatchNorm statistics fixed (BN layers in eval mode) while training
     focal_weight: float = 20.0
     dice_weight: float = 1.0
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(output="runs/finetune"))

@@ -1,0 +1,349 @@
+"""End-to-end training of EfficientViT-SAM (image encoder, prompt encoder and mask decoder).
+
+The objective follows the paper (and SAM): for every image, ``masks_per_image`` of its masks are
+sampled (repeated when it has fewer) and each is prompted by its tight box or by 1-10 random
+points inside it (box or points chosen per image, 1/2 each). Mask logits are upsampled to the
+encoder input size and trained with ``20 x focal + 1 x dice`` against the resized, padded ground
+truth. Every other optimizer step decodes three masks per prompt (multimask output) and only
+the lowest-loss one is trained, as SAM does for ambiguous prompts. The IoU head learns the IoU
+of the trained mask (MSE, as in SAM) so that its scores stay meaningful. Images are flipped
+horizontally at random and resized (longest side) and padded like at inference.
+
+Validation: mean box-prompt IoU (percent) of single-mask predictions, at the original image
+resolution, over every mask of the held-out images.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import distributed as dist_utils
+from ..data.coco_train import open_coco
+from ..data.sa1b import BatchStream, Sa1bRecord, Sa1bStream, collate_stack, decode_mask, open_sa1b
+from ..data.transforms import normalize_padded, resize_longest_padded, resize_mask_padded
+from ..devices import resolve_device
+from ..errors import CheckpointError
+from ..models import Sam, create_model, get_spec, read_state_dict, save_weights
+from .config import FinetuneConfig, from_dict, to_dict
+from .distill import saved_config, steps_for_epochs
+from .loop import TrainingError, environment, prepare_output, train, write_summary
+from .losses import dice_loss, mask_iou, min_over_outputs, sigmoid_focal_loss
+from .prompts import mask_box, sample_points, to_prompt_frame
+
+log = logging.getLogger("evsam.finetune")
+
+
+# ---------------------------------------------------------------------------- data
+@dataclass(frozen=True)
+class FinetuneTransform:
+    """Record -> image, K ground-truth masks in the input frame and their prompts (prompt frame)."""
+
+    input_size: int
+    masks_per_image: int
+    prompt_size: int = 1024
+    flip: bool = True
+
+    def __call__(self, record: Sa1bRecord, rng: np.random.Generator) -> dict[str, Any] | None:
+        image = record.image
+        h, w = image.shape[:2]
+        anns = [a for a in record.annotations if "segmentation" in a]
+        masks: dict[int, np.ndarray] = {}
+        for i in rng.permutation(len(anns)):
+            m = decode_mask(anns[i]["segmentation"], h, w)
+            if m.shape == (h, w) and m.any():
+                masks[int(i)] = m
+            if len(masks) == self.masks_per_image:
+                break
+        if not masks:
+            return None  # an image without usable masks is skipped, not a crash
+        chosen = list(masks.values())
+        chosen = [chosen[k % len(chosen)] for k in range(self.masks_per_image)]  # repeat when fewer
+        if self.flip and rng.random() < 0.5:
+            image = image[:, ::-1]
+            chosen = [m[:, ::-1] for m in chosen]
+        pixels, hw = resize_longest_padded(np.ascontiguousarray(image), self.input_size)
+        boxes = np.stack([mask_box(m) for m in chosen])
+        points = [sample_points(m, rng) for m in chosen]
+        return {
+            "image_id": record.image_id,
+            "image": pixels,
+            "image_hw": torch.tensor(hw),
+            "masks": torch.stack([resize_mask_padded(m, self.input_size) for m in chosen]).bool(),
+            "boxes": torch.from_numpy(to_prompt_frame(boxes, (h, w), self.prompt_size)),
+            "points": torch.from_numpy(
+                to_prompt_frame(np.stack([p for p, _ in points]), (h, w), self.prompt_size)
+            ),
+            "point_labels": torch.from_numpy(np.stack([lab for _, lab in points])),
+            "use_box": torch.tensor(bool(rng.random() < 0.5)),
+        }
+
+
+# ---------------------------------------------------------------------------- model and loss
+class PromptedSam(nn.Module):
+    """The trained module: encoder on a batch of images, decoder on each image's K prompts.
+
+    With ``freeze_bn`` the encoder's BatchNorm layers stay in eval mode while training: they
+    normalise with their stored statistics and do not update them (usual when finetuning with
+    a few images per GPU, and what makes validation match training from the first steps).
+    """
+
+    def __init__(self, sam: Sam, *, freeze_bn: bool = False) -> None:
+        super().__init__()
+        self.sam = sam
+        self.freeze_bn = freeze_bn
+
+    def train(self, mode: bool = True) -> PromptedSam:
+        super().train(mode)
+        if self.freeze_bn:
+            for module in self.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
+
+    def forward(
+        self,
+        images: Tensor,
+        boxes: Tensor,
+        points: Tensor,
+        point_labels: Tensor,
+        use_box: Tensor,
+        multimask: bool,
+    ) -> tuple[Tensor, Tensor]:
+        """
+        Args:
+          images: (B, 3, S, S) normalised, padded.
+          boxes: (B, K, 4) xyxy; points: (B, K, P, 2) x,y; point_labels: (B, K, P) (1 or -1 padding),
+            all in the prompt frame; use_box: (B,) bool, box or points for each image.
+          multimask: three outputs per prompt instead of one.
+        Returns: (B, K, M, 256, 256) mask logits and (B, K, M) predicted IoUs (M = 3 or 1).
+        """
+        embeddings = self.sam.image_encoder(images)
+        logits, ious = [], []
+        for b in range(len(images)):
+            if bool(use_box[b]):
+                out = self.sam.decode(embeddings[b : b + 1], boxes=boxes[b], multimask_output=multimask)
+            else:
+                out = self.sam.decode(
+                    embeddings[b : b + 1],
+                    point_coords=points[b],
+                    point_labels=point_labels[b],
+                    multimask_output=multimask,
+                )
+            logits.append(out[0])
+            ious.append(out[1])
+        return torch.stack(logits), torch.stack(ious)
+
+
+class FinetuneLoss:
+    """``(PromptedSam, batch) -> (focal/dice loss of the best output + IoU-head MSE, parts)``."""
+
+    def __init__(self, device: torch.device, *, focal_weight: float, dice_weight: float) -> None:
+        self.device = device
+        self.focal_weight = focal_weight
+        self.dice_weight = dice_weight
+
+    def __call__(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
+        multimask = batch.get("step", 0) % 2 == 1
+        d = self.device
+        x = normalize_padded(batch["image"].to(d), batch["image_hw"])
+        logits, iou_pred = model(
+            x,
+            batch["boxes"].to(d),
+            batch["points"].to(d),
+            batch["point_labels"].to(d),
+            batch["use_box"],
+            multimask,
+        )
+        size = x.shape[-1]
+        b, k, m = logits.shape[:3]
+        up = F.interpolate(logits.flatten(0, 1).float(), (size, size), mode="bilinear", align_corners=False)
+        gt = batch["masks"].to(d).flatten(0, 1).unsqueeze(1).float().expand_as(up)
+        focal = sigmoid_focal_loss(up, gt)  # (B*K, M)
+        dice = dice_loss(up, gt)
+        per_output = self.focal_weight * focal + self.dice_weight * dice
+        best, index = min_over_outputs(per_output)
+        rows = torch.arange(len(index), device=d)
+        true_iou = mask_iou(up[rows, index].detach(), gt[rows, index])
+        iou_loss = F.mse_loss(iou_pred.flatten(0, 1)[rows, index].float(), true_iou)
+        loss = best.mean() + iou_loss
+        return loss, {
+            "focal": float(focal[rows, index].detach().mean()),
+            "dice": float(dice[rows, index].detach().mean()),
+            "iou_loss": float(iou_loss.detach()),
+            "train_iou": float(true_iou.mean() * 100),
+            "multimask": float(multimask),
+        }
+
+
+class BoxValidation:
+    """Mean box-prompt IoU (percent) over every mask of the held-out images, split across ranks."""
+
+    def __init__(self, records: list[Sa1bRecord], device: torch.device) -> None:
+        info = dist_utils.get_info()
+        self.records = [
+            records[i] for i in dist_utils.shard_indices(len(records), info.rank, info.world_size)
+        ]
+        self.device = device
+        self.masks = [
+            [m for a in r.annotations if (m := decode_mask(a["segmentation"], *r.image.shape[:2])).any()]
+            for r in self.records
+        ]
+
+    def __call__(self, model: nn.Module) -> dict[str, float]:
+        sam: Sam = model.sam
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for record, masks in zip(self.records, self.masks, strict=True):
+            if not masks:
+                continue
+            hw = record.image.shape[:2]
+            pixels, resized = resize_longest_padded(record.image, sam.input_size)
+            x = normalize_padded(pixels[None].to(self.device), torch.tensor([resized]))
+            embedding = sam.image_encoder(x)
+            boxes = to_prompt_frame(np.stack([mask_box(m) for m in masks]), hw, sam.prompt_size)
+            low, _ = sam.decode(
+                embedding, boxes=torch.from_numpy(boxes).to(self.device), multimask_output=False
+            )
+            pred = sam.postprocess_masks(low.float(), sam.prompt_frame_size(hw), hw)[:, 0]
+            gt = torch.from_numpy(np.stack(masks)).to(self.device)
+            iou = mask_iou(pred, gt)
+            total[0] += iou.sum().double()
+            total[1] += len(iou)
+        if dist_utils.get_info().distributed:
+            torch.distributed.all_reduce(total)
+        return {"val_iou": float(100 * total[0] / total[1].clamp(min=1))}
+
+
+# ---------------------------------------------------------------------------- entry point
+def load_sam_head(model: Sam, checkpoint: str | Path) -> None:
+    """Copy SAM's prompt encoder and mask decoder from a Meta ``sam_vit_*.pth`` file (strictly)."""
+    state, _ = read_state_dict(checkpoint)
+    for part in ("prompt_encoder", "mask_decoder"):
+        sub = {k[len(part) + 1 :]: v for k, v in state.items() if k.startswith(part + ".")}
+        try:
+            getattr(model, part).load_state_dict(sub, strict=True)
+        except RuntimeError as exc:
+            first = str(exc).splitlines()[0:2]
+            raise CheckpointError(f"{checkpoint} has no usable SAM {part}: {' '.join(first)}") from None
+
+
+def build_model(cfg: FinetuneConfig, image_size: int) -> Sam:
+    spec = get_spec(cfg.model)
+    if spec.family != "efficientvit-sam":
+        raise TrainingError(f"--model must be an EfficientViT-SAM model (l0 ... xl1), not {spec.name}")
+    if cfg.init:
+        return create_model(spec.name, checkpoint=cfg.init, input_size=image_size)
+    model = create_model(spec.name, input_size=image_size)
+    if cfg.sam_head_checkpoint:
+        load_sam_head(model, cfg.sam_head_checkpoint)
+    else:
+        log.warning("no --init and no --sam-head-checkpoint: the whole model starts from random weights")
+    return model
+
+
+def finetune(
+    config: FinetuneConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = False
+) -> dict[str, Any]:
+    """Run (or resume) end-to-end training; returns the summary written to ``OUTPUT/summary.json``.
+
+    Writes ``metrics.jsonl`` (step, loss, ...; val_iou in percent at validations), ``config.json``,
+    ``checkpoints/last.pt``, ``model.pt`` (last weights), ``model_best.pt`` (best val_iou) and
+    ``summary.json``. ``data.path`` is an SA-1B folder/shards, or the image folder of a COCO-format
+    dataset when ``annotations`` is given.
+    """
+    output = Path(config.loop.output)
+    if resume:
+        prepare_output(output, resume=True, overwrite=False)
+        config = from_dict(FinetuneConfig, saved_config(output))
+        config.loop.output = str(output)
+    cfg = config
+    spec = get_spec(cfg.model)
+    image_size = cfg.image_size or spec.input_size
+    if cfg.annotations:
+        source: Any = open_coco(cfg.data.path, cfg.annotations, val_images=cfg.data.val_images)
+    else:
+        source = open_sa1b(cfg.data.path, val_images=cfg.data.val_images)
+
+    device = resolve_device(cfg.loop.device)
+    info = dist_utils.init_distributed(device)
+    if device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+    torch.manual_seed(cfg.loop.seed)
+    sam = build_model(cfg, image_size)  # before touching the output folder: a bad --init changes nothing
+    if not resume:
+        prepare_output(output, resume=False, overwrite=overwrite)
+    output.mkdir(parents=True, exist_ok=True)
+    if cfg.loop.epochs and not resume:
+        images = len(source.train_units) if not source.is_tar else None
+        if images is None:
+            from .distill import _count_images
+
+            images = _count_images(source)
+        cfg.loop.steps = steps_for_epochs(
+            cfg.loop.epochs, images, cfg.data.batch_size, cfg.loop.grad_accum, info.world_size
+        )
+
+    model = PromptedSam(sam, freeze_bn=cfg.freeze_bn).to(device).train()
+    dataset = Sa1bStream(
+        source,
+        transform=FinetuneTransform(image_size, cfg.masks_per_image, prompt_size=sam.prompt_size),
+        collate=collate_stack,
+        batch_size=cfg.data.batch_size,
+        seed=cfg.loop.seed,
+        rank=info.rank,
+        world_size=info.world_size,
+        num_workers=cfg.data.workers,
+    )
+    stream = BatchStream(dataset, num_workers=cfg.data.workers, pin_memory=device.type == "cuda")
+    val_records = [r for r in source.validation_records() if isinstance(r, Sa1bRecord)]
+    validate = BoxValidation(val_records, device) if val_records else None
+
+    def save_model(m: nn.Module, path: Path) -> None:
+        save_weights(m.sam, path, input_size=image_size, finetuned=True)
+
+    result = train(
+        model=model,
+        loss_fn=FinetuneLoss(device, focal_weight=cfg.focal_weight, dice_weight=cfg.dice_weight),
+        stream=stream,
+        loop=cfg.loop,
+        optim=cfg.optim,
+        device=device,
+        config={"model": spec.name, **to_dict(cfg)},
+        validate=validate,
+        best_metric=("val_iou", "max"),
+        save_weights=save_model,
+        weights_name="model.pt",
+        best_name="model_best.pt",
+        resume=resume,
+        progress=progress,
+        find_unused_parameters=True,
+    )
+    summary = {
+        "model": spec.name,
+        "init": cfg.init,
+        "image_size": image_size,
+        "data": cfg.data.path,
+        "annotations": cfg.annotations,
+        "steps": result.steps,
+        "epochs": result.epochs,
+        "images": result.images,
+        "seconds": result.seconds,
+        "images_per_s": result.images / max(result.seconds, 1e-9),
+        "final_loss": result.final_loss,
+        "val_iou": result.validation.get("val_iou"),
+        "best": result.best,
+        "val_images": len(val_records),
+        "skipped_images": result.skipped_images,
+        "weights": str(output / "model.pt"),
+        "best_weights": str(output / "model_best.pt") if result.best else None,
+        **environment(),
+    }
+    write_summary(output, summary)
+    return summary
