@@ -134,3 +134,18 @@ def test_unreadable_image_is_skipped_and_unknown_detections_dropped(setup, tmp_p
     assert (
         metrics["num_prompts"] == len(preds) == len(dets) - 1 - sum(d["image_id"] == bad["id"] for d in dets)
     )
+
+
+def test_lvis_box_prompts_with_limit(setup):
+    root, paths, weights, model = setup
+    metrics = evaluate(
+        dataset="lvis", output=root / "out_lvis_box", data_root=root / "coco", model=model, prompt="box", limit=1,
+        workers=0,
+    )  # fmt: skip
+    lvis = json.loads(paths["lvis"].read_text())
+    first = lvis["images"][0]["id"]
+    assert metrics["dataset"] == "lvis" and metrics["num_images"] == 1
+    assert metrics["num_prompts"] == sum(
+        1 for a in lvis["annotations"] if a["image_id"] == first and a["area"] >= 1
+    )
+    assert 0.0 <= metrics["miou"]["all"] <= 100.0

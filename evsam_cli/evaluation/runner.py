@@ -56,6 +56,7 @@ class DetectorOptions:
     text_encoder: a local BERT folder for GroundingDINO.
     image_size: the detector's input size (YOLO's imgsz, default 640; GroundingDINO's shorter
       side, default 800, longer side at most 1333/800 of it).
+    max_det: boxes kept per image by a live detector (default 100 for COCO, 300 for LVIS).
     """
 
     name: str = "vitdet"
@@ -64,6 +65,7 @@ class DetectorOptions:
     config: Path | None = None
     text_encoder: Path | None = None
     image_size: int | None = None
+    max_det: int | None = None
 
 
 @dataclass
@@ -318,7 +320,7 @@ def _detector_boxes(
                 weights=options.weights,  # type: ignore[arg-type]
                 categories=data.categories,
                 device=device,
-                max_det=300 if data.name == "lvis" else 100,
+                max_det=options.max_det or (300 if data.name == "lvis" else 100),
                 image_size=options.image_size or 640,
             )
         if options.config is None or options.text_encoder is None:
@@ -331,7 +333,7 @@ def _detector_boxes(
             text_encoder=options.text_encoder,
             categories=data.categories,
             device=device,
-            max_det=300 if data.name == "lvis" else 100,
+            max_det=options.max_det or (300 if data.name == "lvis" else 100),
             image_size=options.image_size or 800,
             max_size=round((options.image_size or 800) * 1333 / 800),
         )
