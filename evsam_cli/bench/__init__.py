@@ -3,12 +3,11 @@
 from .engines import DTYPES, ENGINES, BenchError, make_engine
 from .plot import plot_throughput, read_metrics
 from .reference import GPUS, PAPER, SOURCE, PaperFigures, device_matches, paper_figures, reference_for
-from .run import DEFAULT_ITERS, DEFAULT_WARMUP, bench_zoo, run_bench
+from .run import DEFAULT_REPEATS, bench_zoo, run_bench
 from .timing import Timing, measure
 
 __all__ = [
-    "DEFAULT_ITERS",
-    "DEFAULT_WARMUP",
+    "DEFAULT_REPEATS",
     "DTYPES",
     "ENGINES",
     "GPUS",

@@ -11,8 +11,12 @@ from .engines import DTYPES, ENGINES, BenchError, make_engine
 from .reference import GPUS, device_matches, known_gpus, reference_for
 from .timing import measure
 
-DEFAULT_WARMUP = 2
-DEFAULT_ITERS = 10
+# (warmup, iters) by device: a CPU call of L0 takes a second or more, a GPU call milliseconds.
+DEFAULT_REPEATS = {"cpu": (1, 5), "cuda": (5, 20)}
+
+
+def default_repeats(device_type: str) -> tuple[int, int]:
+    return DEFAULT_REPEATS.get(device_type, DEFAULT_REPEATS["cpu"])
 
 
 def default_dtype(engine: str, device_type: str) -> str:
@@ -46,15 +50,18 @@ def preflight(
     dtype: str | None,
     batch_size: int,
     prompts: int,
-    warmup: int,
-    iters: int,
+    warmup: int | None,
+    iters: int | None,
     gpu: str | None,
-) -> tuple[Any, str]:
-    """Every check that needs no model: (torch device, dtype) or an ``EvsamError``."""
+) -> tuple[Any, str, int, int]:
+    """Every check that needs no model: (torch device, dtype, warmup, iters) or an ``EvsamError``."""
     from ..devices import resolve_device
 
     dev = resolve_device(device)
     dtype = dtype or default_dtype(engine, dev.type)
+    default_warmup, default_iters = default_repeats(dev.type)
+    warmup = default_warmup if warmup is None else warmup
+    iters = default_iters if iters is None else iters
     check_settings(
         engine=engine,
         dtype=dtype,
@@ -74,7 +81,7 @@ def preflight(
             raise DeviceError("--engine trt needs an NVIDIA GPU (--device cuda); none is in use here")
         require_cuda()
         import_tensorrt()
-    return dev, dtype
+    return dev, dtype, warmup, iters
 
 
 def run_bench(
@@ -86,8 +93,8 @@ def run_bench(
     dtype: str | None = None,
     batch_size: int = 1,
     prompts: int = 16,
-    warmup: int = DEFAULT_WARMUP,
-    iters: int = DEFAULT_ITERS,
+    warmup: int | None = None,
+    iters: int | None = None,
     gpu: str | None = None,
     exported: str | os.PathLike[str] | None = None,
     input_size: int | None = None,
@@ -101,7 +108,8 @@ def run_bench(
       engine: torch, compile (torch.compile), onnxruntime, trt.
       device: cpu, cuda[:i] or auto; dtype: fp32, fp16, bf16 (default: fp16 for trt, else fp32).
       batch_size: images per encoder call; prompts: box prompts per decoder call (P).
-      warmup / iters: untimed calls (at least 1) and timed calls per measurement.
+      warmup / iters: untimed calls (at least 1) and timed calls per measurement; default
+        1 and 5 on the CPU, 5 and 20 on a GPU.
       gpu: a100 or orin: the paper's figure for that GPU goes into ``reference``.
       exported: a folder from ``evsam export`` (onnxruntime: *.onnx, trt: *.engine); default:
         export to a temporary folder.
@@ -112,7 +120,7 @@ def run_bench(
     from ..devices import device_name
     from ..models import create_model
 
-    dev, dtype = preflight(
+    dev, dtype, warmup, iters = preflight(
         engine=engine,
         device=device,
         dtype=dtype,

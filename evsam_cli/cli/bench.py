@@ -103,15 +103,17 @@ def bench_cli(
         input_size=input_size,
     )
     user_metrics = read_metrics(metrics) if metrics else None
-    if (models or plot) and not all_models and models:
+    if models and not all_models:
         raise typer.BadParameter("--models goes with --all")
     names = [resolve_name(m.strip()) for m in models.split(",") if m.strip()] if models else list_models()
-    if all_models and exported is not None and len(names) > 1:
-        raise typer.BadParameter("--exported holds one model's files; it cannot serve --all")
+    if all_models and len(names) > 1 and (exported is not None or checkpoint is not None):
+        raise typer.BadParameter(
+            "--exported and --checkpoint hold one model's files; with --all use --models NAME"
+        )
 
     from ..bench.run import preflight
 
-    preflight(
+    _, _, warmup, iters = preflight(
         engine=engine.value,
         device=device,
         dtype=settings["dtype"],
@@ -121,6 +123,7 @@ def bench_cli(
         iters=iters,
         gpu=gpu,
     )
+    settings.update(warmup=warmup, iters=iters)
     if not all_models:
         resolve_name(model)
     steps = warmup + iters

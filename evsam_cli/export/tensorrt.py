@@ -199,7 +199,7 @@ def build_engine(
     network = builder.create_network(0)  # TensorRT 10: networks are always explicit-batch
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        errors = "; ".join(_parser_error(parser.get_error(i)) for i in range(parser.num_errors))
         raise ExportError(f"TensorRT cannot parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
@@ -224,6 +224,13 @@ def build_engine(
         raise ExportError(f"TensorRT failed to build an engine from {onnx_path} (see the TensorRT log above)")
     write_bytes_atomic(engine_path, bytes(serialized))
     return EngineBuild(path=Path(engine_path), fp32_layers=fp32_layers, profile=profile)
+
+
+def _parser_error(err: Any) -> str:
+    """One ONNX-parser error as text (IParserError: desc(), node name, code)."""
+    desc = err.desc() if hasattr(err, "desc") else str(err)
+    node = err.node_name() if hasattr(err, "node_name") else ""
+    return f"{desc} (node {node})" if node else desc
 
 
 class TrtRunner:
