@@ -40,9 +40,14 @@ def bench_cli(
     batch_size: Annotated[int, typer.Option(min=1, help="Images per encoder call.")] = 1,
     prompts: Annotated[int, typer.Option(min=1, help="Box prompts per image for the decoder.")] = 16,
     warmup: Annotated[
-        int, typer.Option(min=1, help="Untimed calls before timing (the first is never timed).")
-    ] = 2,
-    iters: Annotated[int, typer.Option(min=1, help="Timed calls per measurement.")] = 10,
+        int | None,
+        typer.Option(
+            min=1, help="Untimed calls first; the first call is never timed (default: 1 CPU, 5 GPU)."
+        ),
+    ] = None,
+    iters: Annotated[
+        int | None, typer.Option(min=1, help="Timed calls per measurement (default: 5 CPU, 20 GPU).")
+    ] = None,
     gpu: Annotated[
         str | None,
         typer.Option(help="Put the paper's figures for this GPU beside the measured ones: a100, orin."),
