@@ -152,7 +152,7 @@ class AutomaticMaskGenerator:
           crop_n_points_downscale_factor: >= 1, see ``points_per_side``.
           point_grids: explicit grids, one (K, 2) array of x, y in [0, 1] per crop layer.
           min_mask_region_area: when > 0, fill holes and drop islands smaller than this many
-            pixels, then re-run NMS (needs scipy).
+            pixels, then re-run NMS (scipy.ndimage connected components).
           output_mode: "binary_mask" (HxW bool array), "coco_rle" (compressed, JSON-ready) or
             "uncompressed_rle".
         Raises:
@@ -470,13 +470,6 @@ def validate_settings(
                 f"point_grids has {len(grids)} grid(s) but crop_n_layers={crop_n_layers} needs "
                 f"{crop_n_layers + 1} (one per layer, the whole image first)"
             )
-    if min_mask_region_area > 0:
-        try:
-            import scipy.ndimage  # noqa: F401
-        except ImportError:
-            from .errors import MissingDependencyError
-
-            raise MissingDependencyError("scipy", "dev", "min_mask_region_area > 0") from None
     return grids
 
 
