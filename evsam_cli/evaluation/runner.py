@@ -131,11 +131,10 @@ def evaluate(
         dev = torch.device("cuda", info.local_rank)
 
     data = load_dataset(dataset, data_root=data_root, images=images, annotations=annotations, limit=limit)
-    boxes_by_image, run_detector = (
-        _detector_boxes(data, prompt, detector, output) if prompt == "detector" else ({}, None)
+    boxes_by_image, make_detector = (
+        _detector_boxes(data, detector, output) if prompt == "detector" else ({}, None)
     )
-    if run_detector is not None:
-        run_detector = run_detector(dev)
+    run_detector = make_detector(dev) if make_detector is not None else None
     if isinstance(model, Sam):
         sam = model.to(dev).eval()
     else:
@@ -297,7 +296,7 @@ def _skip_entry(item: EvalItem) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- detector boxes
 def _detector_boxes(
-    data: EvalDataset, prompt: str, options: DetectorOptions, output: Path
+    data: EvalDataset, options: DetectorOptions, output: Path
 ) -> tuple[dict[int, list[dict[str, Any]]], Callable[[torch.device], det.Detector] | None]:
     """Boxes from a file (ViTDet's, or a detector's cache), or a factory for a live detector."""
     name = options.name
