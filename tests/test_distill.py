@@ -25,6 +25,15 @@ from evsam_cli.models import create_model, export_state_dict, read_state_dict
 from evsam_cli.train.config import DataConfig, DistillConfig, LoopConfig, OptimConfig
 from evsam_cli.train.distill import distill
 
+
+def _free_port() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
 
 
@@ -117,6 +126,7 @@ def test_student_file_is_a_complete_model_with_sams_head(env, cold):
     assert ckpt["step"] == 2 and (output / "config.json").is_file() and (output / "summary.json").is_file()
 
 
+@pytest.mark.slow
 def test_loss_falls_and_a_killed_run_resumes_exactly(env, cold):
     steps = "4"
     reference = env / "reference"
@@ -168,10 +178,20 @@ def test_loss_falls_and_a_killed_run_resumes_exactly(env, cold):
     assert moved > 0 and apart < 0.05 * moved, (apart, moved)
 
 
+@pytest.mark.slow
 def test_two_process_torchrun(env, cold):
     output = env / "ddp"
     args = _args(env, output, "--steps", "1", "--val-images", "0")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "evsam_cli", *args]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        _free_port(),
+    ]
+    cmd = [*torchrun, "-m", "evsam_cli", *args]
     result = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((output / "summary.json").read_text())

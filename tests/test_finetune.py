@@ -31,6 +31,15 @@ from evsam_cli.models import create_model, save_weights
 from evsam_cli.train.config import DataConfig, FinetuneConfig, LoopConfig, OptimConfig
 from evsam_cli.train.finetune import finetune
 
+
+def _free_port() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
 STEPS = 8
 
@@ -146,6 +155,7 @@ def test_short_run_raises_val_iou_and_trains_the_encoder(env, reference):
     create_model("l0", checkpoint=output / "model.pt")
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_exactly(env, reference):
     ref_out, _ = reference
     killed = env / "killed"
@@ -178,8 +188,13 @@ def test_killed_run_resumes_exactly(env, reference):
         assert a[key] == pytest.approx(b[key], rel=2e-3, abs=0.05), (a, b)
 
 
-def test_coco_format_data(env):
-    paths = write_coco(env / "coco", num_images=3, image_size=64, seed=1)
+@pytest.fixture(scope="module")
+def coco(env):
+    return write_coco(env / "coco", num_images=3, image_size=64, seed=1)
+
+
+def test_coco_format_data(env, coco):
+    paths = coco
     output = env / "coco_run"
     result = CliRunner().invoke(
         app,
@@ -203,10 +218,20 @@ def test_coco_format_data(env):
     create_model("l0", checkpoint=output / "model.pt")
 
 
+@pytest.mark.slow
 def test_two_process_torchrun(env):
     output = env / "ddp"
     args = _args(env, output, "--steps", "1", "--val-images", "0", "--init", str(env / "init.pt"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "evsam_cli", *args]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        _free_port(),
+    ]
+    cmd = [*torchrun, "-m", "evsam_cli", *args]
     result = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((output / "summary.json").read_text())
@@ -229,3 +254,32 @@ def test_bad_inputs(env, tmp_path):
         line = result.output.strip().splitlines()[-1]
         assert line.startswith("Error:") and needle in line, (needle, result.output)
     assert not (tmp_path / "d").exists()  # a bad --init leaves no half-made run folder
+
+
+def test_finetuned_model_goes_to_eval(env, reference, coco):
+    """The last stage of the documented pipeline: `evsam eval` reads the finetuned weights."""
+    output, _ = reference
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "coco",
+            "--images",
+            str(coco["images"]),
+            "--annotations",
+            str(coco["annotations"]),
+            "--model",
+            "l0",
+            "--checkpoint",
+            str(output / "model_best.pt"),
+            "--prompt",
+            "box",
+            "--limit",
+            "1",
+            "--output",
+            str(env / "eval"),
+        ],  # fmt: skip
+    )
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((env / "eval" / "metrics.json").read_text())
+    assert metrics["num_images"] == 1 and 0 <= metrics["miou"]["all"] <= 100
