@@ -32,6 +32,7 @@ from ..devices import resolve_device
 from ..errors import DataError
 from ..io import write_json_atomic
 from ..models import create_model
+from ..models.optimize import optimize_encoder
 from ..models.sam import Sam
 from . import detectors as det
 from .datasets import EvalDataset, bbox_xywh_to_xyxy, load_dataset
@@ -139,6 +140,8 @@ def evaluate(
         sam = model.to(dev).eval()
     else:
         sam = create_model(model, checkpoint, dev, input_size=input_size)
+    # Inference copy of the encoder: BatchNorm folded, channels-last (same outputs, faster).
+    encoder = optimize_encoder(sam.image_encoder)
 
     shard = dist_utils.shard_indices(len(data), info.rank, info.world_size)
     items = EvalImages(
@@ -164,7 +167,7 @@ def evaluate(
         ok = [item for item in batch if item.error is None]
         # Images without a single prompt (no annotations, no boxes) need no embedding.
         todo = [item for item in ok if _has_prompts(item, prompt, boxes_by_image, run_detector)]
-        embeddings = _encode(sam, todo) if todo else None
+        embeddings = _encode(sam, encoder, todo) if todo else None
         for item in ok:
             j = next((k for k, t in enumerate(todo) if t is item), None)
             _evaluate_image(
@@ -209,13 +212,13 @@ def _has_prompts(
     return live is not None or bool(boxes_by_image.get(item.image.image_id))
 
 
-def _encode(model: Sam, items: list[EvalItem]) -> torch.Tensor:
+def _encode(model: Sam, encoder: torch.nn.Module, items: list[EvalItem]) -> torch.Tensor:
     """Encoder inputs of several images (each resized already) -> (B, 256, 64, 64)."""
     with torch.inference_mode():
         x = torch.cat(
             [model.normalize_and_pad(it.encoder_input.to(model.device).float().unsqueeze(0)) for it in items]  # type: ignore[union-attr]
         )
-        return model.image_encoder(x)
+        return encoder(x)
 
 
 def _evaluate_image(
