@@ -14,6 +14,7 @@ compare against SA-1B and the official generator:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from itertools import product
 from typing import Any
 
@@ -226,7 +227,9 @@ def _tokens_to_image(attn: torch.nn.Module, q: Tensor, k: Tensor, v: Tensor) -> 
     return attn.out_proj(out.transpose(1, 2).reshape(n, tq, h * d))
 
 
-def _image_to_tokens(attn: torch.nn.Module, q: Tensor, k: Tensor, v: Tensor, residual: Tensor) -> Tensor:
+def _image_to_tokens(
+    attn: torch.nn.Module, q: Tensor, k: Tensor, v: Tensor, residual: Tensor, *, inplace: bool
+) -> Tensor:
     """``residual + attn(q, k, v)`` for image-token queries q (1 or N, HW, C) over prompt tokens
     k, v (N, Tk, C): the q and out projections are applied on the Tk token side. Scores are laid
     out (N, h, Tk, HW) so that the softmax over the few prompt tokens runs along a long axis; the
@@ -251,23 +254,30 @@ def _image_to_tokens(attn: torch.nn.Module, q: Tensor, k: Tensor, v: Tensor, res
     weights = scores.softmax(dim=2).reshape(n, h * tk, -1)  # (N, h*Tk, HW)
     wo = attn.out_proj.weight.reshape(width, h, d).permute(1, 2, 0)  # (h, d, C)
     v_out = (vh @ wo).reshape(n, h * tk, width) + attn.out_proj.bias / h  # values, out-projected
-    if residual.shape[0] == n:  # per-prompt image tokens not needed any more: accumulate in place
+    if inplace:  # per-prompt image tokens the caller no longer needs: accumulate in place
         return residual.baddbmm_(weights.transpose(1, 2), v_out)
     return torch.baddbmm(residual.expand(n, -1, -1), weights.transpose(1, 2), v_out)
 
 
 def grid_transformer(
-    transformer: torch.nn.Module, image_embedding: Tensor, image_pe: Tensor, point_embedding: Tensor
+    transformer: torch.nn.Module,
+    image_embedding: Tensor,
+    image_pe: Tensor,
+    point_embedding: Tensor,
+    *,
+    outputs: Sequence[int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``TwoWayTransformer.forward`` for N prompts on one image, restructured for large N.
 
     Args:
       image_embedding: (1, C, H, W) (dense prompt embedding already added); image_pe: (1, C, H, W).
       point_embedding: (N, T, C) output + prompt tokens.
+      outputs: the token positions whose final queries are wanted (default all); the final
+        attention is computed for those only (its query rows are independent).
     Returns:
-      queries (N, T, C) and image tokens (N, H*W, C), as the module returns them.
+      queries (N, len(outputs), C) and image tokens (N, H*W, C), as the module returns them.
     """
-    keys = image_embedding.flatten(2).transpose(1, 2)  # (1, HW, C)
+    keys = shared = image_embedding.flatten(2).transpose(1, 2)  # (1, HW, C), the caller's
     key_pe = image_pe.flatten(2).transpose(1, 2)
     queries, query_pe = point_embedding, point_embedding
     for layer in transformer.layers:
@@ -285,10 +295,19 @@ def grid_transformer(
         queries = layer.norm2(queries + t2i)
         queries = layer.norm3(queries + layer.mlp(queries))
         keys = layer.norm4(
-            _image_to_tokens(layer.cross_attn_image_to_token, k, queries + query_pe, queries, keys)
+            _image_to_tokens(
+                layer.cross_attn_image_to_token,
+                k,
+                queries + query_pe,
+                queries,
+                keys,
+                inplace=keys is not shared,
+            )
         )
     if keys.shape[0] != queries.shape[0]:
         keys = keys.expand(queries.shape[0], -1, -1)
+    if outputs is not None:
+        queries, query_pe = queries[:, list(outputs)], query_pe[:, list(outputs)]
     attn = _tokens_to_image(transformer.final_attn_token_to_image, queries + query_pe, keys + key_pe, keys)
     queries = transformer.norm_final_attn(queries + attn)
     return queries, keys

@@ -338,9 +338,12 @@ class AutomaticMaskGenerator:
         output_tokens = output_tokens.to(sparse.dtype).unsqueeze(0).expand(n, -1, -1)
         tokens = torch.cat([output_tokens, sparse], dim=1)
         image = self.predictor.get_image_embedding() + dense
-        hs, src = grid_transformer(dec.transformer, image, model.prompt_encoder.get_dense_pe(), tokens)
+        # Only the IoU token (0) and the three multimask tokens (2-4) are read out.
+        hs, src = grid_transformer(
+            dec.transformer, image, model.prompt_encoder.get_dense_pe(), tokens, outputs=(0, 2, 3, 4)
+        )
         iou = dec.iou_prediction_head(hs[:, 0, :])[:, 1:]
-        return iou, src, hs[:, 2 : 2 + 3, :]
+        return iou, src, hs[:, 1:4, :]
 
     def _mask_logits(self, src: Tensor, mask_tokens: Tensor, prompt_idx: Tensor, token_idx: Tensor) -> Tensor:
         """Low-res logits (K, 256, 256) of the multimask outputs ``token_idx`` of ``prompt_idx``."""

@@ -348,6 +348,7 @@ def test_grid_transformer_equals_the_module():
     dec = model.mask_decoder
     torch.manual_seed(1)
     image = torch.randn(1, 256, 64, 64)
+    original = image.clone()
     pe = model.prompt_encoder.get_dense_pe()
     with torch.inference_mode():
         for n in (1, 5):
@@ -356,6 +357,9 @@ def test_grid_transformer_equals_the_module():
             hs2, src2 = grid_transformer(dec.transformer, image, pe, tokens)
             torch.testing.assert_close(hs2, hs, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(src2, src.expand_as(src2), rtol=1e-5, atol=1e-5)
+            hs3, _ = grid_transformer(dec.transformer, image, pe, tokens, outputs=(0, 2, 3, 4))
+            torch.testing.assert_close(hs3, hs[:, [0, 2, 3, 4]], rtol=1e-5, atol=1e-5)
+            assert torch.equal(image, original)  # the caller's embedding is never written to
 
 
 def test_crops_on_generated_image():
