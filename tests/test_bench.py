@@ -22,7 +22,7 @@ from evsam_cli.bench import (
 from evsam_cli.cli.app import app
 
 runner = CliRunner()
-FAST = ["--input-size", "256", "--warmup", "1", "--iters", "1", "--prompts", "2", "--device", "cpu"]
+FAST = ["--input-size", "64", "--warmup", "1", "--iters", "1", "--prompts", "2", "--device", "cpu"]
 TOP_KEYS = {
     "model",
     "engine",
@@ -43,7 +43,7 @@ def check_schema(rec: dict, *, engine: str, prompts: int, batch: int = 1) -> Non
     assert set(rec) == TOP_KEYS
     assert rec["engine"] == engine and rec["device"] == "cpu" and isinstance(rec["device_name"], str)
     assert rec["dtype"] == "fp32" and isinstance(rec["dtype"], str)
-    assert rec["batch_size"] == batch and rec["image_size"] == 256 and isinstance(rec["image_size"], int)
+    assert rec["batch_size"] == batch and rec["image_size"] == 64 and isinstance(rec["image_size"], int)
     assert set(rec["encoder"]) == {"images_per_s", "latency_ms"}
     assert set(rec["encoder"]["latency_ms"]) == {"median", "p90"}
     assert set(rec["decoder"]) == {"prompts", "prompts_per_s", "latency_ms"}
@@ -72,7 +72,7 @@ def one_error_line(result) -> str:
 # ---------------------------------------------------------------------------- library
 def test_run_bench_torch_schema():
     rec, warnings = run_bench(
-        model="l0", engine="torch", device="cpu", input_size=256, batch_size=2, prompts=3, warmup=1, iters=1
+        model="l0", engine="torch", device="cpu", input_size=64, batch_size=2, prompts=3, warmup=1, iters=1
     )
     check_schema(rec, engine="torch", prompts=3, batch=2)
     assert rec["model"] == "efficientvit-sam-l0" and rec["reference"] is None and warnings == []
@@ -151,7 +151,7 @@ def test_read_metrics(tmp_path):
 )
 def test_bad_settings(kwargs, message):
     with pytest.raises(BenchError, match=message):
-        run_bench(model="l0", device="cpu", input_size=256, iters=1, **kwargs)
+        run_bench(model="l0", device="cpu", input_size=64, iters=1, **kwargs)
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -226,5 +226,5 @@ def test_cli_bench_trt_without_gpu_is_one_error_line():
     ],
 )
 def test_cli_bench_errors(args, message):
-    base = ["bench", "--model", "l0", "--input-size", "256", "--iters", "1", "--warmup", "1"]
+    base = ["bench", "--model", "l0", "--input-size", "64", "--iters", "1", "--warmup", "1"]
     assert message in one_error_line(runner.invoke(app, base + args))

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from evsam_cli.cli.app import app
 from evsam_cli.export import ExportError, OnnxSamPredictor, bilinear_matrix, postprocess_matrices
 from evsam_cli.export.onnx import FP32_TAG, export_onnx, tag_fp32_nodes
-from evsam_cli.export.parity import Tolerance, measure_parity, synthetic_image
+from evsam_cli.export.parity import ParityRecorder, Tolerance, synthetic_image
 from evsam_cli.models import create_model
 from evsam_cli.predictor import SamPredictor
 
@@ -245,28 +245,37 @@ print("ok")
 
 
 # ---------------------------------------------------------------------------- parity
-def test_parity_measured_and_enforced(exported):
-    model, export = exported
-    # Zero tolerance must fail (float32 graphs differ from eager PyTorch by rounding) and name
-    # every quantity; the measured values themselves are checked via export.json in the CLI test.
+def test_parity_recorder_enforces_tolerance():
+    rec = ParityRecorder(Tolerance(atol=1e-3, rtol=1e-2))
+    ref = np.array([[10.0, -20.0]])
+    assert rec.check("random", "logits", ref + 0.05, ref) == pytest.approx(0.05)  # 0.05 <= 1e-3 + 0.2
+    rec.raise_on_failure("graph")  # nothing beyond tolerance
+    rec.check("image", "logits", ref + 0.5, ref)  # 0.5 > 0.201
+    rec.check("image", "iou", np.array([np.nan]), np.array([0.5]))  # NaN never passes
+    rec.check("image", "embeddings", np.zeros(3), np.zeros(4))
     with pytest.raises(ExportError, match="does not match PyTorch") as info:
-        measure_parity(model, export, tolerance=Tolerance(atol=0.0, rtol=0.0))
+        rec.raise_on_failure("graph")
     message = str(info.value)
-    assert "random embeddings" in message and "image logits" in message
+    assert "image logits: max abs diff 0.5" in message and "image iou" in message and "shape" in message
+    assert info.value.parity["random"]["logits"] == pytest.approx(0.05)  # measured values travel along
 
 
 # ---------------------------------------------------------------------------- CLI
 def test_cli_export_writes_files_and_report(tmp_path):
     out = tmp_path / "export"
-    result = runner.invoke(app, ["export", "--model", "l0", "--input-size", "256", "-o", str(out)])
+    result = runner.invoke(app, ["export", "--model", "l0", "--input-size", "64", "-o", str(out)])
     assert result.exit_code == 0, result.output
     record = json.loads((out / "export.json").read_text())
-    assert record["ok"] is True and record["model"] == "efficientvit-sam-l0"
+    assert record["ok"] is True and record["model"] == "efficientvit-sam-l0" and record["input_size"] == 64
     assert record["opset"] == 17 and record["dtype"] == "float32" and record["format"] == "onnx"
     assert {"torch", "onnx", "onnxruntime", "evsam"} <= set(record["versions"])
     assert record["shapes"]["decoder"]["inputs"]["point_coords"] == ["N", "K", 2]
     parity = record["parity"]["onnxruntime"]
-    assert parity["image"]["logits"] < 1e-3 and parity["random"]["embeddings"] < 1e-3
+    for group in ("random", "image"):
+        assert set(parity[group]) == {"embeddings", "logits", "iou"}
+        assert all(0 <= v < 1e-3 for v in parity[group].values())
+    assert [5, 3] in parity["checked_shapes"]["decoder_prompts_points"]  # N, K other than traced
+    assert parity["checked_shapes"]["encoder_batch"] == [1, 3]  # batch other than traced
     assert sorted(p.name for p in out.iterdir()) == [
         "decoder.onnx",
         "encoder.onnx",

@@ -55,6 +55,39 @@ def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).max(initial=0.0))
 
 
+class ParityRecorder:
+    """Collects max abs differences per group and quantity, and the ones beyond tolerance."""
+
+    def __init__(self, tolerance: Tolerance) -> None:
+        self.tolerance = tolerance
+        self.groups: dict[str, dict[str, float]] = {}
+        self.failures: list[str] = []
+
+    def check(self, group: str, name: str, ours: np.ndarray, ref: np.ndarray) -> float:
+        ours, ref = np.asarray(ours), np.asarray(ref)
+        if ours.shape != ref.shape:
+            self.failures.append(f"{group} {name}: shape {ours.shape} != {ref.shape}")
+            return float("nan")
+        diff = _max_diff(ours, ref)
+        store = self.groups.setdefault(group, {})
+        store[name] = max(store.get(name, 0.0), diff)
+        limit = self.tolerance.limit(ref)
+        if not diff <= limit:  # also catches NaN
+            self.failures.append(f"{group} {name}: max abs diff {diff:.3g} > {limit:.3g}")
+        return diff
+
+    def raise_on_failure(self, what: str) -> None:
+        """``ExportError`` listing every failure; the measured values travel as ``.parity``."""
+        if self.failures:
+            tol = self.tolerance
+            error = ExportError(
+                f"{what} does not match PyTorch within tolerance (atol={tol.atol:g}, rtol={tol.rtol:g}): "
+                + "; ".join(self.failures)
+            )
+            error.parity = self.groups  # type: ignore[attr-defined]
+            raise error
+
+
 @torch.inference_mode()
 def measure_parity(
     model: Sam, export: OnnxExport, *, tolerance: Tolerance | None = None, seed: int = 0
@@ -71,24 +104,17 @@ def measure_parity(
     device = model.device
     gen = torch.Generator().manual_seed(seed)
     size = model.input_size
-    failures: list[str] = []
-
-    def check(group: str, name: str, ours: np.ndarray, ref: np.ndarray, store: dict[str, float]) -> None:
-        diff = _max_diff(ours, ref)
-        store[name] = max(store.get(name, 0.0), diff)
-        if not diff <= tol.limit(ref):  # also catches NaN
-            failures.append(f"{group} {name}: max abs diff {diff:.3g} > {tol.limit(ref):.3g}")
+    rec = ParityRecorder(tol)
 
     # ------------------------------------------------------------------ random inputs
     encoder = open_session(export.encoder_path)
     decoder = open_session(export.decoder_path)
-    random: dict[str, float] = {}
     encoder_batches = [1, 3]  # traced at 2: other batches prove the axis is dynamic
     for batch in encoder_batches:
         x = torch.randn(batch, 3, size, size, generator=gen)
         ref = model.image_encoder(x.to(device)).cpu().numpy()
         ours = encoder.run(None, {"images": x.numpy()})[0]
-        check("random", "embeddings", ours, ref, random)
+        rec.check("random", "embeddings", ours, ref)
 
     from .onnx import DecoderOnnxWrapper
 
@@ -110,11 +136,8 @@ def measure_parity(
         masks, iou = decoder.run(
             ["low_res_masks", "iou_predictions"], {nm: t.numpy() for nm, t in zip(names, inputs, strict=True)}
         )
-        if masks.shape != ref_masks.shape:
-            failures.append(f"decoder output shape {masks.shape} != {ref_masks.shape} at N={n}, K={k}")
-            continue
-        check("random", "logits", masks, ref_masks, random)
-        check("random", "iou", iou, ref_iou, random)
+        rec.check("random", "logits", masks, ref_masks)
+        rec.check("random", "iou", iou, ref_iou)
 
     # ------------------------------------------------------------------ a real-looking image
     image = synthetic_image(seed=seed)
@@ -122,14 +145,8 @@ def measure_parity(
     onnx_pred = OnnxSamPredictor(export.encoder_path, export.decoder_path)
     torch_pred.set_image(image)
     onnx_pred.set_image(image)
-    real: dict[str, float] = {}
-    check(
-        "image",
-        "embeddings",
-        onnx_pred.get_image_embedding(),
-        torch_pred.get_image_embedding().cpu().numpy(),
-        real,
-    )
+    ref_embedding = torch_pred.get_image_embedding().cpu().numpy()
+    rec.check("image", "embeddings", onnx_pred.get_image_embedding(), ref_embedding)
     h, w = image.shape[:2]
     boxes = np.array([[0.1 * w, 0.1 * h, 0.5 * w, 0.6 * h], [0.4 * w, 0.3 * h, 0.95 * w, 0.9 * h]])
     points = np.array([[[0.3 * w, 0.4 * h], [0.7 * w, 0.2 * h]]])
@@ -141,17 +158,12 @@ def measure_parity(
         for multimask in modes:
             _, ref_scores, ref_low = torch_pred.predict_batch(**kwargs, multimask_output=multimask)
             _, scores, low = onnx_pred.predict_batch(**kwargs, multimask_output=multimask)
-            check("image", "logits", low, ref_low, real)
-            check("image", "iou", scores, ref_scores, real)
+            rec.check("image", "logits", low, ref_low)
+            rec.check("image", "iou", scores, ref_scores)
 
-    if failures:
-        raise ExportError(
-            "exported ONNX does not match PyTorch within tolerance "
-            f"(atol={tol.atol:g}, rtol={tol.rtol:g}): " + "; ".join(failures)
-        )
+    rec.raise_on_failure("exported ONNX")
     return {
-        "random": random,
-        "image": real,
+        **rec.groups,
         "tolerance": {"atol": tol.atol, "rtol": tol.rtol},
         "checked_shapes": {
             "encoder_batch": encoder_batches,

@@ -147,6 +147,7 @@ def export_model(
             record["parity"]["onnxruntime"] = measure_parity(net, onnx_export, tolerance=tolerance)
         except ExportError as exc:
             failure = exc
+            record["parity"]["onnxruntime"] = getattr(exc, "parity", {})
     if failure is None and fmt == "trt":
         failure = _export_trt(
             net,
@@ -222,6 +223,7 @@ def _export_trt(
     try:
         record["parity"]["tensorrt"] = measure_engine_parity(net, out, tolerance=TRT_TOLERANCE[precision])
     except ExportError as exc:
+        record["parity"]["tensorrt"] = getattr(exc, "parity", {})
         return exc
     return None
 
@@ -231,7 +233,7 @@ def measure_engine_parity(net: Any, out: Path, *, tolerance: Tolerance) -> dict[
     import numpy as np
 
     from ..predictor import SamPredictor
-    from .parity import synthetic_image
+    from .parity import ParityRecorder, synthetic_image
     from .tensorrt import TrtSamPredictor
 
     image = synthetic_image()
@@ -245,12 +247,8 @@ def measure_engine_parity(net: Any, out: Path, *, tolerance: Tolerance) -> dict[
     _, ref_scores, ref_low = ref.predict_batch(boxes=boxes)
     _, scores, low = ours.predict_batch(boxes=boxes)
     pairs += [("logits", low, ref_low), ("iou", scores, ref_scores)]
-    diffs, failures = {}, []
+    rec = ParityRecorder(tolerance)
     for name, a, b in pairs:
-        diff = float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max())
-        diffs[name] = diff
-        if not diff <= tolerance.limit(b):
-            failures.append(f"{name}: max abs diff {diff:.3g} > {tolerance.limit(b):.3g}")
-    if failures:
-        raise ExportError("TensorRT engines do not match PyTorch within tolerance: " + "; ".join(failures))
-    return {"image": diffs, "tolerance": {"atol": tolerance.atol, "rtol": tolerance.rtol}}
+        rec.check("image", name, a, b)
+    rec.raise_on_failure("TensorRT engines")
+    return {**rec.groups, "tolerance": {"atol": tolerance.atol, "rtol": tolerance.rtol}}
