@@ -83,7 +83,10 @@ class TorchEngine(Engine):
         size = model.input_size
         self.images = torch.randn(batch_size, 3, size, size, generator=gen).to(device)
         self.boxes = torch.from_numpy(random_boxes(prompts)).to(device)
-        encoder = model.image_encoder
+        from ..models.optimize import optimize_encoder
+
+        # The inference encoder SamPredictor uses (BatchNorm folded, channels-last): same outputs.
+        encoder = optimize_encoder(model.image_encoder)
 
         def decode(embedding: Any, boxes: Any) -> Any:
             return model.decode(embedding, boxes=boxes, multimask_output=True)
@@ -94,7 +97,7 @@ class TorchEngine(Engine):
         self._encoder = encoder
         self._decode = decode
         with self._context():
-            self.embedding = model.image_encoder(self.images[:1])
+            self.embedding = model.image_encoder(self.images[:1]).clone()
 
     def _context(self) -> Any:
         import contextlib
