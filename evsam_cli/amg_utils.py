@@ -201,7 +201,10 @@ def remove_small_regions(mask: np.ndarray, area_thresh: float, mode: str) -> tup
 # attend to them. Moving each projection to the prompt-token side of its attention (exact algebra:
 # (x W^T) k = x (W^T k), and rows of softmax weights sum to one, so biases pass through) removes
 # about half the multiply-adds and most of the memory traffic. Results equal the module's own
-# forward up to float rounding (tested to 1e-5).
+# forward up to float rounding (tested to 1e-5). ``models/transformer.py`` now factorises its
+# cross attentions the same way; this version also keeps big operands untransposed, accumulates
+# the image->token residual in place, and computes the final attention only for the tokens read
+# out, which saves another ~30% CPU time per prompt (128 prompts: 4.5 vs 6.5 CPU-s here).
 def _heads(x: Tensor, num_heads: int) -> Tensor:
     """(N, L, h*d) -> (N, h, L, d)."""
     n, length, width = x.shape
