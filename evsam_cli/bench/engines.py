@@ -49,15 +49,18 @@ class Engine:
         self.prompts = prompts
 
     def encode(self) -> Any:
+        """The prepared image batch through the encoder -> (B, 256, 64, 64) embeddings."""
         raise NotImplementedError
 
-    def decode(self) -> Any:
+    def decode(self, embedding: Any = None) -> Any:
+        """P prompts against ``embedding`` (1, 256, 64, 64), default the prepared one."""
         raise NotImplementedError
 
     def end_to_end(self) -> Any:
-        self.encode()
-        for _ in range(self.batch_size):
-            out = self.decode()
+        """Encode the batch, then decode P prompts against each image's own embedding."""
+        embeddings = self.encode()
+        for i in range(self.batch_size):
+            out = self.decode(embeddings[i : i + 1])
         return out
 
     def close(self) -> None:
@@ -112,9 +115,9 @@ class TorchEngine(Engine):
         with self._context():
             return self._encoder(self.images)
 
-    def decode(self) -> Any:
+    def decode(self, embedding: Any = None) -> Any:
         with self._context():
-            return self._decode(self.embedding, self.boxes)
+            return self._decode(self.embedding if embedding is None else embedding, self.boxes)
 
 
 class OnnxRuntimeEngine(Engine):
@@ -143,10 +146,11 @@ class OnnxRuntimeEngine(Engine):
         }
 
     def encode(self) -> Any:
-        return self.encoder.run(None, {"images": self.images})
+        return self.encoder.run(None, {"images": self.images})[0]
 
-    def decode(self) -> Any:
-        return self.decoder.run(None, self.feeds)
+    def decode(self, embedding: Any = None) -> Any:
+        feeds = self.feeds if embedding is None else {**self.feeds, "image_embeddings": embedding}
+        return self.decoder.run(None, feeds)
 
 
 class TensorRTEngine(Engine):
@@ -181,10 +185,11 @@ class TensorRTEngine(Engine):
         torch.cuda.synchronize()
 
     def encode(self) -> Any:
-        return self.encoder({"images": self.images})
+        return self.encoder({"images": self.images})["image_embeddings"]
 
-    def decode(self) -> Any:
-        return self.decoder(self.feeds)
+    def decode(self, embedding: Any = None) -> Any:
+        feeds = self.feeds if embedding is None else {**self.feeds, "image_embeddings": embedding}
+        return self.decoder(feeds)
 
 
 def exported_files(folder: Path, suffix: str) -> tuple[Path, Path]:
