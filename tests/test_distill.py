@@ -242,3 +242,14 @@ def test_bad_inputs_end_with_one_error_line(env, cold, tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert [r["step"] for r in _records(tmp_path / "f") if "loss" in r] == [1]
+
+
+@pytest.mark.gpu
+def test_distill_on_gpu_with_amp(env, tmp_path):
+    """The teacher (autocast) and the student (AMP) on CUDA; cache misses go to a fresh folder."""
+    cfg = _cfg(env, tmp_path / "gpu")
+    cfg.loop.device = "cuda"
+    cfg.teacher_cache = str(tmp_path / "cache")
+    summary = distill(cfg)
+    assert summary["teacher_forwards"] == 2 and summary["final_loss"] > 0
+    assert len(list((tmp_path / "cache").glob("vit_b-*/*/*.npy"))) == 2

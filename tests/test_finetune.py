@@ -283,3 +283,15 @@ def test_finetuned_model_goes_to_eval(env, reference, coco):
     assert result.exit_code == 0, result.output
     metrics = json.loads((env / "eval" / "metrics.json").read_text())
     assert metrics["num_images"] == 1 and 0 <= metrics["miou"]["all"] <= 100
+
+
+@pytest.mark.gpu
+def test_amp_on_gpu(env, tmp_path):
+    """AMP path (bf16 autocast, or fp16 with loss scaling) trains with finite losses on CUDA."""
+    cfg = _cfg(env, tmp_path / "gpu")
+    cfg.loop.device = "cuda"
+    cfg.loop.steps = 4
+    summary = finetune(cfg)
+    losses = [r["loss"] for r in _records(tmp_path / "gpu") if "loss" in r]
+    assert len(losses) == 4 and all(np.isfinite(losses))
+    assert summary["val_iou"] is not None

@@ -276,7 +276,9 @@ def finetune(
     if device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
     torch.manual_seed(cfg.loop.seed)
-    sam = build_model(cfg, image_size)  # before touching the output folder: a bad --init changes nothing
+    # A bad --init fails before the output folder is touched. On resume the weights come from
+    # the checkpoint (and the --init file may be gone by now).
+    sam = create_model(spec.name, input_size=image_size) if resume else build_model(cfg, image_size)
     if not resume:
         prepare_output(output, resume=False, overwrite=overwrite)
     output.mkdir(parents=True, exist_ok=True)
