@@ -163,9 +163,10 @@ def test_output_folder_rules(tmp_path):
 
 
 def test_epochs_become_steps(tmp_path):
-    from evsam_cli.train.distill import _count_images, steps_for_epochs
+    from evsam_cli.data.sa1b import count_train_images
+    from evsam_cli.train.loop import steps_for_epochs
 
     write_sa1b(tmp_path, num_images=7, image_size=32, shards=2, seed=0)
     source = open_sa1b(tmp_path, val_images=2)  # the last shard's first 2 samples are held out
-    assert _count_images(source) == 5
+    assert count_train_images(source) == 5
     assert steps_for_epochs(2, 5, batch_size=2, grad_accum=1, world_size=2) == 3  # ceil(10 / 4)

@@ -241,6 +241,20 @@ def open_sa1b(path: str | os.PathLike[str], *, val_images: int = 0) -> Sa1bSourc
     )
 
 
+def count_train_images(source: Any) -> int:
+    """Training images of a source (for ``--epochs``): tar headers are read, image data is skipped."""
+    if not getattr(source, "is_tar", False):
+        return len(source.train_units)
+    total = 0
+    for unit in source.train_units:
+        try:
+            with tarfile.open(unit.path) as tar:
+                total += max(0, sum(1 for m in tar if m.name.endswith(".jpg")) - unit.skip)
+        except (tarfile.TarError, OSError) as exc:
+            raise DataError(f"cannot read shard {unit.path}: {exc}") from None
+    return total
+
+
 # ---------------------------------------------------------------------------- streaming
 Transform = Callable[[Sa1bRecord, np.random.Generator], dict[str, Any] | None]
 Collate = Callable[[list[dict[str, Any]]], dict[str, Any]]

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed as dist_utils
-from ..data.sa1b import BatchStream, Sa1bRecord, Sa1bStream, open_sa1b
+from ..data.sa1b import BatchStream, Sa1bRecord, Sa1bStream, count_train_images, open_sa1b
 from ..data.transforms import normalize_padded, resize_longest_padded
 from ..devices import resolve_device
 from ..errors import CheckpointError
@@ -35,8 +35,9 @@ from .loop import (
     TrainingError,
     amp_dtype,
     environment,
-    load_checkpoint_file,
     prepare_output,
+    saved_config,
+    steps_for_epochs,
     train,
     write_summary,
 )
@@ -226,28 +227,6 @@ class DistillValidation:
 
 
 # ---------------------------------------------------------------------------- entry point
-def _count_images(source: Any) -> int:
-    """Training images in ``source`` (tar headers are read, image data is not)."""
-    if not source.is_tar:
-        return len(source.train_units)
-    import tarfile
-
-    total = 0
-    for unit in source.train_units:
-        with tarfile.open(unit.path) as tar:
-            total += max(0, sum(1 for m in tar if m.name.endswith(".jpg")) - unit.skip)
-    return total
-
-
-def steps_for_epochs(epochs: float, images: int, batch_size: int, grad_accum: int, world_size: int) -> int:
-    per_step = batch_size * grad_accum * world_size
-    return max(1, int(np.ceil(epochs * images / per_step)))
-
-
-def saved_config(output: Path) -> dict[str, Any]:
-    return load_checkpoint_file(output / "checkpoints" / "last.pt")["config"]
-
-
 def distill(
     config: DistillConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = False
 ) -> dict[str, Any]:
@@ -286,7 +265,7 @@ def distill(
         if info.is_main:
             cache.describe(cfg.teacher_checkpoint)
     if cfg.loop.epochs and not resume:
-        images = _count_images(source)
+        images = count_train_images(source)
         cfg.loop.steps = steps_for_epochs(
             cfg.loop.epochs, images, cfg.data.batch_size, cfg.loop.grad_accum, info.world_size
         )

@@ -27,14 +27,29 @@ from torch import Tensor, nn
 
 from .. import distributed as dist_utils
 from ..data.coco_train import open_coco
-from ..data.sa1b import BatchStream, Sa1bRecord, Sa1bStream, collate_stack, decode_mask, open_sa1b
+from ..data.sa1b import (
+    BatchStream,
+    Sa1bRecord,
+    Sa1bStream,
+    collate_stack,
+    count_train_images,
+    decode_mask,
+    open_sa1b,
+)
 from ..data.transforms import normalize_padded, resize_longest_padded, resize_mask_padded
 from ..devices import resolve_device
 from ..errors import CheckpointError
 from ..models import Sam, create_model, get_spec, read_state_dict, save_weights
 from .config import FinetuneConfig, from_dict, to_dict
-from .distill import saved_config, steps_for_epochs
-from .loop import TrainingError, environment, prepare_output, train, write_summary
+from .loop import (
+    TrainingError,
+    environment,
+    prepare_output,
+    saved_config,
+    steps_for_epochs,
+    train,
+    write_summary,
+)
 from .losses import dice_loss, mask_iou, min_over_outputs, sigmoid_focal_loss
 from .prompts import mask_box, sample_points, to_prompt_frame
 
@@ -283,11 +298,7 @@ def finetune(
         prepare_output(output, resume=False, overwrite=overwrite)
     output.mkdir(parents=True, exist_ok=True)
     if cfg.loop.epochs and not resume:
-        images = len(source.train_units) if not source.is_tar else None
-        if images is None:
-            from .distill import _count_images
-
-            images = _count_images(source)
+        images = count_train_images(source)
         cfg.loop.steps = steps_for_epochs(
             cfg.loop.epochs, images, cfg.data.batch_size, cfg.loop.grad_accum, info.world_size
         )

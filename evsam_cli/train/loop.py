@@ -431,6 +431,17 @@ def _log_record(window: _Window, step: int, epoch: int, lr: float, device: torch
     return {"step": step, "epoch": epoch, "lr": lr, **values, "images_per_s": images_per_s}
 
 
+def steps_for_epochs(epochs: float, images: int, batch_size: int, grad_accum: int, world_size: int) -> int:
+    """Optimizer steps for ``epochs`` passes over ``images`` at the global batch size."""
+    per_step = batch_size * grad_accum * world_size
+    return max(1, math.ceil(epochs * images / per_step))
+
+
+def saved_config(output: Path) -> dict[str, Any]:
+    """The configuration stored in ``OUTPUT/checkpoints/last.pt`` (what ``--resume`` continues with)."""
+    return load_checkpoint_file(output / "checkpoints" / "last.pt")["config"]
+
+
 def write_summary(output: Path, summary: dict[str, Any]) -> None:
     if dist_utils.is_main():
         write_json_atomic(output / "summary.json", summary)
