@@ -293,6 +293,7 @@ def test_cli_export_writes_files_and_report(tmp_path):
         (["--format", "trt"], "TensorRT"),
         (["--model", "l9"], "unknown model"),
         (["--checkpoint", "missing.pt"], "checkpoint not found"),
+        (["--input-size", "100"], "multiple of 32"),
     ],
 )
 def test_cli_export_errors(tmp_path, args, message):

@@ -144,7 +144,17 @@ def run_bench(
                 f"this run is {engine} {dtype} at batch {batch_size}"
             )
 
-    net = create_model(model, checkpoint=checkpoint, device="cpu", input_size=input_size)
+    from ..models import get_spec
+
+    if input_size is not None and get_spec(model).family != "efficientvit-sam":
+        warnings.append(
+            f"--input-size applies to EfficientViT-SAM only; {get_spec(model).name} runs at its own size"
+        )
+        input_size = None
+    try:
+        net = create_model(model, checkpoint=checkpoint, device="cpu", input_size=input_size)
+    except ValueError as exc:  # an input size the model cannot take
+        raise BenchError(str(exc)) from None
     report = progress or (lambda _phase, _done: None)
     report("preparing " + engine, 0)
     eng = make_engine(

@@ -221,6 +221,7 @@ def _single_table(rec: dict[str, Any]) -> None:
 
 
 def _zoo_table(records: list[dict[str, Any]]) -> None:
+    from rich import box
     from rich.table import Table
 
     from ..bench import paper_figures
@@ -228,28 +229,33 @@ def _zoo_table(records: list[dict[str, Any]]) -> None:
 
     first = records[0]
     table = Table(
+        box=box.SIMPLE_HEAD,
         title=f"evsam bench --all | {first['engine']} {first['dtype']} | {first['device_name']} | "
-        f"batch {first['batch_size']}, {first['decoder']['prompts']} boxes per image"
+        f"batch {first['batch_size']}, {first['decoder']['prompts']} boxes per image",
     )
-    cols = ("model", "params (M)", "MACs (G)", "engine", "encoder images/s", "encoder ms", "e2e images/s")
+    # Short headers and names: the table must fit an 80-column terminal.
+    cols = ("model", "params", "GMACs", "engine", "enc img/s", "enc ms", "e2e img/s")
     for col in cols:
-        table.add_column(col, justify="left" if col in ("model", "engine") else "right")
+        table.add_column(
+            col, justify="left" if col in ("model", "engine") else "right", no_wrap=col == "model"
+        )
     has_ref = any(r["reference"] for r in records)
     if has_ref:
-        table.add_column(
-            f"paper images/s ({first['reference']['gpu'] if first['reference'] else ''})", justify="right"
-        )
-    table.add_column("paper COCO mAP", justify="right")
+        gpu = next(r["reference"]["gpu"] for r in records if r["reference"])
+        table.add_column(f"paper img/s {gpu}", justify="right")
+    table.add_column("paper mAP", justify="right")
     for rec in records:
         prof = profile_model(rec["model"])
         figures = paper_figures(rec["model"])
         row = [
-            rec["model"],
+            rec["model"].replace("efficientvit-sam-", "").upper()
+            if "efficientvit" in rec["model"]
+            else rec["model"],
             f"{prof.params / 1e6:.1f}",
             f"{prof.encoder_macs / 1e9:.1f}",
             rec["engine"],
             f"{rec['encoder']['images_per_s']:.2f}",
-            f"{rec['encoder']['latency_ms']['median']:.1f}",
+            f"{rec['encoder']['latency_ms']['median']:.0f}",
             f"{rec['end_to_end']['images_per_s']:.2f}",
         ]
         if has_ref:
@@ -257,4 +263,7 @@ def _zoo_table(records: list[dict[str, Any]]) -> None:
         row.append(f"{figures.coco_map}" if figures and figures.coco_map is not None else "-")
         table.add_row(*row)
     console.print(table)
-    console.print("MACs: image encoder at the model's own input size (evsam_cli.models.profile).")
+    console.print(
+        "params in millions; GMACs of the image encoder at the model's own input size; "
+        "paper mAP: COCO, ViTDet boxes as prompts; e2e: encoder + the boxes of each image."
+    )

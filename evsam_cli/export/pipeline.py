@@ -117,7 +117,10 @@ def export_model(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     step(f"building {model}")
-    net = create_model(model, checkpoint=checkpoint, device="cpu", input_size=input_size)
+    try:
+        net = create_model(model, checkpoint=checkpoint, device="cpu", input_size=input_size)
+    except ValueError as exc:  # an input size the model cannot take
+        raise ExportError(str(exc)) from None
     step("exporting ONNX graphs")
     onnx_export = export_onnx(net, out, opset=opset, exporter=exporter)
     record: dict[str, Any] = {
