@@ -260,6 +260,27 @@ def test_parity_recorder_enforces_tolerance():
     assert info.value.parity["random"]["logits"] == pytest.approx(0.05)  # measured values travel along
 
 
+def test_large_graphs_keep_weights_in_a_side_file(tmp_path, monkeypatch):
+    """Above protobuf's 2 GB (SAM ViT-H) weights go to NAME.onnx.data; forced here with a 1 MB limit."""
+    import evsam_cli.export.onnx as onnx_export
+    from evsam_cli.export import export_model
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 1_000_000)
+    record = export_model(model="l0", input_size=64, output_dir=tmp_path, check=False)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["decoder.onnx", "decoder.onnx.data", "encoder.onnx", "encoder.onnx.data", "export.json"]
+    assert record["files"]["encoder_weights"] == "encoder.onnx.data"
+    assert (
+        (tmp_path / "encoder.onnx").stat().st_size
+        < 1_000_000
+        < (tmp_path / "encoder.onnx.data").stat().st_size
+    )
+    onnx.checker.check_model(str(tmp_path / "encoder.onnx"), full_check=True)
+    p = OnnxSamPredictor(tmp_path / "encoder.onnx", tmp_path / "decoder.onnx")
+    p.set_image(np.full((40, 50, 3), 90, np.uint8))
+    assert p.predict(box=np.array([2, 2, 30, 30]))[1].shape == (3,)
+
+
 # ---------------------------------------------------------------------------- CLI
 def test_cli_export_writes_files_and_report(tmp_path):
     out = tmp_path / "export"

@@ -113,7 +113,7 @@ def export_cli(
     for part in ("encoder", "decoder"):
         io = record["shapes"][part]
         fmt_io = lambda d: ", ".join(f"{k} {tuple(v)}" for k, v in d.items())  # noqa: E731
-        for key in (part, f"{part}_engine"):
+        for key in (part, f"{part}_weights", f"{part}_engine"):
             name = record["files"].get(key)
             if name:
                 size = (output / name).stat().st_size / 1e6

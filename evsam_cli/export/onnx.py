@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import re
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +42,9 @@ DECODER_INPUTS = ("image_embeddings", "point_coords", "point_labels", "mask_inpu
 DECODER_OUTPUTS = ("low_res_masks", "iou_predictions")
 # Node-name prefix of the parts that must stay float32 under TensorRT fp16 (see tensorrt.py).
 FP32_TAG = "evsam_fp32/"
+# Above this many bytes of weights a graph is saved with its weights in a side file (protobuf's
+# hard limit is 2 GB; SAM ViT-H's encoder is 2.5 GB in float32).
+EXTERNAL_DATA_BYTES = 1_800_000_000
 
 
 class EncoderOnnxWrapper(nn.Module):
@@ -89,6 +94,7 @@ class OnnxExport:
     mask_batch: str  # "broadcast": mask_input batch is 1 or N; "prompts": it must be N
     fp32_nodes: dict[str, int] = field(default_factory=dict)
     shapes: dict[str, Any] = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)  # names written, weight side files included
 
 
 def torchscript_exporter_available() -> bool:
@@ -142,8 +148,20 @@ def _export_one(
     input_names: tuple[str, ...],
     output_names: tuple[str, ...],
     dynamic_axes: dict[str, dict[int, str]],
-) -> None:
-    with warnings.catch_warnings(), torch.no_grad(), atomic_path(path) as tmp:
+) -> Any:
+    """Export ``module`` and return the loaded ``onnx.ModelProto`` (weights included).
+
+    The exporter writes into a private temporary folder beside ``path`` (it may split large
+    weights into side files there); nothing reaches the output folder until ``_finalise``.
+    """
+    import onnx
+
+    with (
+        warnings.catch_warnings(),
+        torch.no_grad(),
+        tempfile.TemporaryDirectory(prefix=".evsam-export-", dir=path.parent) as tmp_dir,
+    ):
+        raw = str(Path(tmp_dir) / "raw.onnx")
         # Tracer warnings about Python ints are expected: every axis we make dynamic is checked by
         # running the exported graph at other sizes (export/parity.py).
         warnings.simplefilter("ignore")
@@ -151,7 +169,7 @@ def _export_one(
             torch.onnx.export(
                 module,
                 args,
-                str(tmp),
+                raw,
                 dynamo=False,
                 opset_version=opset,
                 input_names=list(input_names),
@@ -177,11 +195,11 @@ def _export_one(
                 input_names=list(input_names),
                 output_names=list(output_names),
                 dynamic_shapes=dynamic_shapes,
-                external_data=False,
                 verbose=False,
             )
             assert program is not None
-            program.save(str(tmp), external_data=False)
+            program.save(raw)
+        return onnx.load(raw, load_external_data=True)
 
 
 def _owner_module(node: Any, exporter: str) -> str:
@@ -241,20 +259,44 @@ def _set_metadata(model_proto: Any, meta: dict[str, Any]) -> None:
         entry.value = json.dumps(value)
 
 
-def _finalise(path: Path, root: nn.Module, exporter: str, meta: dict[str, Any]) -> int:
-    """Tag fp32 nodes, attach metadata, check the graph and rewrite it atomically."""
+def _weight_bytes(proto: Any) -> int:
+    return sum(len(t.raw_data) for t in proto.graph.initializer)
+
+
+def _finalise(
+    proto: Any, path: Path, root: nn.Module, exporter: str, meta: dict[str, Any]
+) -> tuple[int, list[str]]:
+    """Tag fp32 nodes, attach metadata, check the graph and write it; (tagged nodes, files written).
+
+    Graphs whose weights exceed ``EXTERNAL_DATA_BYTES`` (protobuf stops at 2 GB: SAM ViT-H) are
+    written as ``NAME.onnx`` plus one ``NAME.onnx.data``; both are completed in a temporary folder
+    and renamed into place, the weights first.
+    """
     import onnx
 
-    proto = onnx.load(str(path))
     tagged = tag_fp32_nodes(proto, root, exporter)
     _set_metadata(proto, meta)
-    try:
-        onnx.checker.check_model(proto, full_check=True)
-    except onnx.checker.ValidationError as exc:
-        raise ExportError(f"exported graph {path} fails the ONNX checker: {exc}") from None
-    with atomic_path(path) as tmp:
-        onnx.save(proto, str(tmp))
-    return tagged
+    if _weight_bytes(proto) <= EXTERNAL_DATA_BYTES:
+        try:
+            onnx.checker.check_model(proto, full_check=True)
+        except onnx.checker.ValidationError as exc:
+            raise ExportError(f"exported graph {path} fails the ONNX checker: {exc}") from None
+        with atomic_path(path) as tmp:
+            onnx.save(proto, str(tmp))
+        return tagged, [path.name]
+    data_name = path.name + ".data"
+    with tempfile.TemporaryDirectory(prefix=".evsam-export-", dir=path.parent) as tmp_dir:
+        staged = Path(tmp_dir) / path.name
+        onnx.save_model(
+            proto, str(staged), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name
+        )
+        try:
+            onnx.checker.check_model(str(staged), full_check=True)  # by path: no 2 GB limit
+        except onnx.checker.ValidationError as exc:
+            raise ExportError(f"exported graph {path} fails the ONNX checker: {exc}") from None
+        os.replace(Path(tmp_dir) / data_name, path.parent / data_name)
+        os.replace(staged, path)
+    return tagged, [path.name, data_name]
 
 
 def export_onnx(
@@ -289,7 +331,7 @@ def export_onnx(
 
     encoder = EncoderOnnxWrapper(model).eval()
     enc_path = out / "encoder.onnx"
-    _export_one(
+    enc_proto = _export_one(
         encoder,
         (torch.randn(2, 3, size, size, device=device),),
         enc_path,
@@ -299,7 +341,10 @@ def export_onnx(
         output_names=ENCODER_OUTPUTS,
         dynamic_axes={"images": {0: "batch"}, "image_embeddings": {0: "batch"}},
     )
-    tagged_enc = _finalise(enc_path, encoder, exporter, {**base_meta, "graph": "encoder"})
+    tagged_enc, enc_files = _finalise(
+        enc_proto, enc_path, encoder, exporter, {**base_meta, "graph": "encoder"}
+    )
+    del enc_proto
 
     # The dynamo exporter cannot keep "1 or N" broadcasting symbolic: there the mask batch is N.
     mask_batch = "broadcast" if exporter == "torchscript" else "prompts"
@@ -307,7 +352,7 @@ def export_onnx(
     dec_path = out / "decoder.onnx"
     prompt_axes = {0: "num_prompts", 1: "num_points"}
     mask_axis = {0: "mask_batch" if mask_batch == "broadcast" else "num_prompts"}
-    _export_one(
+    dec_proto = _export_one(
         decoder,
         tuple(t.to(device) for t in example_decoder_inputs(mask_rows=1 if mask_batch == "broadcast" else 3)),
         dec_path,
@@ -324,8 +369,8 @@ def export_onnx(
             "iou_predictions": {0: "num_prompts"},
         },
     )
-    tagged_dec = _finalise(
-        dec_path, decoder, exporter, {**base_meta, "graph": "decoder", "mask_batch": mask_batch}
+    tagged_dec, dec_files = _finalise(
+        dec_proto, dec_path, decoder, exporter, {**base_meta, "graph": "decoder", "mask_batch": mask_batch}
     )
     mask_dim = "M" if mask_batch == "broadcast" else "N"
     return OnnxExport(
@@ -335,6 +380,7 @@ def export_onnx(
         exporter=exporter,
         mask_batch=mask_batch,
         fp32_nodes={"encoder": tagged_enc, "decoder": tagged_dec},
+        files=enc_files + dec_files,
         shapes={
             "encoder": {
                 "inputs": {"images": ["B", 3, size, size]},

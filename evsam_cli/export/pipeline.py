@@ -136,7 +136,11 @@ def export_model(
         "opset": onnx_export.opset,
         "exporter": onnx_export.exporter,
         "versions": _versions(),
-        "files": {"encoder": onnx_export.encoder_path.name, "decoder": onnx_export.decoder_path.name},
+        "files": {
+            "encoder": onnx_export.encoder_path.name,
+            "decoder": onnx_export.decoder_path.name,
+            **{f"{name.split('.')[0]}_weights": name for name in onnx_export.files if name.endswith(".data")},
+        },
         "shapes": onnx_export.shapes,
         "decoder_outputs": "low_res_masks[:, 0] is the single-mask output, [:, 1:4] the multimask outputs",
         "onnx": {"mask_batch": onnx_export.mask_batch, "fp32_nodes": onnx_export.fp32_nodes},
