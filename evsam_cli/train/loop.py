@@ -204,7 +204,6 @@ class TrainResult:
     validation: dict[str, float]
     best: dict[str, float] | None
     skipped_images: list[str]
-    extra: dict[str, float]
 
 
 def train(
@@ -404,7 +403,6 @@ def train(
         validation=last_val,
         best=best,
         skipped_images=all_skipped,
-        extra={},
     )
 
 
