@@ -178,3 +178,20 @@ def test_debug_shows_traceback(tmp_path):
     )
     assert result.exit_code != 0
     assert result.exception is not None and type(result.exception).__name__ == "DataError"
+
+
+def test_atomic_writes_keep_usual_permissions_and_leave_no_temp(tmp_path):
+    import os
+
+    from evsam_cli.io import atomic_path, write_json_atomic
+
+    target = write_json_atomic(tmp_path / "a.json", {"x": 1})
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (target.stat().st_mode & 0o777) == 0o666 & ~mask
+    target.write_text("keep me")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half written")
+        raise RuntimeError("crash while writing")
+    assert target.read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
