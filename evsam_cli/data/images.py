@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -56,13 +58,24 @@ def pil_to_rgb_uint8(img: Image.Image) -> np.ndarray:
     return to_rgb_uint8(np.asarray(img.convert("RGB")))
 
 
+def open_image(fp: Any) -> Image.Image:
+    """``PIL.Image.open``, bypassing the process-wide wrapper ultralytics installs when imported.
+
+    That wrapper answers an unidentifiable file by trying to pip-install a HEIF plugin (raising
+    ``ModuleNotFoundError`` offline) instead of PIL's ``UnidentifiedImageError``.
+    """
+    patches = sys.modules.get("ultralytics.utils.patches")
+    opener = getattr(patches, "_image_open", None) or Image.open
+    return opener(fp)
+
+
 def load_image(path: str | os.PathLike[str]) -> np.ndarray:
     """Decode an image file to HxWx3 uint8 RGB; ``DataError`` if missing, truncated or not an image."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"image not found: {path}")
     try:
-        with Image.open(path) as img:
+        with open_image(path) as img:
             img.load()
             return pil_to_rgb_uint8(img)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:

@@ -33,12 +33,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 from pycocotools import mask as mask_utils
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import DataError
-from .images import pil_to_rgb_uint8
+from .images import open_image, pil_to_rgb_uint8
 
 _NUMBER = re.compile(r"(\d+)")
 
@@ -87,7 +87,7 @@ def decode_record(raw: _Raw) -> Sa1bRecord:
     except (ValueError, KeyError, TypeError) as exc:
         raise CorruptSample(f"{raw.name}: bad annotation JSON ({type(exc).__name__}: {exc})") from None
     try:
-        with Image.open(io.BytesIO(raw.jpg)) as img:
+        with open_image(io.BytesIO(raw.jpg)) as img:
             img.load()
             image = pil_to_rgb_uint8(img)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:

@@ -131,6 +131,25 @@ def category_lookup(categories: Sequence[dict[str, Any]]) -> dict[str, int]:
     return lookup
 
 
+def _undo_ultralytics_pil_patch() -> None:
+    """Give ``PIL.Image.open`` back its own behaviour after importing ultralytics.
+
+    Importing ultralytics replaces ``PIL.Image.open`` process-wide with a wrapper that, on a file
+    PIL cannot identify, tries to pip-install a HEIF plugin and raises ``ModuleNotFoundError``
+    offline. evsam decodes every image itself (a corrupt one is skipped and reported), so the
+    original function is put back.
+    """
+    from PIL import Image
+
+    try:
+        from ultralytics.utils import patches
+    except ImportError:
+        return
+    original = getattr(patches, "_image_open", None)
+    if original is not None and Image.open is not original:
+        Image.open = original
+
+
 def class_to_category(class_names: dict[int, str], categories: Sequence[dict[str, Any]]) -> dict[int, int]:
     """Detector class index -> dataset category id, matched by name.
 
@@ -180,6 +199,7 @@ class YoloDetector:
             from ultralytics import YOLO
         except ImportError:
             raise MissingDependencyError("ultralytics", "yolo", "the yolov8 detector") from None
+        _undo_ultralytics_pil_patch()
         path = Path(weights)
         # A bare release name (yolov8x.pt) is resolved by ultralytics, which downloads it when online.
         if not path.is_file() and (len(path.parts) > 1 or path.suffix != ".pt"):
