@@ -97,7 +97,7 @@ def evaluate(
     device: str = "cpu",
     batch_size: int = 4,
     workers: int = 2,
-    prompts_per_pass: int = 64,
+    prompts_per_pass: int | None = None,
     input_size: int | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
@@ -112,7 +112,8 @@ def evaluate(
       data_root / images / annotations: the standard layout, or explicit paths.
       limit: evaluate only the first N images of the annotation file.
       batch_size: images per encoder pass. workers: DataLoader processes decoding images.
-      prompts_per_pass: prompts per decoder pass.
+      prompts_per_pass: prompts per decoder pass (default 256 on a GPU, 4 on CPU, where larger
+        passes only add memory traffic).
       input_size: encoder input override (EfficientViT-SAM only; for quick tests).
       progress: called on rank 0 with (images done, images in this rank's shard).
     Returns the metrics dict written to metrics.json (on every rank; only rank 0 writes).
@@ -140,6 +141,8 @@ def evaluate(
         sam = model.to(dev).eval()
     else:
         sam = create_model(model, checkpoint, dev, input_size=input_size)
+    if prompts_per_pass is None:
+        prompts_per_pass = 256 if dev.type == "cuda" else 4
     # Inference copy of the encoder: BatchNorm folded, channels-last (same outputs, faster).
     encoder = optimize_encoder(sam.image_encoder)
 
