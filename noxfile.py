@@ -46,7 +46,7 @@ def demo(session: nox.Session) -> None:
     )
     session.run("evsam", "eval", "coco", "--data-root", f"{tmp}/coco", "--prompt", "box", "--model", "l0",
                 "--output", f"{tmp}/eval")  # fmt: skip
-    session.run("evsam", "bench", "--model", "l0", "--engine", "torch", "--iters", "3", "--warmup", "1")
+    session.run("evsam", "bench", "--model", "l0", "--engine", "torch", "--iters", "3", "--warmup", "3")
 
 
 @nox.session(python=PYTHON)
