@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from .data.images import to_rgb_uint8
+from .frames import boxes_to_frame, coords_to_frame
 from .models.sam import Sam
 
 
@@ -81,16 +82,12 @@ class SamPredictor:
     def apply_coords(self, coords: np.ndarray) -> np.ndarray:
         """(..., 2) x,y in original pixels -> the prompt frame (float64, as the reference)."""
         assert self.original_size is not None and self.input_size is not None
-        old_h, old_w = self.original_size
-        new_h, new_w = self.input_size
-        coords = np.array(coords, dtype=np.float64, copy=True)
-        coords[..., 0] = coords[..., 0] * (new_w / old_w)
-        coords[..., 1] = coords[..., 1] * (new_h / old_h)
-        return coords
+        return coords_to_frame(coords, self.original_size, self.input_size)
 
     def apply_boxes(self, boxes: np.ndarray) -> np.ndarray:
         """(N, 4) xyxy in original pixels -> the prompt frame."""
-        return self.apply_coords(np.asarray(boxes, dtype=np.float64).reshape(-1, 2, 2)).reshape(-1, 4)
+        assert self.original_size is not None and self.input_size is not None
+        return boxes_to_frame(np.asarray(boxes).reshape(-1, 4), self.original_size, self.input_size)
 
     # ------------------------------------------------------------------ prediction
     def predict(

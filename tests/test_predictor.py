@@ -156,3 +156,21 @@ def test_load_image_errors(tmp_path):
     truncated.write_bytes(good.read_bytes()[:200])
     with pytest.raises(DataError):
         load_image(truncated)
+
+
+def test_frames_module_is_the_one_conversion():
+    """Predictor, ONNX runtime and evaluation share evsam_cli.frames (and it needs no torch)."""
+    import subprocess
+    import sys
+
+    from evsam_cli.frames import boxes_to_frame, coords_to_frame
+
+    np.testing.assert_allclose(
+        coords_to_frame(np.array([[400.0, 300.0]]), (300, 400), (768, 1024)), [[1024, 768]]
+    )
+    np.testing.assert_allclose(
+        boxes_to_frame(np.array([[0, 0, 200, 150]]), (300, 400), (768, 1024)), [[0, 0, 512, 384]]
+    )
+    code = "import sys, evsam_cli.frames, evsam_cli.export.runtime; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

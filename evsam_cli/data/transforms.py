@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor
 
-from ..models.sam import PIXEL_MEAN, PIXEL_STD, preprocess_shape
+from ..frames import preprocess_shape, resize_longest
+from ..models.sam import PIXEL_MEAN, PIXEL_STD
 
 
 def resize_longest_padded(image: np.ndarray, size: int) -> tuple[Tensor, tuple[int, int]]:
@@ -21,10 +21,8 @@ def resize_longest_padded(image: np.ndarray, size: int) -> tuple[Tensor, tuple[i
 
     The resize is PIL bilinear with SAM's rounding, as ``Sam.resize_image``.
     """
-    h, w = image.shape[:2]
-    new_h, new_w = preprocess_shape(h, w, size)
-    if (new_h, new_w) != (h, w):
-        image = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
+    image = resize_longest(image, size)
+    new_h, new_w = image.shape[:2]
     out = torch.zeros(3, size, size, dtype=torch.uint8)
     out[:, :new_h, :new_w] = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1)
     return out, (new_h, new_w)

@@ -13,17 +13,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..frames import boxes_to_frame, coords_to_frame
 from ..models.sam import Sam
-
-
-def to_prompt_frame(
-    coords: np.ndarray, original_size: tuple[int, int], frame_size: tuple[int, int]
-) -> np.ndarray:
-    """(..., 2) x,y in original pixels -> the model's prompt frame (float64, as SAM's transform)."""
-    out = np.array(coords, dtype=np.float64, copy=True)
-    out[..., 0] = out[..., 0] * (frame_size[1] / original_size[1])
-    out[..., 1] = out[..., 1] * (frame_size[0] / original_size[0])
-    return out
 
 
 @torch.inference_mode()
@@ -51,13 +42,11 @@ def best_masks(
     device = model.device
     if boxes is not None:
         n = len(boxes)
-        boxes_t = torch.as_tensor(
-            to_prompt_frame(np.asarray(boxes).reshape(-1, 2, 2), original_size, frame).reshape(-1, 4)
-        )
+        boxes_t = torch.as_tensor(boxes_to_frame(np.asarray(boxes).reshape(-1, 4), original_size, frame))
         boxes_t = boxes_t.to(device=device, dtype=torch.float32)
     elif point_coords is not None and point_labels is not None:
         n = len(point_coords)
-        coords_t = torch.as_tensor(to_prompt_frame(point_coords, original_size, frame)).to(
+        coords_t = torch.as_tensor(coords_to_frame(point_coords, original_size, frame)).to(
             device=device, dtype=torch.float32
         )
         labels_t = torch.as_tensor(np.asarray(point_labels), dtype=torch.int64, device=device)

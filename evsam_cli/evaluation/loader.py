@@ -13,12 +13,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
 from ..data.images import load_image
 from ..errors import DataError
-from ..models.sam import preprocess_shape
+from ..frames import resize_longest
 from .datasets import EvalImage, annotation_to_mask, bbox_xywh_to_xyxy
 
 
@@ -35,15 +34,6 @@ class EvalItem:
     gt_boxes: np.ndarray | None = None  # (N, 4) xyxy
     gt_areas: list[float] | None = None
     gt_ids: list[Any] | None = None
-
-
-def resize_longest(image: np.ndarray, size: int) -> np.ndarray:
-    """HxWx3 uint8 -> longest side ``size`` (PIL bilinear, SAM's rounding); unchanged if already so."""
-    h, w = image.shape[:2]
-    if max(h, w) == size:
-        return image
-    new_h, new_w = preprocess_shape(h, w, size)
-    return np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
 
 
 class EvalImages(Dataset):

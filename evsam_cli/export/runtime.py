@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from ..data.images import to_rgb_uint8
 from ..errors import DataError, MissingDependencyError
+from ..frames import boxes_to_frame, coords_to_frame, preprocess_shape, resize_longest
 from .errors import ExportError
 
 # Defaults of every zoo model; exported graphs carry their own values in metadata.
@@ -28,12 +28,6 @@ PIXEL_STD = (58.395, 57.12, 57.375)
 PROMPT_SIZE = 1024
 LOW_RES_SIZE = 256
 NUM_MASK_TOKENS = 4  # token 0: single-mask output; tokens 1-3: multimask outputs
-
-
-def preprocess_shape(height: int, width: int, long_side: int) -> tuple[int, int]:
-    """(h, w) after resizing so the longest side is ``long_side`` (SAM's rounding)."""
-    scale = long_side * 1.0 / max(height, width)
-    return int(height * scale + 0.5), int(width * scale + 0.5)
 
 
 def bilinear_matrix(out_size: int, in_size: int) -> np.ndarray:
@@ -128,10 +122,7 @@ class ExportedSamPredictor:
 
     def preprocess(self, image: np.ndarray) -> np.ndarray:
         """HxWx3 uint8 RGB -> (1, 3, S, S) float32: resize longest side, normalise, zero-pad."""
-        h, w = image.shape[:2]
-        if max(h, w) != self.image_size:
-            new_h, new_w = preprocess_shape(h, w, self.image_size)
-            image = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
+        image = resize_longest(image, self.image_size)
         x = (image.astype(np.float32) - self.pixel_mean) / self.pixel_std
         padded = np.zeros((self.image_size, self.image_size, 3), dtype=np.float32)
         padded[: x.shape[0], : x.shape[1]] = x
@@ -170,16 +161,12 @@ class ExportedSamPredictor:
     def apply_coords(self, coords: np.ndarray) -> np.ndarray:
         """(..., 2) x,y in original pixels -> the prompt frame."""
         assert self.original_size is not None and self.input_size is not None
-        old_h, old_w = self.original_size
-        new_h, new_w = self.input_size
-        coords = np.array(coords, dtype=np.float64, copy=True)
-        coords[..., 0] = coords[..., 0] * (new_w / old_w)
-        coords[..., 1] = coords[..., 1] * (new_h / old_h)
-        return coords
+        return coords_to_frame(coords, self.original_size, self.input_size)
 
     def apply_boxes(self, boxes: np.ndarray) -> np.ndarray:
         """(N, 4) xyxy in original pixels -> the prompt frame."""
-        return self.apply_coords(np.asarray(boxes, dtype=np.float64).reshape(-1, 2, 2)).reshape(-1, 4)
+        assert self.original_size is not None and self.input_size is not None
+        return boxes_to_frame(np.asarray(boxes).reshape(-1, 4), self.original_size, self.input_size)
 
     def prompt_points(
         self,

@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor, nn
 
+from ..frames import preprocess_shape, resize_longest
 from .mask_decoder import MaskDecoder
 from .prompt_encoder import PromptEncoder
 from .transformer import TwoWayTransformer
@@ -24,12 +24,6 @@ PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
 PROMPT_SIZE = 1024
 LOW_RES_SIZE = 256
-
-
-def preprocess_shape(height: int, width: int, long_side: int) -> tuple[int, int]:
-    """(h, w) after resizing so the longest side is ``long_side`` (SAM's rounding)."""
-    scale = long_side * 1.0 / max(height, width)
-    return int(height * scale + 0.5), int(width * scale + 0.5)
 
 
 class Sam(nn.Module):
@@ -75,11 +69,7 @@ class Sam(nn.Module):
     # ------------------------------------------------------------------ image side
     def resize_image(self, image: np.ndarray) -> np.ndarray:
         """HxWx3 uint8 -> resized so the longest side is ``input_size`` (PIL bilinear)."""
-        h, w = image.shape[:2]
-        if max(h, w) == self.input_size:
-            return image
-        new_h, new_w = preprocess_shape(h, w, self.input_size)
-        return np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
+        return resize_longest(image, self.input_size)
 
     def normalize_and_pad(self, images: Tensor) -> Tensor:
         """(B, 3, h, w) float pixels in [0, 255] -> normalised and zero-padded to input_size."""

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..frames import boxes_to_frame, coords_to_frame, preprocess_shape
+
 MAX_POINTS = 10
 
 
@@ -42,5 +44,11 @@ def sample_points(
 
 def to_prompt_frame(coords: np.ndarray, original_hw: tuple[int, int], prompt_size: int = 1024) -> np.ndarray:
     """Scale x,y coordinates (any shape ending in 2 or 4) from the image into the prompt frame."""
-    scale = prompt_size / max(original_hw)
-    return (coords * scale).astype(np.float32)
+    frame = preprocess_shape(original_hw[0], original_hw[1], prompt_size)
+    coords = np.asarray(coords)
+    scaled = (
+        boxes_to_frame(coords, original_hw, frame)
+        if coords.shape[-1] == 4
+        else coords_to_frame(coords, original_hw, frame)
+    )
+    return scaled.astype(np.float32)

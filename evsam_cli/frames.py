@@ -1,0 +1,49 @@
+"""SAM's two coordinate frames, in numpy only (the ONNX runtime imports this without torch).
+
+Images reach the encoder resized so their longest side is the encoder's input size (PIL
+bilinear, SAM's rounding) and padded; prompts and masks live in SAM's 1024 prompt frame, where
+the image occupies ``preprocess_shape(h, w, 1024)``. Every component converts through here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+
+def preprocess_shape(height: int, width: int, long_side: int) -> tuple[int, int]:
+    """(h, w) after resizing so the longest side is ``long_side`` (SAM's rounding)."""
+    scale = long_side * 1.0 / max(height, width)
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def resize_longest(image: np.ndarray, long_side: int) -> np.ndarray:
+    """HxWx3 uint8 -> longest side ``long_side`` (PIL bilinear); returned as is if already so."""
+    h, w = image.shape[:2]
+    if max(h, w) == long_side:
+        return image
+    new_h, new_w = preprocess_shape(h, w, long_side)
+    return np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
+
+
+def coords_to_frame(
+    coords: np.ndarray, original_size: tuple[int, int], frame_size: tuple[int, int]
+) -> np.ndarray:
+    """(..., 2) x,y in original pixels -> the frame where the image is ``frame_size`` (h, w).
+
+    Per-axis scaling in float64, as SAM's ``ResizeLongestSide.apply_coords``.
+    """
+    out = np.array(coords, dtype=np.float64, copy=True)
+    out[..., 0] = out[..., 0] * (frame_size[1] / original_size[1])
+    out[..., 1] = out[..., 1] * (frame_size[0] / original_size[0])
+    return out
+
+
+def boxes_to_frame(
+    boxes: np.ndarray, original_size: tuple[int, int], frame_size: tuple[int, int]
+) -> np.ndarray:
+    """(..., 4) xyxy boxes in original pixels -> the frame (see ``coords_to_frame``)."""
+    boxes = np.asarray(boxes, dtype=np.float64)
+    return coords_to_frame(boxes.reshape(*boxes.shape[:-1], 2, 2), original_size, frame_size).reshape(
+        boxes.shape
+    )
