@@ -8,7 +8,6 @@ which is itself what the cache test checks. The student trains at a 64x64 input.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _util import SUBPROCESS_ENV, free_port
 from typer.testing import CliRunner
 
 from evsam_cli.cli.app import app
@@ -25,16 +25,7 @@ from evsam_cli.models import create_model, export_state_dict, read_state_dict
 from evsam_cli.train.config import DataConfig, DistillConfig, LoopConfig, OptimConfig
 from evsam_cli.train.distill import distill
 
-
-def _free_port() -> str:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
+ENV = SUBPROCESS_ENV
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +180,7 @@ def test_two_process_torchrun(env, cold):
         "--nproc-per-node",
         "2",
         "--master-port",
-        _free_port(),
+        free_port(),
     ]
     cmd = [*torchrun, "-m", "evsam_cli", *args]
     result = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)

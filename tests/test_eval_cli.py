@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
+from _util import free_port
 from typer.testing import CliRunner
 
 from evsam_cli.cli.app import app
@@ -113,12 +113,6 @@ def test_bad_inputs_give_one_error_line(data, tmp_path, monkeypatch):
     assert "groundingdino-py" in line and "evsam[gdino]" in line
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one(data, tmp_path):
     """Detector prompts: duplicated images (DistributedSampler padding) would show in AP and predictions."""
@@ -131,7 +125,7 @@ def test_torchrun_two_processes_match_one(data, tmp_path):
     assert single.exit_code == 0, single.output
     env = {**os.environ, "OMP_NUM_THREADS": "1", "EVSAM_DEBUG": "1"}
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", free_port(),
         "-m", "evsam_cli", *common, "-o", str(tmp_path / "two"),
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

@@ -10,7 +10,6 @@ on the images (a random init's unit statistics would make eval-mode validation m
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _util import SUBPROCESS_ENV, free_port
 from PIL import Image
 from pycocotools import mask as mask_utils
 from typer.testing import CliRunner
@@ -31,16 +31,7 @@ from evsam_cli.models import create_model, save_weights
 from evsam_cli.train.config import DataConfig, FinetuneConfig, LoopConfig, OptimConfig
 from evsam_cli.train.finetune import finetune
 
-
-def _free_port() -> str:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
+ENV = SUBPROCESS_ENV
 STEPS = 12
 
 
@@ -237,7 +228,7 @@ def test_two_process_torchrun(env):
         "--nproc-per-node",
         "2",
         "--master-port",
-        _free_port(),
+        free_port(),
     ]
     cmd = [*torchrun, "-m", "evsam_cli", *args]
     result = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=400)
