@@ -231,13 +231,24 @@ def _strip_prefixes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def read_state_dict(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(state dict, evsam metadata or {}) from any supported checkpoint file."""
+def read_state_dict(
+    path: str | os.PathLike[str], *, mmap: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state dict, evsam metadata or {}) from any supported checkpoint file.
+
+    ``mmap=True`` maps the tensors instead of reading them (cheap when only names and shapes
+    are checked); files in the legacy serialisation format are read normally.
+    """
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError:
+            if not mmap:
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
     if not isinstance(obj, Mapping):
@@ -253,13 +264,15 @@ def read_state_dict(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tenso
     return _strip_prefixes(state), dict(meta)
 
 
-def _to_model_layout(model: Sam, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def to_model_layout(model: Sam, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` renamed into ``model``'s own key layout (Meta's ViT names -> timm's)."""
     if model.family == "sam":
         return {meta_to_timm_key(k) if k.startswith("image_encoder.") else k: v for k, v in state.items()}
     return state
 
 
-def _describe_mismatch(model: Sam, path: Path, state: Mapping[str, torch.Tensor]) -> str | None:
+def describe_mismatch(model: Sam, path: Path, state: Mapping[str, torch.Tensor]) -> str | None:
+    """None when ``state`` fits ``model`` exactly, else a message naming the first bad keys."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -290,7 +303,7 @@ def guess_model(state: Mapping[str, torch.Tensor]) -> str | None:
         with torch.device("meta"):
             candidate = spec.build()
         expected = candidate.state_dict()
-        layout = _to_model_layout(candidate, dict(state))
+        layout = to_model_layout(candidate, dict(state))
         if expected.keys() == layout.keys() and all(
             tuple(layout[k].shape) == tuple(v.shape) for k, v in expected.items()
         ):
@@ -302,8 +315,8 @@ def load_checkpoint(model: Sam, checkpoint: str | os.PathLike[str]) -> dict[str,
     """Load ``checkpoint`` into ``model`` strictly; returns the evsam metadata of the file."""
     path = Path(checkpoint).expanduser()
     state, meta = read_state_dict(path)
-    state = _to_model_layout(model, state)
-    problem = _describe_mismatch(model, path, state)
+    state = to_model_layout(model, state)
+    problem = describe_mismatch(model, path, state)
     if problem is not None:
         saved = meta.get("model") or guess_model(state)
         if saved and saved != model.name:

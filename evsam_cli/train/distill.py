@@ -29,7 +29,7 @@ from ..data.transforms import normalize_padded, resize_longest_padded
 from ..devices import resolve_device
 from ..errors import CheckpointError
 from ..models import create_model, get_spec, save_weights
-from ..models.registry import _describe_mismatch, _to_model_layout, guess_model
+from ..models.registry import describe_mismatch, guess_model, read_state_dict, to_model_layout
 from .config import DistillConfig, from_dict, to_dict
 from .loop import (
     TrainingError,
@@ -61,19 +61,12 @@ def read_teacher_head(teacher: str, checkpoint: str | os.PathLike[str]) -> dict[
     path = Path(checkpoint).expanduser()
     if not path.is_file():
         raise CheckpointError(f"teacher checkpoint not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:
-        raise CheckpointError(f"cannot read teacher checkpoint {path}: {type(exc).__name__}: {exc}") from None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not obj:
-        raise CheckpointError(f"teacher checkpoint {path} holds no state dict")
+    state, _ = read_state_dict(path, mmap=True)
     name = TEACHER_MODELS[teacher]
     with torch.device("meta"):
         model = get_spec(name).build()
-    state = _to_model_layout(model, {k.removeprefix("module."): v for k, v in obj.items()})
-    problem = _describe_mismatch(model, path, state)
+    state = to_model_layout(model, state)
+    problem = describe_mismatch(model, path, state)
     if problem is not None:
         found = guess_model(state)
         hint = ""
