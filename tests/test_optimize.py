@@ -10,6 +10,7 @@ from torch import nn
 from evsam_cli.models import create_model
 from evsam_cli.models.layers import ConvNormAct, LayerNorm2d
 from evsam_cli.models.optimize import fold_conv_bn, optimize_encoder
+from evsam_cli.models.streaming import can_stream, stream_decode
 from evsam_cli.models.transformer import Attention
 from evsam_cli.predictor import SamPredictor
 
@@ -102,3 +103,65 @@ def test_layernorm2d_matches_definition():
     torch.testing.assert_close(ln(x), ref, rtol=1e-5, atol=1e-5)
     half = ln(x.half())
     assert half.dtype == torch.float16 and torch.isfinite(half).all()
+
+
+def _spread_weights(module: nn.Module) -> None:
+    """Random weights large enough that every path of the decoder matters in the output."""
+    for p in module.parameters():
+        p.data.normal_(0.0, 0.08 if p.dim() > 1 else 0.2)
+
+
+@pytest.mark.parametrize("multimask", [True, False])
+@pytest.mark.parametrize("prompt", ["boxes", "points", "both"])
+def test_streamed_decoder_equals_module_path(prompt, multimask):
+    torch.manual_seed(0)
+    model = create_model("efficientvit-sam-l0", input_size=128)
+    _spread_weights(model.mask_decoder)
+    _spread_weights(model.prompt_encoder)
+    n = 5
+    xy = torch.rand(n, 2) * 700
+    boxes = torch.cat([xy, xy + 50 + torch.rand(n, 2) * 200], dim=1) if prompt != "points" else None
+    coords = torch.rand(n, 3, 2) * 1000 if prompt != "boxes" else None
+    labels = torch.tensor([[1, 0, 1]]).repeat(n, 1) if prompt != "boxes" else None
+    sparse, dense = model.prompt_encoder(
+        points=None if coords is None else (coords, labels), boxes=boxes, masks=None
+    )
+    emb = torch.randn(1, 256, 64, 64)
+    pe = model.prompt_encoder.get_dense_pe()
+    dec = model.mask_decoder
+    assert can_stream(dec, emb, dense) is False  # autograd on: the module path
+    ref_masks, ref_iou = dec(emb, pe, sparse, dense, multimask)
+    with torch.no_grad():
+        assert can_stream(dec, emb, dense)
+        masks, iou = stream_decode(dec, emb, pe, sparse, dense, slice(1, None) if multimask else slice(0, 1))
+        via_module = dec(emb, pe, sparse, dense, multimask)
+    assert masks.shape == ref_masks.shape == (n, 3 if multimask else 1, 256, 256)
+    scale = float(ref_masks.abs().max())
+    assert scale > 0.1
+    torch.testing.assert_close(masks, ref_masks.detach(), rtol=0, atol=1e-5 * scale)
+    torch.testing.assert_close(iou, ref_iou.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(via_module[0], masks, rtol=0, atol=0)
+
+
+def test_decoder_streams_only_shared_cpu_inference():
+    model = create_model("efficientvit-sam-l0", input_size=128)
+    emb = torch.zeros(1, 256, 64, 64)
+    with torch.no_grad():
+        assert can_stream(model.mask_decoder, emb, torch.zeros(1, 256, 1, 1))
+        assert not can_stream(model.mask_decoder, emb, torch.zeros(3, 256, 64, 64))  # mask inputs
+        assert not can_stream(model.mask_decoder, torch.zeros(3, 256, 64, 64), torch.zeros(1, 256, 1, 1))
+
+
+@pytest.mark.parametrize(
+    ("frame", "original"),
+    [((768, 1024), (480, 640)), ((1024, 683), (1500, 1000)), ((1024, 1024), (64, 64)), ((5, 1024), (4, 900))],
+)
+def test_postprocess_upsamples_only_the_image_part_identically(frame, original):
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = create_model("efficientvit-sam-l0", input_size=128)
+    low = torch.randn(2, 3, 256, 256) * 4
+    full = F.interpolate(low, (1024, 1024), mode="bilinear", align_corners=False)[..., : frame[0], : frame[1]]
+    ref = F.interpolate(full, original, mode="bilinear", align_corners=False)
+    assert torch.equal(model.postprocess_masks(low, frame, original), ref)

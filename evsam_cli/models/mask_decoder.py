@@ -2,7 +2,8 @@
 
 Parameter names match Meta's release. Differences from the reference that leave outputs
 unchanged: the image embedding is broadcast to the prompts instead of copied once per prompt,
-and only the requested masks (1 single or 3 multimask) are computed.
+only the requested masks (1 single or 3 multimask) are computed, and inference on one shared
+image embedding is streamed over tiles of image tokens (``streaming.py``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layers import LayerNorm2d
+from .streaming import can_stream, stream_decode
 
 
 class MLP(nn.Module):
@@ -106,7 +108,21 @@ class MaskDecoder(nn.Module):
         dense_prompt_embeddings: Tensor,
         mask_slice: slice = slice(None),
     ) -> tuple[Tensor, Tensor]:
-        """All-token variant of ``forward``; ``mask_slice`` picks which mask tokens to decode."""
+        """All-token variant of ``forward``; ``mask_slice`` picks which mask tokens to decode.
+
+        Without autograd and with one image embedding shared by all prompts (no mask inputs),
+        this runs the streamed equivalent in ``streaming.py`` (same outputs up to float
+        rounding, several times less memory traffic).
+        """
+        if can_stream(self, image_embeddings, dense_prompt_embeddings):
+            return stream_decode(
+                self,
+                image_embeddings,
+                image_pe,
+                sparse_prompt_embeddings,
+                dense_prompt_embeddings,
+                mask_slice,
+            )
         n = sparse_prompt_embeddings.shape[0]
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         output_tokens = output_tokens.to(sparse_prompt_embeddings.dtype).unsqueeze(0).expand(n, -1, -1)

@@ -1,0 +1,274 @@
+"""Inference-only mask decoding for many prompts on one image, streamed over image-token tiles.
+
+``MaskDecoder.predict_masks`` follows SAM's module structure: after the first image->token
+attention every prompt owns a (4096 x 256) copy of the image tokens, and each further step
+(residual add, LayerNorm, adding the positional encoding, the next attention, the upscaling
+convolutions) is one full pass over those copies. On a CPU that memory traffic, not arithmetic,
+is what the decoder spends most of its time on. This module computes the same function in a
+different order:
+
+* Everything an image->token attention does is local to one image token (a softmax over the
+  few prompt tokens, a residual, a LayerNorm), and so are the upscaling convolutions (a 2x2,
+  stride-2 transposed convolution maps one input pixel to its own 2x2 output block). The image
+  tokens are therefore processed in tiles of rows that stay in cache, one pass per layer.
+* The token->image attention that follows each such step needs a softmax over *all* image
+  tokens; it is accumulated tile by tile with the running-maximum (online) softmax.
+* Projections are moved to the prompt-token side of every cross attention (exact algebra, see
+  ``Attention.tokens_to_image``), and the first layer's image-side projections, shared by all
+  prompts, are computed once per call.
+* The final token->image attention is computed only for the output tokens that are read out.
+
+Results equal the module path up to float rounding (pinned by ``tests/test_optimize.py``).
+Training, export, GPUs and per-prompt image embeddings use the module path; this one runs on
+CPU without autograd, for an image embedding shared by every prompt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# Rows of image tokens per tile and prompt: a (tile x 256) float tile is 256 KiB, so the
+# per-tile intermediates of a pass of a few prompts stay in the CPU's L2/L3 caches.
+TILE_ELEMENTS = 1 << 18
+
+
+class _TokenAttention:
+    """A token->image attention reduced to the image side, fed one tile of image tokens at a time.
+
+    ``weights`` (N, h*T, C) are the queries already multiplied into the key projection, so the
+    logits over image tokens x are ``weights @ (x + pe)^T`` (the key bias adds a constant per
+    row, which the softmax cancels). Logits are collected per tile; ``finish`` takes the softmax
+    over all image tokens and mixes the tiles' values.
+    """
+
+    def __init__(self, attn: nn.Module, queries: Tensor) -> None:
+        n, t, c = queries.shape
+        h = attn.num_heads
+        d = attn.internal_dim // h
+        qh = attn.q_proj(queries).reshape(n, t, h, d).transpose(1, 2)  # (N, h, T, d)
+        self.attn = attn
+        self.weights = (qh @ attn.k_proj.weight.reshape(h, d, c)).reshape(n, h * t, c) * d**-0.5
+        self.logits: list[Tensor] = []
+
+    def add_tile(self, keys: Tensor) -> None:
+        """keys = tile + pe (N, R, C)."""
+        self.logits.append(torch.bmm(self.weights, keys.transpose(1, 2)))  # (N, hT, R)
+
+    def finish(self, value_tiles: list[Tensor]) -> Tensor:
+        """Values = the image-token tiles, in ``add_tile`` order -> output (N, T, C)."""
+        attn = self.attn
+        n, ht, c = self.weights.shape
+        h = attn.num_heads
+        t, d = ht // h, attn.internal_dim // h
+        p = torch.softmax(torch.cat(self.logits, dim=2), dim=2)  # (N, hT, HW)
+        mixed = p.new_zeros(n, ht, c)
+        start = 0
+        for tile in value_tiles:  # softmax-weighted image tokens, per head
+            mixed.baddbmm_(p[:, :, start : start + tile.shape[1]], tile)
+            start += tile.shape[1]
+        wv = attn.v_proj.weight.reshape(h, d, c)
+        out = mixed.reshape(n, h, t, c) @ wv.transpose(1, 2) + attn.v_proj.bias.reshape(h, 1, d)
+        return attn.out_proj(out.transpose(1, 2).reshape(n, t, h * d))
+
+
+@dataclass
+class _ImageAttention:
+    """An image->token attention (+ residual, + LayerNorm) reduced to per-image-token work.
+
+    Logits of image tokens x over the prompt tokens are ``weights @ (x + pe)^T + bias`` with the
+    query projection folded into ``weights`` (N, h*T, C); the softmax runs over the T prompt
+    tokens of each head; values come out-projected (``values`` (N, h*T, C)), with the out bias
+    added once. ``shared_q`` replaces ``weights`` when the image tokens are the same for all
+    prompts: their query projection (HW, h, d) is then computed once.
+    """
+
+    attn: nn.Module
+    norm: nn.LayerNorm
+    keys: Tensor  # (N, h, T, d) projected, scaled prompt-token keys
+    weights: Tensor | None
+    bias: Tensor | None
+    values: Tensor
+
+    @classmethod
+    def start(
+        cls, attn: nn.Module, norm: nn.LayerNorm, k: Tensor, v: Tensor, *, shared: bool
+    ) -> _ImageAttention:
+        n, t, c = k.shape
+        h = attn.num_heads
+        d = attn.internal_dim // h
+        kh = attn.k_proj(k).reshape(n, t, h, d).transpose(1, 2) * d**-0.5  # (N, h, T, d)
+        vh = attn.v_proj(v).reshape(n, t, h, d).transpose(1, 2)
+        wo = attn.out_proj.weight.reshape(c, h, d).permute(1, 2, 0)  # (h, d, C)
+        values = (vh @ wo).reshape(n, h * t, c)
+        weights = bias = None
+        if not shared:
+            wq = attn.q_proj.weight.reshape(h, d, c)
+            weights = (kh @ wq).reshape(n, h * t, c)
+            bias = (kh @ attn.q_proj.bias.reshape(h, d, 1)).reshape(n, h * t, 1)
+        return cls(attn, norm, kh, weights, bias, values)
+
+    def apply(self, residual: Tensor, keys: Tensor | None, shared_q: Tensor | None = None) -> Tensor:
+        """norm(residual + attention) for one tile: residual (N or 1, R, C); keys = tile + pe
+        (N, R, C), or instead ``shared_q`` (h, R, d) when the tile is shared by all prompts."""
+        n, h, t, _ = self.keys.shape
+        if shared_q is not None:  # (h, R, d) query projection shared by all prompts
+            logits = (self.keys @ shared_q.transpose(1, 2)).reshape(n, h, t, -1)  # (N, h, T, R)
+        else:
+            logits = torch.baddbmm(self.bias, self.weights, keys.transpose(1, 2)).reshape(n, h, t, -1)
+        p = torch.softmax(logits, dim=2).reshape(n, h * t, -1)
+        out = torch.baddbmm(residual + self.attn.out_proj.bias, p.transpose(1, 2), self.values)
+        return F.layer_norm(out, out.shape[-1:], self.norm.weight, self.norm.bias, self.norm.eps)
+
+
+def _self_and_cross_start(layer: nn.Module, queries: Tensor, query_pe: Tensor) -> Tensor:
+    """A two-way block's token self-attention (+ norm): the part before its token->image step."""
+    if layer.skip_first_layer_pe:
+        queries = layer.self_attn(queries, queries, queries)
+    else:
+        q = queries + query_pe
+        queries = queries + layer.self_attn(q, q, queries)
+    return layer.norm1(queries)
+
+
+def _after_cross(layer: nn.Module, queries: Tensor, t2i: Tensor) -> Tensor:
+    queries = layer.norm2(queries + t2i)
+    return layer.norm3(queries + layer.mlp(queries))
+
+
+class _Upscaler:
+    """The decoder's upscaling path + hypernetwork product, per image token.
+
+    A 2x2 stride-2 transposed convolution is a per-pixel linear map C_in -> 4 x C_out, so the
+    whole path (convT, LayerNorm2d, act, convT, act, dot with the hypernetwork vectors) maps one
+    image token to its 4x4 block of mask logits with no neighbours involved.
+    """
+
+    def __init__(self, upscaling: nn.Sequential) -> None:
+        conv1, norm, self.act1, conv2, self.act2 = upscaling
+        self.c1 = conv1.out_channels
+        self.c2 = conv2.out_channels
+        # (C_in, C_out, 2, 2) -> (C_in, 2*2*C_out): output columns ordered (a, b, channel).
+        self.w1 = conv1.weight.permute(0, 2, 3, 1).reshape(conv1.in_channels, -1)
+        self.b1 = conv1.bias.repeat(4)
+        self.w2 = conv2.weight.permute(0, 2, 3, 1).reshape(conv2.in_channels, -1)
+        self.b2 = conv2.bias.repeat(4)
+        self.norm = norm
+
+    def apply(self, tile: Tensor, hyper: Tensor) -> Tensor:
+        """tile (N, R, C) tokens, hyper (N, M, C2) -> (N, R, 2, 2, 2, 2, M) mask logits."""
+        n, r, _ = tile.shape
+        y = torch.addmm(self.b1, tile.reshape(n * r, -1), self.w1).reshape(n * r * 4, self.c1)
+        y = self.act1(F.layer_norm(y, (self.c1,), self.norm.weight, self.norm.bias, self.norm.eps))
+        y = self.act2(torch.addmm(self.b2, y, self.w2))  # (N*R*4, 4*C2) ordered (a, b, c, d, channel)
+        masks = torch.bmm(y.reshape(n, r * 16, self.c2), hyper.transpose(1, 2))
+        return masks.reshape(n, r, 2, 2, 2, 2, -1)
+
+
+def can_stream(decoder: nn.Module, image_embeddings: Tensor, dense: Tensor) -> bool:
+    """Whether ``stream_decode`` applies: CPU inference (no autograd, no tracing), one image
+    shared by all prompts and no per-prompt dense (mask) embedding. On a GPU the module path's
+    few large kernels are the better fit, so it is kept there."""
+    return (
+        image_embeddings.device.type == "cpu"
+        and not torch.is_grad_enabled()
+        and not torch.jit.is_tracing()
+        and not torch.onnx.is_in_onnx_export()
+        and image_embeddings.shape[0] == 1
+        and dense.shape[0] == 1
+        and len(decoder.output_upscaling) == 5
+        and decoder.output_upscaling[0].kernel_size == (2, 2)
+        and decoder.output_upscaling[3].kernel_size == (2, 2)
+    )
+
+
+def stream_decode(
+    decoder: nn.Module,
+    image_embeddings: Tensor,
+    image_pe: Tensor,
+    sparse_prompt_embeddings: Tensor,
+    dense_prompt_embeddings: Tensor,
+    mask_slice: slice,
+) -> tuple[Tensor, Tensor]:
+    """``MaskDecoder.predict_masks`` for N prompts sharing one image embedding (see module doc).
+
+    Args:
+      image_embeddings: (1, C, H, W); image_pe: (1, C, H, W).
+      sparse_prompt_embeddings: (N, T, C); dense_prompt_embeddings: broadcastable to (1, C, H, W).
+      mask_slice: which mask tokens to decode.
+    Returns:
+      mask logits (N, M, 4H, 4W) and IoU predictions (N, M).
+    """
+    transformer = decoder.transformer
+    n = sparse_prompt_embeddings.shape[0]
+    dtype = sparse_prompt_embeddings.dtype
+    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+    tokens = torch.cat(
+        [output_tokens.to(dtype).unsqueeze(0).expand(n, -1, -1), sparse_prompt_embeddings], dim=1
+    )
+
+    _, c, h, w = image_embeddings.shape
+    hw = h * w
+    src = (image_embeddings + dense_prompt_embeddings).reshape(1, c, hw).transpose(1, 2).contiguous()
+    pe = image_pe.reshape(1, c, hw).transpose(1, 2).contiguous()
+    rows = max(1, TILE_ELEMENTS // (c * n * w)) * w  # whole rows of the token grid
+    tiles = [slice(i, min(i + rows, hw)) for i in range(0, hw, rows)]
+
+    mask_ids = list(range(decoder.num_mask_tokens))[mask_slice]
+    read_out = [0] + [1 + i for i in mask_ids]  # the IoU token and the decoded mask tokens
+
+    queries, query_pe = tokens, tokens
+    layers = list(transformer.layers)
+    first = layers[0]
+    queries = _self_and_cross_start(first, queries, query_pe)
+    shared_keys = src + pe
+    queries = _after_cross(
+        first, queries, first.cross_attn_token_to_image(queries + query_pe, shared_keys, src)
+    )
+
+    x: list[Tensor] | None = None  # per-prompt image tokens, (N, R, C) per tile; None while shared
+    for i, layer in enumerate(layers):
+        i2t = _ImageAttention.start(
+            layer.cross_attn_image_to_token, layer.norm4, queries + query_pe, queries, shared=x is None
+        )
+        shared_q = None
+        if x is None:  # the first layer's image tokens are the same for every prompt
+            qa = layer.cross_attn_image_to_token
+            shared_q = qa.q_proj(shared_keys[0]).reshape(hw, qa.num_heads, -1).transpose(0, 1)  # (h, HW, d)
+        last = i == len(layers) - 1
+        if last:  # the final attention, for the read-out tokens only (its query rows are independent)
+            next_q = queries[:, read_out]
+            t2i = _TokenAttention(transformer.final_attn_token_to_image, next_q + query_pe[:, read_out])
+        else:
+            next_q = _self_and_cross_start(layers[i + 1], queries, query_pe)
+            t2i = _TokenAttention(layers[i + 1].cross_attn_token_to_image, next_q + query_pe)
+        out = []
+        for k, sl in enumerate(tiles):
+            if x is None:
+                tile = i2t.apply(src[:, sl], None, shared_q[:, sl])
+            else:
+                tile = i2t.apply(x[k], x[k] + pe[:, sl])
+            out.append(tile)
+            t2i.add_tile(tile + pe[:, sl])
+        x = out
+        if last:
+            queries = transformer.norm_final_attn(next_q + t2i.finish(x))
+        else:
+            queries = _after_cross(layers[i + 1], next_q, t2i.finish(x))
+    assert x is not None
+
+    iou_pred = decoder.iou_prediction_head(queries[:, 0])[:, mask_slice]
+    hyper = torch.stack(
+        [decoder.output_hypernetworks_mlps[j](queries[:, 1 + k]) for k, j in enumerate(mask_ids)], dim=1
+    )  # (N, M, C2)
+    up = _Upscaler(decoder.output_upscaling)
+    # Token (i, j) with offsets (a, b), then (c, d) is pixel (4i + 2a + c, 4j + 2b + d); tiles
+    # are whole rows of tokens, so each lands in its own block of mask rows.
+    masks = src.new_empty(n, len(mask_ids), h, 2, 2, w, 2, 2)
+    for sl, tile in zip(tiles, x, strict=True):
+        block = up.apply(tile, hyper).reshape(n, -1, w, 2, 2, 2, 2, len(mask_ids))
+        masks[:, :, sl.start // w : sl.stop // w] = block.permute(0, 7, 1, 3, 5, 2, 4, 6)
+    return masks.reshape(n, -1, 4 * h, 4 * w), iou_pred
