@@ -6,8 +6,9 @@ box NMS and returns SA-1B-style records. The results are those of the official g
 the same weights and settings (up to float rounding in the decoder, ~1e-6 relative); the work
 is ordered so that little of it is done at full resolution, without changing any result:
 
-1. The decoder's transformer is restructured for hundreds of prompts on one image
-   (``amg_utils.grid_transformer``: projections moved to the prompt-token side, same algebra).
+1. On CPU the decoder's transformer streams over tiles of image tokens, as the predictor's
+   decoder does (``models/streaming.py``: projections moved to the prompt-token side, same
+   algebra, a fraction of the memory traffic).
 2. The decoder runs in two halves. The two-way transformer gives every prompt's IoU
    predictions; the mask head (output upscaling + hypernetwork product) then runs only for the
    prompts with at least one mask above ``pred_iou_thresh``, and only for those masks.
@@ -35,7 +36,6 @@ from .amg_utils import (
     box_near_crop_edge,
     build_layer_point_grids,
     generate_crop_boxes,
-    grid_transformer,
     mask_to_box,
     mask_to_coco_rle,
     mask_to_rle,
@@ -47,6 +47,7 @@ from .amg_utils import (
 from .data.images import to_rgb_uint8
 from .errors import EvsamError
 from .models.sam import Sam
+from .models.streaming import can_stream, stream_transformer, upscale_tiles
 from .predictor import SamPredictor
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
@@ -277,7 +278,7 @@ class AutomaticMaskGenerator:
         # Float64 prompt coordinates, as the official generator passes them.
         coords = torch.as_tensor(self.predictor.apply_coords(points), device=dev)[:, None, :]
         labels = torch.ones(coords.shape[0], 1, dtype=torch.int64, device=dev)
-        iou, src, mask_tokens = self._decode_tokens(coords, labels)  # iou (N, 3)
+        iou, tiles, mask_tokens = self._decode_tokens(coords, labels)  # iou (N, 3)
 
         keep = (
             iou > self.pred_iou_thresh
@@ -288,7 +289,7 @@ class AutomaticMaskGenerator:
         if flat.numel() == 0:
             return
         prompt_idx, token_idx = flat // 3, flat % 3
-        low_res = self._mask_logits(src, mask_tokens, prompt_idx, token_idx)  # (K, 256, 256)
+        low_res = self._mask_logits(tiles, mask_tokens, prompt_idx, token_idx)  # (K, 256, 256)
         iou_kept = iou.flatten()[flat]
         points_kept = points[prompt_idx.cpu().numpy()]
 
@@ -323,13 +324,14 @@ class AutomaticMaskGenerator:
                 data.offsets.append((by0, bx0))
 
     # ------------------------------------------------------------------ the decoder in two halves
-    def _decode_tokens(self, coords: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _decode_tokens(self, coords: Tensor, labels: Tensor) -> tuple[Tensor, list[Tensor], Tensor]:
         """Prompt-frame points (N, 1, 2) -> multimask IoU predictions (N, 3), the transformer's
-        image tokens (N or 1, HW, C) and the three multimask output tokens (N, 3, C).
+        image tokens as tiles of whole grid rows (N, R, C) and the three multimask output tokens
+        (N, 3, C).
 
-        This is ``MaskDecoder.predict_masks`` up to the transformer (restructured for many
-        prompts, see ``grid_transformer``); the mask head is deferred to ``_mask_logits`` so that
-        it runs only for the masks the IoU filter keeps.
+        This is ``MaskDecoder.predict_masks`` up to the transformer (streamed on CPU, see
+        ``models/streaming.py``); the mask head is deferred to ``_mask_logits`` so that it runs
+        only for the masks the IoU filter keeps.
         """
         model, dec = self.model, self.model.mask_decoder
         sparse, dense = model.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
@@ -338,30 +340,31 @@ class AutomaticMaskGenerator:
         output_tokens = output_tokens.to(sparse.dtype).unsqueeze(0).expand(n, -1, -1)
         tokens = torch.cat([output_tokens, sparse], dim=1)
         image = self.predictor.get_image_embedding() + dense
-        # Only the IoU token (0) and the three multimask tokens (2-4) are read out.
-        hs, src = grid_transformer(
-            dec.transformer, image, model.prompt_encoder.get_dense_pe(), tokens, outputs=(0, 2, 3, 4)
-        )
+        pe = model.prompt_encoder.get_dense_pe()
+        read_out = [0, 2, 3, 4]  # the IoU token and the three multimask tokens
+        if can_stream(dec, image, dense):
+            hs, tiles = stream_transformer(dec.transformer, image, pe, tokens, read_out)
+        else:
+            hs, keys = dec.transformer(image, pe, tokens)
+            hs, tiles = hs[:, read_out], [keys]
         iou = dec.iou_prediction_head(hs[:, 0, :])[:, 1:]
-        return iou, src, hs[:, 1:4, :]
+        return iou, tiles, hs[:, 1:4, :]
 
-    def _mask_logits(self, src: Tensor, mask_tokens: Tensor, prompt_idx: Tensor, token_idx: Tensor) -> Tensor:
+    def _mask_logits(
+        self, tiles: list[Tensor], mask_tokens: Tensor, prompt_idx: Tensor, token_idx: Tensor
+    ) -> Tensor:
         """Low-res logits (K, 256, 256) of the multimask outputs ``token_idx`` of ``prompt_idx``."""
         dec = self.model.mask_decoder
         needed, inverse = torch.unique(prompt_idx, return_inverse=True)
-        side = int(math.isqrt(src.shape[1]))
+        side = self.model.prompt_encoder.image_embedding_size
         out = []
-        step = 32  # prompts upscaled at once (each ~20 MB of activations)
+        step = 32  # prompts upscaled at once
         for start in range(0, needed.numel(), step):
             ids = needed[start : start + step]
-            s = src[ids] if src.shape[0] > 1 else src.expand(ids.numel(), -1, -1)
-            s = s.transpose(1, 2).reshape(ids.numel(), -1, side, side)
-            upscaled = dec.output_upscaling(s)
             hyper = torch.stack(
                 [dec.output_hypernetworks_mlps[i + 1](mask_tokens[ids, i, :]) for i in range(3)], dim=1
             )
-            b, c, h, w = upscaled.shape
-            out.append((hyper @ upscaled.reshape(b, c, h * w)).reshape(b, 3, h, w))
+            out.append(upscale_tiles(dec, [t[ids] for t in tiles], hyper, side))
         masks = torch.cat(out)  # (len(needed), 3, 256, 256)
         return masks[inverse, token_idx]
 

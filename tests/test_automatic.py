@@ -13,7 +13,6 @@ from pycocotools import mask as mask_utils
 from evsam_cli.amg_utils import (
     build_point_grid,
     generate_crop_boxes,
-    grid_transformer,
     mask_to_box,
     mask_to_coco_rle,
     mask_to_rle,
@@ -25,6 +24,7 @@ from evsam_cli.amg_utils import (
 from evsam_cli.automatic import AmgConfigError, AutomaticMaskGenerator
 from evsam_cli.data.synthetic import synth_image
 from evsam_cli.errors import DataError, EvsamError
+from evsam_cli.models.streaming import stream_transformer
 
 
 def tune(model: torch.nn.Module) -> torch.nn.Module:
@@ -343,7 +343,7 @@ def test_reordered_work_gives_the_same_masks(nms):
         assert (r["segmentation"] != m).sum() <= 2  # float rounding may flip a pixel at |logit| ~ 1e-6
 
 
-def test_grid_transformer_equals_the_module():
+def test_streamed_transformer_equals_the_module():
     model = tuned_model()
     dec = model.mask_decoder
     torch.manual_seed(1)
@@ -354,10 +354,11 @@ def test_grid_transformer_equals_the_module():
         for n in (1, 5):
             tokens = torch.randn(n, 7, 256)
             hs, src = dec.transformer(image, pe, tokens)
-            hs2, src2 = grid_transformer(dec.transformer, image, pe, tokens)
+            hs2, tiles = stream_transformer(dec.transformer, image, pe, tokens, list(range(7)))
+            assert len(tiles) > 1 and all(t.shape[1] % 64 == 0 for t in tiles)  # whole grid rows
             torch.testing.assert_close(hs2, hs, rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(src2, src.expand_as(src2), rtol=1e-5, atol=1e-5)
-            hs3, _ = grid_transformer(dec.transformer, image, pe, tokens, outputs=(0, 2, 3, 4))
+            torch.testing.assert_close(torch.cat(tiles, 1), src, rtol=1e-5, atol=1e-5)
+            hs3, _ = stream_transformer(dec.transformer, image, pe, tokens, [0, 2, 3, 4])
             torch.testing.assert_close(hs3, hs[:, [0, 2, 3, 4]], rtol=1e-5, atol=1e-5)
             assert torch.equal(image, original)  # the caller's embedding is never written to
 

@@ -12,6 +12,7 @@ import typer
 from typer.core import TyperGroup
 
 from .. import __version__
+from ..allocator import tune_cpu_allocator
 from . import bench, data, distill, export, finetune, models_cmd, predict
 from . import eval as eval_cmd
 from .common import error, set_debug
@@ -69,6 +70,7 @@ def _root(
     ] = False,
 ) -> None:
     set_debug(debug)
+    tune_cpu_allocator()  # CPU inference reuses freed memory instead of page-faulting it back
 
 
 app.command("distill", no_args_is_help=True)(distill.distill_cli)

@@ -34,6 +34,7 @@ from ..io import write_json_atomic
 from ..models import create_model
 from ..models.optimize import optimize_encoder
 from ..models.sam import Sam
+from ..predictor import default_prompts_per_pass
 from . import detectors as det
 from .datasets import EvalDataset, bbox_xywh_to_xyxy, load_dataset
 from .decode import best_masks
@@ -112,8 +113,7 @@ def evaluate(
       data_root / images / annotations: the standard layout, or explicit paths.
       limit: evaluate only the first N images of the annotation file.
       batch_size: images per encoder pass. workers: DataLoader processes decoding images.
-      prompts_per_pass: prompts per decoder pass (default 256 on a GPU, 4 on CPU, where larger
-        passes only add memory traffic).
+      prompts_per_pass: prompts per decoder pass (default ``default_prompts_per_pass``).
       input_size: encoder input override (EfficientViT-SAM only; for quick tests).
       progress: called on rank 0 with (images done, images in this rank's shard).
     Returns the metrics dict written to metrics.json (on every rank; only rank 0 writes).
@@ -142,7 +142,7 @@ def evaluate(
     else:
         sam = create_model(model, checkpoint, dev, input_size=input_size)
     if prompts_per_pass is None:
-        prompts_per_pass = 256 if dev.type == "cuda" else 4
+        prompts_per_pass = default_prompts_per_pass(dev)
     # Inference copy of the encoder: BatchNorm folded, channels-last (same outputs, faster).
     encoder = optimize_encoder(sam.image_encoder)
 

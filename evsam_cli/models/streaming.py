@@ -185,45 +185,32 @@ def can_stream(decoder: nn.Module, image_embeddings: Tensor, dense: Tensor) -> b
     )
 
 
-def stream_decode(
-    decoder: nn.Module,
-    image_embeddings: Tensor,
-    image_pe: Tensor,
-    sparse_prompt_embeddings: Tensor,
-    dense_prompt_embeddings: Tensor,
-    mask_slice: slice,
-) -> tuple[Tensor, Tensor]:
-    """``MaskDecoder.predict_masks`` for N prompts sharing one image embedding (see module doc).
+def stream_transformer(
+    transformer: nn.Module, image: Tensor, image_pe: Tensor, tokens: Tensor, read_out: list[int]
+) -> tuple[Tensor, list[Tensor]]:
+    """``TwoWayTransformer.forward`` for N prompts on one image, streamed (see module doc).
 
     Args:
-      image_embeddings: (1, C, H, W); image_pe: (1, C, H, W).
-      sparse_prompt_embeddings: (N, T, C); dense_prompt_embeddings: broadcastable to (1, C, H, W).
-      mask_slice: which mask tokens to decode.
+      image: (1, C, H, W) image embedding with the dense prompt embedding added; image_pe alike.
+      tokens: (N, T, C) output + prompt tokens.
+      read_out: token positions whose final queries are wanted (the final attention is
+        computed for those only).
     Returns:
-      mask logits (N, M, 4H, 4W) and IoU predictions (N, M).
+      queries (N, len(read_out), C) and the final image tokens as tiles (N, R, C) of whole
+      rows of the H x W grid, in order (``torch.cat(tiles, 1)`` is the module's keys output).
     """
-    transformer = decoder.transformer
-    n = sparse_prompt_embeddings.shape[0]
-    dtype = sparse_prompt_embeddings.dtype
-    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
-    tokens = torch.cat(
-        [output_tokens.to(dtype).unsqueeze(0).expand(n, -1, -1), sparse_prompt_embeddings], dim=1
-    )
-
-    _, c, h, w = image_embeddings.shape
+    n = tokens.shape[0]
+    _, c, h, w = image.shape
     hw = h * w
-    src = (image_embeddings + dense_prompt_embeddings).reshape(1, c, hw).transpose(1, 2).contiguous()
+    src = image.reshape(1, c, hw).transpose(1, 2).contiguous()
     pe = image_pe.reshape(1, c, hw).transpose(1, 2).contiguous()
     rows = max(1, TILE_ELEMENTS // (c * n * w)) * w  # whole rows of the token grid
     tiles = [slice(i, min(i + rows, hw)) for i in range(0, hw, rows)]
 
-    mask_ids = list(range(decoder.num_mask_tokens))[mask_slice]
-    read_out = [0] + [1 + i for i in mask_ids]  # the IoU token and the decoded mask tokens
-
-    queries, query_pe = tokens, tokens
+    query_pe = tokens
     layers = list(transformer.layers)
     first = layers[0]
-    queries = _self_and_cross_start(first, queries, query_pe)
+    queries = _self_and_cross_start(first, tokens, query_pe)
     shared_keys = src + pe
     queries = _after_cross(
         first, queries, first.cross_attn_token_to_image(queries + query_pe, shared_keys, src)
@@ -258,17 +245,57 @@ def stream_decode(
             queries = transformer.norm_final_attn(next_q + t2i.finish(x))
         else:
             queries = _after_cross(layers[i + 1], next_q, t2i.finish(x))
-    assert x is not None
+    if x is None:
+        raise ValueError("stream_transformer needs a transformer with at least one layer")
+    return queries, x
+
+
+def stream_decode(
+    decoder: nn.Module,
+    image_embeddings: Tensor,
+    image_pe: Tensor,
+    sparse_prompt_embeddings: Tensor,
+    dense_prompt_embeddings: Tensor,
+    mask_slice: slice,
+) -> tuple[Tensor, Tensor]:
+    """``MaskDecoder.predict_masks`` for N prompts sharing one image embedding (see module doc).
+
+    Args:
+      image_embeddings: (1, C, H, W); image_pe: (1, C, H, W).
+      sparse_prompt_embeddings: (N, T, C); dense_prompt_embeddings: broadcastable to (1, C, H, W).
+      mask_slice: which mask tokens to decode.
+    Returns:
+      mask logits (N, M, 4H, 4W) and IoU predictions (N, M).
+    """
+    n = sparse_prompt_embeddings.shape[0]
+    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+    output_tokens = output_tokens.to(sparse_prompt_embeddings.dtype).unsqueeze(0).expand(n, -1, -1)
+    tokens = torch.cat([output_tokens, sparse_prompt_embeddings], dim=1)
+    mask_ids = list(range(decoder.num_mask_tokens))[mask_slice]
+    read_out = [0] + [1 + i for i in mask_ids]  # the IoU token and the decoded mask tokens
+    queries, tiles = stream_transformer(
+        decoder.transformer, image_embeddings + dense_prompt_embeddings, image_pe, tokens, read_out
+    )
 
     iou_pred = decoder.iou_prediction_head(queries[:, 0])[:, mask_slice]
     hyper = torch.stack(
         [decoder.output_hypernetworks_mlps[j](queries[:, 1 + k]) for k, j in enumerate(mask_ids)], dim=1
     )  # (N, M, C2)
+    return upscale_tiles(decoder, tiles, hyper, image_embeddings.shape[-2:]), iou_pred
+
+
+def upscale_tiles(decoder: nn.Module, tiles: list[Tensor], hyper: Tensor, grid: tuple[int, int]) -> Tensor:
+    """The mask head on streamed image-token tiles: tiles (N, R, C) covering the (H, W) token grid
+    row by row, hypernetwork vectors (N, M, C2) -> mask logits (N, M, 4H, 4W)."""
+    h, w = grid
+    n, m = hyper.shape[:2]
     up = _Upscaler(decoder.output_upscaling)
     # Token (i, j) with offsets (a, b), then (c, d) is pixel (4i + 2a + c, 4j + 2b + d); tiles
     # are whole rows of tokens, so each lands in its own block of mask rows.
-    masks = src.new_empty(n, len(mask_ids), h, 2, 2, w, 2, 2)
-    for sl, tile in zip(tiles, x, strict=True):
-        block = up.apply(tile, hyper).reshape(n, -1, w, 2, 2, 2, 2, len(mask_ids))
-        masks[:, :, sl.start // w : sl.stop // w] = block.permute(0, 7, 1, 3, 5, 2, 4, 6)
-    return masks.reshape(n, -1, 4 * h, 4 * w), iou_pred
+    masks = hyper.new_empty(n, m, h, 2, 2, w, 2, 2)
+    row = 0
+    for tile in tiles:
+        block = up.apply(tile, hyper).reshape(n, -1, w, 2, 2, 2, 2, m)
+        masks[:, :, row : row + block.shape[1]] = block.permute(0, 7, 1, 3, 5, 2, 4, 6)
+        row += block.shape[1]
+    return masks.reshape(n, m, 4 * h, 4 * w)
