@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from evsam_cli import tune_cpu_allocator
+
 
 def official_model(name: str, seed: int) -> torch.nn.Module:
     from efficientsam.sam_model_zoo import create_efficientvit_sam_model
@@ -105,6 +107,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    # As the evsam command does at start; it applies to both implementations in this process.
+    tune_cpu_allocator()
 
     from efficientsam.models.efficientvit.sam import EfficientViTSamAutomaticMaskGenerator
 

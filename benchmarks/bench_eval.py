@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from evsam_cli import tune_cpu_allocator
 from evsam_cli.data.synthetic import write_coco
 from evsam_cli.evaluation import evaluate
 from evsam_cli.evaluation.datasets import annotation_to_mask, bbox_xywh_to_xyxy
@@ -75,6 +76,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    # As the evsam command does at start; it applies to both implementations in this process.
+    tune_cpu_allocator()
 
     from efficientsam.models.efficientvit.sam import EfficientViTSamPredictor
     from efficientsam.sam_model_zoo import create_efficientvit_sam_model

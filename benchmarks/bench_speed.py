@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from evsam_cli import tune_cpu_allocator
+
 
 def _machine() -> dict:
     from evsam_cli.devices import device_name
@@ -170,6 +172,8 @@ def main() -> None:
     parser.add_argument("--no-ort", action="store_true", help="skip the onnxruntime encoder")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "speed.json")
     args = parser.parse_args()
+    # As the evsam command does at start; it applies to both implementations in this process.
+    tune_cpu_allocator()
 
     from evsam_cli.io import write_json_atomic
     from evsam_cli.models import resolve_name
