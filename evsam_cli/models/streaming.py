@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# Rows of image tokens per tile and prompt: a (tile x 256) float tile is 256 KiB, so the
-# per-tile intermediates of a pass of a few prompts stay in the CPU's L2/L3 caches.
+# Elements per tile across all prompts of a pass (1 MiB of float32, rounded to whole rows of the
+# token grid), so a tile's intermediates stay in the CPU's L2/L3 caches.
 TILE_ELEMENTS = 1 << 18
 
 
@@ -124,21 +124,6 @@ class _ImageAttention:
         return F.layer_norm(out, out.shape[-1:], self.norm.weight, self.norm.bias, self.norm.eps)
 
 
-def _self_and_cross_start(layer: nn.Module, queries: Tensor, query_pe: Tensor) -> Tensor:
-    """A two-way block's token self-attention (+ norm): the part before its token->image step."""
-    if layer.skip_first_layer_pe:
-        queries = layer.self_attn(queries, queries, queries)
-    else:
-        q = queries + query_pe
-        queries = queries + layer.self_attn(q, q, queries)
-    return layer.norm1(queries)
-
-
-def _after_cross(layer: nn.Module, queries: Tensor, t2i: Tensor) -> Tensor:
-    queries = layer.norm2(queries + t2i)
-    return layer.norm3(queries + layer.mlp(queries))
-
-
 class _Upscaler:
     """The decoder's upscaling path + hypernetwork product, per image token.
 
@@ -210,10 +195,10 @@ def stream_transformer(
     query_pe = tokens
     layers = list(transformer.layers)
     first = layers[0]
-    queries = _self_and_cross_start(first, tokens, query_pe)
+    queries = first.token_self_attention(tokens, query_pe)
     shared_keys = src + pe
-    queries = _after_cross(
-        first, queries, first.cross_attn_token_to_image(queries + query_pe, shared_keys, src)
+    queries = first.token_update(
+        queries, first.cross_attn_token_to_image(queries + query_pe, shared_keys, src)
     )
 
     x: list[Tensor] | None = None  # per-prompt image tokens, (N, R, C) per tile; None while shared
@@ -230,7 +215,7 @@ def stream_transformer(
             next_q = queries[:, read_out]
             t2i = _TokenAttention(transformer.final_attn_token_to_image, next_q + query_pe[:, read_out])
         else:
-            next_q = _self_and_cross_start(layers[i + 1], queries, query_pe)
+            next_q = layers[i + 1].token_self_attention(queries, query_pe)
             t2i = _TokenAttention(layers[i + 1].cross_attn_token_to_image, next_q + query_pe)
         out = []
         for k, sl in enumerate(tiles):
@@ -244,7 +229,7 @@ def stream_transformer(
         if last:
             queries = transformer.norm_final_attn(next_q + t2i.finish(x))
         else:
-            queries = _after_cross(layers[i + 1], next_q, t2i.finish(x))
+            queries = layers[i + 1].token_update(next_q, t2i.finish(x))
     if x is None:
         raise ValueError("stream_transformer needs a transformer with at least one layer")
     return queries, x

@@ -121,24 +121,29 @@ class TwoWayAttentionBlock(nn.Module):
         self.cross_attn_image_to_token = Attention(embedding_dim, num_heads, attention_downsample_rate)
         self.skip_first_layer_pe = skip_first_layer_pe
 
+    def token_self_attention(self, queries: Tensor, query_pe: Tensor) -> Tensor:
+        """Step 1, prompt tokens only: self-attention (+ residual unless first layer), norm1."""
+        if self.skip_first_layer_pe:
+            return self.norm1(self.self_attn(queries, queries, queries))
+        q = queries + query_pe
+        return self.norm1(queries + self.self_attn(q, q, queries))
+
+    def token_update(self, queries: Tensor, token_to_image: Tensor) -> Tensor:
+        """Steps 2-3 on the prompt tokens, given the token->image attention's output."""
+        queries = self.norm2(queries + token_to_image)
+        return self.norm3(queries + self.mlp(queries))
+
     def forward(
         self, queries: Tensor, keys: Tensor, query_pe: Tensor, key_pe: Tensor
     ) -> tuple[Tensor, Tensor]:
         """queries: (N, Nq, C) prompt tokens; keys: (1 or N, HW, C) image tokens."""
-        if self.skip_first_layer_pe:
-            queries = self.self_attn(queries, queries, queries)
-        else:
-            q = queries + query_pe
-            queries = queries + self.self_attn(q, q, queries)
-        queries = self.norm1(queries)
-
+        queries = self.token_self_attention(queries, query_pe)
         k = keys + key_pe
         if keys.shape[0] == 1:  # image side shared by all prompts: project it once
             attn_out = self.cross_attn_token_to_image(queries + query_pe, k, keys)
         else:
             attn_out = self.cross_attn_token_to_image.tokens_to_image(queries + query_pe, k, keys)
-        queries = self.norm2(queries + attn_out)
-        queries = self.norm3(queries + self.mlp(queries))
+        queries = self.token_update(queries, attn_out)
 
         keys = self.norm4(
             keys + self.cross_attn_image_to_token.image_to_tokens(k, queries + query_pe, queries)
