@@ -20,6 +20,7 @@ import contextlib
 import io
 import logging
 import math
+import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -195,6 +196,9 @@ class YoloDetector:
           conf, iou, max_det, image_size: ultralytics' predict settings (the low confidence
             threshold is the usual one for AP).
         """
+        # ultralytics logs to stdout at import (a settings-file notice on a fresh machine, among
+        # others), which would land in the middle of evsam's own output; the user's choice wins.
+        os.environ.setdefault("YOLO_VERBOSE", "false")
         try:
             from ultralytics import YOLO
         except ImportError:
