@@ -8,15 +8,11 @@ which is itself what the cache test checks. The student trains at a 64x64 input.
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from _util import SUBPROCESS_ENV, free_port
+from _util import kill_at_first_checkpoint, metrics_records, run_evsam
 from typer.testing import CliRunner
 
 from evsam_cli.cli.app import app
@@ -24,8 +20,6 @@ from evsam_cli.data.synthetic import write_sa1b
 from evsam_cli.models import create_model, export_state_dict, read_state_dict
 from evsam_cli.train.config import DataConfig, DistillConfig, LoopConfig, OptimConfig
 from evsam_cli.train.distill import distill
-
-ENV = SUBPROCESS_ENV
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +44,6 @@ def _cfg(env: Path, output: Path, **loop) -> DistillConfig:
         optim=OptimConfig(lr=1e-3, warmup_steps=1),
         data=DataConfig(path=str(env / "sa1b"), batch_size=1, workers=0, val_images=1),
     )
-
-
-def _records(output: Path) -> list[dict]:
-    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
 
 
 def _args(env: Path, output: Path, *extra: str) -> list[str]:
@@ -91,12 +81,12 @@ def cold(env):
 def test_cold_run_fills_the_cache_and_second_epoch_skips_the_teacher(env, cold):
     output, summary = cold
     assert summary["teacher_forwards"] == 2  # one training image, one validation image: once each
-    train_records = [r for r in _records(output) if "loss" in r]
+    train_records = [r for r in metrics_records(output) if "loss" in r]
     assert [(r["epoch"], r["cache_misses"], r["cache_hits"]) for r in train_records] == [(0, 1, 0), (1, 0, 1)]
     assert len(list((env / "cache").glob("vit_b-*/*/*.npy"))) == 2
     meta = json.loads(next((env / "cache").glob("vit_b-*/teacher.json")).read_text())
     assert meta["teacher"] == "vit_b" and len(meta["sha256"]) == 64
-    val = [r["val_mse"] for r in _records(output) if "val_mse" in r]
+    val = [r["val_mse"] for r in metrics_records(output) if "val_mse" in r]
     assert len(val) == 2 and all(v > 0 for v in val)
 
 
@@ -122,34 +112,21 @@ def test_loss_falls_and_a_killed_run_resumes_exactly(env, cold):
     steps = "4"
     reference = env / "reference"
     summary = distill(_cfg(env, reference, steps=4))
-    ref = [r for r in _records(reference) if "loss" in r]
+    ref = [r for r in metrics_records(reference) if "loss" in r]
     assert summary["teacher_forwards"] == 0  # warm cache: the teacher is never even built
     assert ref[-1]["loss"] < 0.8 * ref[0]["loss"], [r["loss"] for r in ref]
-    val = [r["val_mse"] for r in _records(reference) if "val_mse" in r]
+    val = [r["val_mse"] for r in metrics_records(reference) if "val_mse" in r]
     assert val[-1] < val[0]
 
     killed = env / "killed"
-    cmd = [sys.executable, "-m", "evsam_cli", *_args(env, killed, "--steps", steps)]
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    last = killed / "checkpoints" / "last.pt"
-    deadline = time.time() + 120
-    while not last.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    last = kill_at_first_checkpoint(_args(env, killed, "--steps", steps), killed, timeout=120)
     assert not (killed / "student.pt").exists()
     done = torch.load(last, weights_only=False)["step"]
     assert 1 <= done < 4
 
-    result = subprocess.run(
-        [sys.executable, "-m", "evsam_cli", "distill", "--output", str(killed), "--resume", "--no-progress"],
-        env=ENV,
-        capture_output=True,
-        text=True,
-    )
+    result = run_evsam("distill", "--output", str(killed), "--resume", "--no-progress")
     assert result.returncode == 0, result.stderr[-2000:]
-    resumed = [r for r in _records(killed) if "loss" in r]
+    resumed = [r for r in metrics_records(killed) if "loss" in r]
     assert [r["step"] for r in resumed] == list(range(1, 5))  # no step lost or logged twice
     # CPU kernels are not bitwise reproducible across processes and Adam amplifies the last bits,
     # so the curves are compared to 0.2 %: consecutive steps differ by several percent, so a
@@ -172,24 +149,13 @@ def test_loss_falls_and_a_killed_run_resumes_exactly(env, cold):
 @pytest.mark.slow
 def test_two_process_torchrun(env, cold):
     output = env / "ddp"
-    args = _args(env, output, "--steps", "1", "--val-images", "0")
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        free_port(),
-    ]
-    cmd = [*torchrun, "-m", "evsam_cli", *args]
-    result = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    result = run_evsam(*_args(env, output, "--steps", "1", "--val-images", "0"), nproc=2, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((output / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 1
     assert summary["images"] == 2  # 2 ranks x 1 step x batch 1, one image each (disjoint shards)
     assert summary["teacher_forwards"] == 0
-    assert [r["step"] for r in _records(output)] == [1]
+    assert [r["step"] for r in metrics_records(output)] == [1]
     create_model("l0", checkpoint=output / "student.pt")
 
 
@@ -232,7 +198,7 @@ def test_bad_inputs_end_with_one_error_line(env, cold, tmp_path):
         app, [*_args(env, tmp_path / "f"), "--steps", "1", "--val-images", "0", "--overwrite"]
     )
     assert result.exit_code == 0, result.output
-    assert [r["step"] for r in _records(tmp_path / "f") if "loss" in r] == [1]
+    assert [r["step"] for r in metrics_records(tmp_path / "f") if "loss" in r] == [1]
 
 
 @pytest.mark.gpu

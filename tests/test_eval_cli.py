@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from _util import free_port
+from _util import torchrun_cmd
 from typer.testing import CliRunner
 
 from evsam_cli.cli.app import app
@@ -124,10 +124,7 @@ def test_torchrun_two_processes_match_one(data, tmp_path):
     single = _run(*common, "-o", str(tmp_path / "one"))
     assert single.exit_code == 0, single.output
     env = {**os.environ, "OMP_NUM_THREADS": "1", "EVSAM_DEBUG": "1"}
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", free_port(),
-        "-m", "evsam_cli", *common, "-o", str(tmp_path / "two"),
-    ]  # fmt: skip
+    cmd = torchrun_cmd(*common, "-o", str(tmp_path / "two"))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     one = json.loads((tmp_path / "one" / "metrics.json").read_text())

@@ -10,16 +10,12 @@ on the images (a random init's unit statistics would make eval-mode validation m
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from _util import SUBPROCESS_ENV, free_port
+from _util import kill_at_first_checkpoint, metrics_records, run_evsam
 from PIL import Image
 from pycocotools import mask as mask_utils
 from typer.testing import CliRunner
@@ -31,7 +27,6 @@ from evsam_cli.models import create_model, save_weights
 from evsam_cli.train.config import DataConfig, FinetuneConfig, LoopConfig, OptimConfig
 from evsam_cli.train.finetune import finetune
 
-ENV = SUBPROCESS_ENV
 STEPS = 12
 
 
@@ -117,26 +112,20 @@ def _args(env: Path, output: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def _records(output: Path) -> list[dict]:
-    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.fixture(scope="module")
 def reference(env):
     """An uninterrupted run in its own process, like the killed/resumed one it is compared with
     (the pytest process's thread and allocator state gives last-bit differences that 12 Adam
     steps amplify; two separate processes agree exactly)."""
     output = env / "reference"
-    result = subprocess.run(
-        [sys.executable, "-m", "evsam_cli", *_args(env, output)], env=ENV, capture_output=True, text=True
-    )
+    result = run_evsam(*_args(env, output))
     assert result.returncode == 0, result.stderr[-2000:]
     return output, json.loads((output / "summary.json").read_text())
 
 
 def test_short_run_raises_val_iou_and_trains_the_encoder(env, reference):
     output, summary = reference
-    records = _records(output)
+    records = metrics_records(output)
     val = [(r["step"], r["val_iou"]) for r in records if "val_iou" in r]
     assert [s for s, _ in val] == [0, 4, 8, 12]
     # Eight-odd CPU steps are noisy (thread counts change reduction order), so the claim is on the
@@ -159,28 +148,11 @@ def test_short_run_raises_val_iou_and_trains_the_encoder(env, reference):
 def test_killed_run_resumes_exactly(env, reference):
     ref_out, _ = reference
     killed = env / "killed"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "evsam_cli", *_args(env, killed)],
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    last = killed / "checkpoints" / "last.pt"
-    deadline = time.time() + 180
-    while not last.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    kill_at_first_checkpoint(_args(env, killed), killed, timeout=180)
     assert not (killed / "model.pt").exists()
-    result = subprocess.run(
-        [sys.executable, "-m", "evsam_cli", "finetune", "--output", str(killed), "--resume", "--no-progress"],
-        env=ENV,
-        capture_output=True,
-        text=True,
-    )
+    result = run_evsam("finetune", "--output", str(killed), "--resume", "--no-progress")
     assert result.returncode == 0, result.stderr[-2000:]
-    got, ref = _records(killed), _records(ref_out)
+    got, ref = metrics_records(killed), metrics_records(ref_out)
     assert [(r["step"], "loss" in r) for r in got] == [(r["step"], "loss" in r) for r in ref]
     for a, b in zip(got, ref, strict=True):
         key = "loss" if "loss" in b else "val_iou"
@@ -210,7 +182,7 @@ def test_coco_format_data(env, coco):
         ],  # fmt: skip
     )
     assert result.exit_code == 0, result.output
-    records = _records(output)
+    records = metrics_records(output)
     assert [r["step"] for r in records] == [0, 1, 1] and "val_iou" in records[-1]
     summary = json.loads((output / "summary.json").read_text())
     assert summary["annotations"] == str(paths["annotations"]) and summary["val_images"] == 1
@@ -221,17 +193,7 @@ def test_coco_format_data(env, coco):
 def test_two_process_torchrun(env):
     output = env / "ddp"
     args = _args(env, output, "--steps", "1", "--val-images", "0", "--init", str(env / "init.pt"))
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        free_port(),
-    ]
-    cmd = [*torchrun, "-m", "evsam_cli", *args]
-    result = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=400)
+    result = run_evsam(*args, nproc=2, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((output / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["images"] == 2 and summary["steps"] == 1
@@ -291,6 +253,6 @@ def test_amp_on_gpu(env, tmp_path):
     cfg.loop.device = "cuda"
     cfg.loop.steps = 4
     summary = finetune(cfg)
-    losses = [r["loss"] for r in _records(tmp_path / "gpu") if "loss" in r]
+    losses = [r["loss"] for r in metrics_records(tmp_path / "gpu") if "loss" in r]
     assert len(losses) == 4 and all(np.isfinite(losses))
     assert summary["val_iou"] is not None

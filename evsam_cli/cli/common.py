@@ -1,8 +1,11 @@
-"""What every command shares: consoles, the error edge, progress and small parsers.
+"""What every command shares: consoles, the error edge, progress, small parsers and options.
 
 Library code raises ``EvsamError`` subclasses; ``command`` turns them (and the OS errors a
 user can cause, such as a missing or unwritable path) into one ``Error: ...`` line on stderr
 and exit code 1. ``--debug`` or ``EVSAM_DEBUG=1`` lets the traceback through instead.
+
+Options that several commands declare alike are ``Annotated`` aliases here (flag names and help);
+each command keeps its own default, e.g. ``steps: StepsOption = 10000``.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -102,3 +105,47 @@ def parse_floats(text: str, count: int | None, what: str) -> list[float]:
     if count is not None and len(values) != count:
         raise typer.BadParameter(f"{what} needs {count} comma-separated numbers, got {text!r}")
     return values
+
+
+def env_rank() -> int:
+    """This process's rank as torchrun sets it (0 outside torchrun), known before any process group."""
+    return int(os.environ.get("RANK", "0"))
+
+
+# ---------------------------------------------------------------------------- shared options
+# `evsam predict` and `evsam eval`: the model to run.
+ModelOption = Annotated[str, typer.Option("--model", "-m", help="Model name or alias (see `evsam models`).")]
+CheckpointOption = Annotated[
+    str | None,
+    typer.Option(help="Weights file, or 'hub' for the official release. Default: random weights."),
+]
+
+# `evsam distill` and `evsam finetune`: the training loop, optimizer and data loading.
+StepsOption = Annotated[int, typer.Option(min=1, help="Optimizer steps (ignored when --epochs is given).")]
+EpochsOption = Annotated[
+    float | None, typer.Option(min=0.0, help="Train for this many passes over the data.")
+]
+TrainBatchSizeOption = Annotated[int, typer.Option(min=1, help="Images per micro-batch, per process.")]
+GradAccumOption = Annotated[int, typer.Option(min=1, help="Micro-batches per optimizer step.")]
+LrOption = Annotated[float, typer.Option(help="Peak learning rate (AdamW, warmup then cosine).")]
+WeightDecayOption = Annotated[float, typer.Option(help="AdamW weight decay (not on norms/biases).")]
+WarmupStepsOption = Annotated[int, typer.Option(min=0, help="Linear warmup steps.")]
+GradClipOption = Annotated[float, typer.Option(min=0.0, help="Max gradient norm (0: off).")]
+SaveEveryOption = Annotated[int, typer.Option(min=1, help="Write checkpoints/last.pt every N steps.")]
+LogEveryOption = Annotated[int, typer.Option(min=1, help="Write a metrics.jsonl record every N steps.")]
+TrainWorkersOption = Annotated[int, typer.Option(min=0, help="Data-loader worker processes per rank.")]
+TrainDeviceOption = Annotated[
+    str, typer.Option(help="auto, cpu, cuda (under torchrun: each rank its LOCAL_RANK GPU).")
+]
+AmpOption = Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision on GPU (bf16, else fp16).")]
+ResumeOption = Annotated[
+    bool, typer.Option("--resume", help="Continue the run in --output from checkpoints/last.pt.")
+]
+OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Replace a run already in --output.")]
+ProgressOption = Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bar on rank 0.")]
+
+
+def check_resume(resume: bool, overwrite: bool) -> None:
+    """--resume continues the run in --output, --overwrite replaces it: never both."""
+    if resume and overwrite:
+        raise typer.BadParameter("--resume and --overwrite exclude each other")

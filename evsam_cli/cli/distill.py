@@ -8,7 +8,29 @@ from typing import Annotated
 
 import typer
 
-from .common import command, console, setup_logging
+from .common import (
+    AmpOption,
+    EpochsOption,
+    GradAccumOption,
+    GradClipOption,
+    LogEveryOption,
+    LrOption,
+    OverwriteOption,
+    ProgressOption,
+    ResumeOption,
+    SaveEveryOption,
+    StepsOption,
+    TrainBatchSizeOption,
+    TrainDeviceOption,
+    TrainWorkersOption,
+    WarmupStepsOption,
+    WeightDecayOption,
+    check_resume,
+    command,
+    console,
+    env_rank,
+    setup_logging,
+)
 
 
 class TeacherName(str, Enum):
@@ -35,18 +57,14 @@ def distill_cli(
         Path | None,
         typer.Option(help="SA-1B: folder of sa_*.jpg + sa_*.json, or of sa_*.tar shards (or one .tar)."),
     ] = None,
-    steps: Annotated[
-        int, typer.Option(min=1, help="Optimizer steps (ignored when --epochs is given).")
-    ] = 10000,
-    epochs: Annotated[
-        float | None, typer.Option(min=0.0, help="Train for this many passes over the data.")
-    ] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per micro-batch, per process.")] = 8,
-    grad_accum: Annotated[int, typer.Option(min=1, help="Micro-batches per optimizer step.")] = 1,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warmup then cosine).")] = 1e-3,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (not on norms/biases).")] = 0.05,
-    warmup_steps: Annotated[int, typer.Option(min=0, help="Linear warmup steps.")] = 500,
-    grad_clip: Annotated[float, typer.Option(min=0.0, help="Max gradient norm (0: off).")] = 1.0,
+    steps: StepsOption = 10000,
+    epochs: EpochsOption = None,
+    batch_size: TrainBatchSizeOption = 8,
+    grad_accum: GradAccumOption = 1,
+    lr: LrOption = 1e-3,
+    weight_decay: WeightDecayOption = 0.05,
+    warmup_steps: WarmupStepsOption = 500,
+    grad_clip: GradClipOption = 1.0,
     image_size: Annotated[
         int | None,
         typer.Option(
@@ -63,25 +81,15 @@ def distill_cli(
     val_every: Annotated[
         int, typer.Option(min=0, help="Validate every N steps (0: only at step 0 and the end).")
     ] = 1000,
-    save_every: Annotated[int, typer.Option(min=1, help="Write checkpoints/last.pt every N steps.")] = 1000,
-    log_every: Annotated[int, typer.Option(min=1, help="Write a metrics.jsonl record every N steps.")] = 10,
-    workers: Annotated[int, typer.Option(min=0, help="Data-loader worker processes per rank.")] = 4,
+    save_every: SaveEveryOption = 1000,
+    log_every: LogEveryOption = 10,
+    workers: TrainWorkersOption = 4,
     seed: Annotated[int, typer.Option(help="Random seed (data order, initialisation).")] = 0,
-    device: Annotated[
-        str, typer.Option(help="auto, cpu, cuda (under torchrun: each rank its LOCAL_RANK GPU).")
-    ] = "auto",
-    amp: Annotated[
-        bool, typer.Option("--amp/--no-amp", help="Mixed precision on GPU (bf16, else fp16).")
-    ] = True,
-    resume: Annotated[
-        bool, typer.Option("--resume", help="Continue the run in --output from checkpoints/last.pt.")
-    ] = False,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace a run already in --output.")
-    ] = False,
-    progress: Annotated[
-        bool, typer.Option("--progress/--no-progress", help="Progress bar on rank 0.")
-    ] = True,
+    device: TrainDeviceOption = "auto",
+    amp: AmpOption = True,
+    resume: ResumeOption = False,
+    overwrite: OverwriteOption = False,
+    progress: ProgressOption = True,
 ) -> None:
     """Distil a SAM ViT image encoder into an EfficientViT-SAM student (MSE on image embeddings).
 
@@ -103,15 +111,14 @@ def distill_cli(
     from ..train.config import DataConfig, DistillConfig, LoopConfig, OptimConfig
     from ..train.distill import distill
 
-    if resume and overwrite:
-        raise typer.BadParameter("--resume and --overwrite exclude each other")
+    check_resume(resume, overwrite)
     if not resume and teacher_checkpoint is None:
         raise typer.BadParameter(
             "--teacher-checkpoint is required (Meta's sam_vit_*.pth)", param_hint="--teacher-checkpoint"
         )
     if not resume and data is None:
         raise typer.BadParameter("--data is required (an SA-1B folder or .tar shards)", param_hint="--data")
-    setup_logging(main_process=dist_utils.get_info().is_main or _env_rank() == 0)
+    setup_logging(main_process=dist_utils.get_info().is_main or env_rank() == 0)
     cfg = DistillConfig(
         teacher=teacher.value,
         teacher_checkpoint=str(teacher_checkpoint or "-"),
@@ -134,7 +141,7 @@ def distill_cli(
         data=DataConfig(path=str(data or ""), batch_size=batch_size, workers=workers, val_images=val_images),
     )
     summary = distill(cfg, resume=resume, overwrite=overwrite, progress=progress)
-    if _env_rank() != 0:
+    if env_rank() != 0:
         return
     from rich.table import Table
 
@@ -158,9 +165,3 @@ def distill_cli(
 
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.5g}"
-
-
-def _env_rank() -> int:
-    import os
-
-    return int(os.environ.get("RANK", "0"))

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from .common import command, console, error, setup_logging
+from .common import CheckpointOption, ModelOption, command, console, env_rank, error, setup_logging
 
 
 class Dataset(str, Enum):
@@ -46,13 +45,8 @@ def eval_cli(
     annotations: Annotated[
         Path | None, typer.Option(help="Instance annotation JSON (COCO or LVIS v1).")
     ] = None,
-    model: Annotated[
-        str, typer.Option("--model", "-m", help="Model name or alias (see `evsam models`).")
-    ] = "l0",
-    checkpoint: Annotated[
-        str | None,
-        typer.Option(help="Weights file, or 'hub' for the official release. Default: random weights."),
-    ] = None,
+    model: ModelOption = "l0",
+    checkpoint: CheckpointOption = None,
     prompt: Annotated[
         Prompt | None,
         typer.Option(help="box (GT boxes), point (simulated clicks) or detector boxes. Default: box."),
@@ -117,7 +111,7 @@ def eval_cli(
 
       torchrun --nproc-per-node 8 -m evsam_cli eval coco --data-root coco --device cuda --detector vitdet --detections coco_vitdet.json
     """
-    rank = int(os.environ.get("RANK", "0"))
+    rank = env_rank()
     setup_logging(main_process=rank == 0)
 
     if prompt is None:

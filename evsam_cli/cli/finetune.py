@@ -7,7 +7,29 @@ from typing import Annotated
 
 import typer
 
-from .common import command, console, setup_logging
+from .common import (
+    AmpOption,
+    EpochsOption,
+    GradAccumOption,
+    GradClipOption,
+    LogEveryOption,
+    LrOption,
+    OverwriteOption,
+    ProgressOption,
+    ResumeOption,
+    SaveEveryOption,
+    StepsOption,
+    TrainBatchSizeOption,
+    TrainDeviceOption,
+    TrainWorkersOption,
+    WarmupStepsOption,
+    WeightDecayOption,
+    check_resume,
+    command,
+    console,
+    env_rank,
+    setup_logging,
+)
 
 
 @command
@@ -39,14 +61,10 @@ def finetune_cli(
         typer.Option(help="COCO instances JSON: train on your own data (--data is its image folder)."),
     ] = None,
     images: Annotated[Path | None, typer.Option(help="Alias of --data for COCO-format data.")] = None,
-    steps: Annotated[
-        int, typer.Option(min=1, help="Optimizer steps (ignored when --epochs is given).")
-    ] = 10000,
-    epochs: Annotated[
-        float | None, typer.Option(min=0.0, help="Train for this many passes over the data.")
-    ] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per micro-batch, per process.")] = 2,
-    grad_accum: Annotated[int, typer.Option(min=1, help="Micro-batches per optimizer step.")] = 1,
+    steps: StepsOption = 10000,
+    epochs: EpochsOption = None,
+    batch_size: TrainBatchSizeOption = 2,
+    grad_accum: GradAccumOption = 1,
     image_size: Annotated[
         int | None, typer.Option(help="Encoder input side (multiple of 32). Default: the model's own.")
     ] = None,
@@ -57,33 +75,23 @@ def finetune_cli(
             "--freeze-bn/--train-bn", help="Keep the encoder's BatchNorm statistics fixed while training."
         ),
     ] = False,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warmup then cosine).")] = 1e-4,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (not on norms/biases).")] = 0.05,
-    warmup_steps: Annotated[int, typer.Option(min=0, help="Linear warmup steps.")] = 250,
-    grad_clip: Annotated[float, typer.Option(min=0.0, help="Max gradient norm (0: off).")] = 1.0,
+    lr: LrOption = 1e-4,
+    weight_decay: WeightDecayOption = 0.05,
+    warmup_steps: WarmupStepsOption = 250,
+    grad_clip: GradClipOption = 1.0,
     val_images: Annotated[int, typer.Option(min=0, help="Held-out images for val_iou.")] = 16,
     val_every: Annotated[
         int, typer.Option(min=0, help="Validate every N steps (and at step 0 and the end).")
     ] = 500,
-    save_every: Annotated[int, typer.Option(min=1, help="Write checkpoints/last.pt every N steps.")] = 500,
-    log_every: Annotated[int, typer.Option(min=1, help="Write a metrics.jsonl record every N steps.")] = 10,
-    workers: Annotated[int, typer.Option(min=0, help="Data-loader worker processes per rank.")] = 4,
+    save_every: SaveEveryOption = 500,
+    log_every: LogEveryOption = 10,
+    workers: TrainWorkersOption = 4,
     seed: Annotated[int, typer.Option(help="Random seed (data order, prompts, initialisation).")] = 0,
-    device: Annotated[
-        str, typer.Option(help="auto, cpu, cuda (under torchrun: each rank its LOCAL_RANK GPU).")
-    ] = "auto",
-    amp: Annotated[
-        bool, typer.Option("--amp/--no-amp", help="Mixed precision on GPU (bf16, else fp16).")
-    ] = True,
-    resume: Annotated[
-        bool, typer.Option("--resume", help="Continue the run in --output from checkpoints/last.pt.")
-    ] = False,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace a run already in --output.")
-    ] = False,
-    progress: Annotated[
-        bool, typer.Option("--progress/--no-progress", help="Progress bar on rank 0.")
-    ] = True,
+    device: TrainDeviceOption = "auto",
+    amp: AmpOption = True,
+    resume: ResumeOption = False,
+    overwrite: OverwriteOption = False,
+    progress: ProgressOption = True,
 ) -> None:
     """Train a whole EfficientViT-SAM end to end: 20 x focal + 1 x dice on box / 1-10 point prompts.
 
@@ -99,19 +107,16 @@ def finetune_cli(
 
       torchrun --nproc-per-node 8 -m evsam_cli finetune --model l0 --init runs/l0/student.pt --data SA1B_DIR --output runs/l0_ft
     """
-    import os
-
     from ..train.config import DataConfig, FinetuneConfig, LoopConfig, OptimConfig
     from ..train.finetune import finetune
 
-    if resume and overwrite:
-        raise typer.BadParameter("--resume and --overwrite exclude each other")
+    check_resume(resume, overwrite)
     if images is not None and data is not None and images != data:
         raise typer.BadParameter("--images and --data name the same thing; give one")
     data = data or images
     if not resume and data is None:
         raise typer.BadParameter("--data is required (SA-1B, or a COCO image folder with --annotations)")
-    rank = int(os.environ.get("RANK", "0"))
+    rank = env_rank()
     setup_logging(main_process=rank == 0)
     cfg = FinetuneConfig(
         model=model,

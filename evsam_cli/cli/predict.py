@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .common import command, console, parse_floats
+from .common import CheckpointOption, ModelOption, command, console, parse_floats
 
 
 def _parse_point(text: str) -> tuple[float, float, int]:
@@ -26,13 +26,8 @@ def predict_cli(
         Path, typer.Argument(help="Image file (JPEG, PNG, ...; grayscale/RGBA/16-bit are converted).")
     ],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for masks, overlay and scores.")],
-    model: Annotated[
-        str, typer.Option("--model", "-m", help="Model name or alias (see `evsam models`).")
-    ] = "l0",
-    checkpoint: Annotated[
-        str | None,
-        typer.Option(help="Weights file, or 'hub' for the official release. Default: random weights."),
-    ] = None,
+    model: ModelOption = "l0",
+    checkpoint: CheckpointOption = None,
     box: Annotated[
         list[str] | None, typer.Option("--box", help="x0,y0,x1,y1 in pixels; repeat for several objects.")
     ] = None,

@@ -24,20 +24,21 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed as dist_utils
-from ..data.sa1b import BatchStream, Sa1bRecord, Sa1bStream, count_train_images, open_sa1b
+from ..data.sa1b import Sa1bRecord, open_sa1b
 from ..data.transforms import normalize_padded, resize_longest_padded
-from ..devices import resolve_device
 from ..errors import CheckpointError
 from ..models import create_model, get_spec, save_weights
 from ..models.registry import describe_mismatch, guess_model, read_state_dict, to_model_layout
-from .config import DistillConfig, from_dict, to_dict
+from .config import DistillConfig, to_dict
 from .loop import (
     TrainingError,
     amp_dtype,
+    apply_epochs,
+    batch_stream,
     environment,
+    init_device,
     prepare_output,
-    saved_config,
-    steps_for_epochs,
+    run_config,
     train,
     write_summary,
 )
@@ -231,11 +232,7 @@ def distill(
     from ``config``).
     """
     output = Path(config.loop.output)
-    if resume:
-        prepare_output(output, resume=True, overwrite=False)
-        config = from_dict(DistillConfig, saved_config(output))
-        config.loop.output = str(output)
-    cfg = config
+    cfg = run_config(config, resume=resume)
     spec = get_spec(cfg.student)  # UnknownModelError lists the names
     if spec.family != "efficientvit-sam":
         raise TrainingError(f"--student must be an EfficientViT-SAM model (l0 ... xl1), not {spec.name}")
@@ -243,10 +240,7 @@ def distill(
     head = read_teacher_head(cfg.teacher, cfg.teacher_checkpoint)
     source = open_sa1b(cfg.data.path, val_images=cfg.data.val_images)
 
-    device = resolve_device(cfg.loop.device)
-    info = dist_utils.init_distributed(device)
-    if device.type == "cuda":
-        device = torch.device("cuda", info.local_rank)
+    device, info = init_device(cfg.loop.device)
     if not resume:
         prepare_output(output, resume=False, overwrite=overwrite)
     output.mkdir(parents=True, exist_ok=True)
@@ -257,28 +251,23 @@ def distill(
         cache = TeacherCache(cfg.teacher_cache, teacher=cfg.teacher, checkpoint_hash=digest)
         if info.is_main:
             cache.describe(cfg.teacher_checkpoint)
-    if cfg.loop.epochs and not resume:
-        images = count_train_images(source)
-        cfg.loop.steps = steps_for_epochs(
-            cfg.loop.epochs, images, cfg.data.batch_size, cfg.loop.grad_accum, info.world_size
-        )
+    if not resume:
+        apply_epochs(cfg.loop, cfg.data, source, info.world_size)
 
     torch.manual_seed(cfg.loop.seed)  # same initial student on every rank
     student = create_model(spec.name, input_size=image_size, device=device)
     encoder = student.image_encoder.train()
 
     transform = DistillTransform(image_size, cache)
-    dataset = Sa1bStream(
+    stream = batch_stream(
         source,
         transform=transform,
         collate=collate_distill,
-        batch_size=cfg.data.batch_size,
+        data=cfg.data,
         seed=cfg.loop.seed,
-        rank=info.rank,
-        world_size=info.world_size,
-        num_workers=cfg.data.workers,
+        info=info,
+        device=device,
     )
-    stream = BatchStream(dataset, num_workers=cfg.data.workers, pin_memory=device.type == "cuda")
     teacher = Teacher(cfg.teacher, cfg.teacher_checkpoint, device, amp=cfg.loop.amp)
     loss = DistillLoss(teacher, cache, device)
     val_records = [r for r in source.validation_records() if isinstance(r, Sa1bRecord)]
@@ -320,12 +309,7 @@ def distill(
         "teacher": cfg.teacher,
         "teacher_checkpoint": str(cfg.teacher_checkpoint),
         "image_size": image_size,
-        "steps": result.steps,
-        "epochs": result.epochs,
-        "images": result.images,
-        "seconds": result.seconds,
-        "images_per_s": result.images / max(result.seconds, 1e-9),
-        "final_loss": result.final_loss,
+        **result.totals(),
         "val_mse": result.validation.get("val_mse"),
         "val_images": len(val_records),
         "teacher_forwards": forwards,

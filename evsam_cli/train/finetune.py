@@ -27,26 +27,19 @@ from torch import Tensor, nn
 
 from .. import distributed as dist_utils
 from ..data.coco_train import open_coco
-from ..data.sa1b import (
-    BatchStream,
-    Sa1bRecord,
-    Sa1bStream,
-    collate_stack,
-    count_train_images,
-    decode_mask,
-    open_sa1b,
-)
+from ..data.sa1b import Sa1bRecord, collate_stack, decode_mask, open_sa1b
 from ..data.transforms import normalize_padded, resize_longest_padded, resize_mask_padded
-from ..devices import resolve_device
 from ..errors import CheckpointError
 from ..models import Sam, create_model, get_spec, read_state_dict, save_weights
-from .config import FinetuneConfig, from_dict, to_dict
+from .config import FinetuneConfig, to_dict
 from .loop import (
     TrainingError,
+    apply_epochs,
+    batch_stream,
     environment,
+    init_device,
     prepare_output,
-    saved_config,
-    steps_for_epochs,
+    run_config,
     train,
     write_summary,
 )
@@ -274,11 +267,7 @@ def finetune(
     dataset when ``annotations`` is given.
     """
     output = Path(config.loop.output)
-    if resume:
-        prepare_output(output, resume=True, overwrite=False)
-        config = from_dict(FinetuneConfig, saved_config(output))
-        config.loop.output = str(output)
-    cfg = config
+    cfg = run_config(config, resume=resume)
     spec = get_spec(cfg.model)
     image_size = cfg.image_size or spec.input_size
     if cfg.annotations:
@@ -286,10 +275,7 @@ def finetune(
     else:
         source = open_sa1b(cfg.data.path, val_images=cfg.data.val_images)
 
-    device = resolve_device(cfg.loop.device)
-    info = dist_utils.init_distributed(device)
-    if device.type == "cuda":
-        device = torch.device("cuda", info.local_rank)
+    device, info = init_device(cfg.loop.device)
     torch.manual_seed(cfg.loop.seed)
     # A bad --init fails before the output folder is touched. On resume the weights come from
     # the checkpoint (and the --init file may be gone by now).
@@ -297,24 +283,19 @@ def finetune(
     if not resume:
         prepare_output(output, resume=False, overwrite=overwrite)
     output.mkdir(parents=True, exist_ok=True)
-    if cfg.loop.epochs and not resume:
-        images = count_train_images(source)
-        cfg.loop.steps = steps_for_epochs(
-            cfg.loop.epochs, images, cfg.data.batch_size, cfg.loop.grad_accum, info.world_size
-        )
+    if not resume:
+        apply_epochs(cfg.loop, cfg.data, source, info.world_size)
 
     model = PromptedSam(sam, freeze_bn=cfg.freeze_bn).to(device).train()
-    dataset = Sa1bStream(
+    stream = batch_stream(
         source,
         transform=FinetuneTransform(image_size, cfg.masks_per_image, prompt_size=sam.prompt_size),
         collate=collate_stack,
-        batch_size=cfg.data.batch_size,
+        data=cfg.data,
         seed=cfg.loop.seed,
-        rank=info.rank,
-        world_size=info.world_size,
-        num_workers=cfg.data.workers,
+        info=info,
+        device=device,
     )
-    stream = BatchStream(dataset, num_workers=cfg.data.workers, pin_memory=device.type == "cuda")
     val_records = [r for r in source.validation_records() if isinstance(r, Sa1bRecord)]
     validate = BoxValidation(val_records, device) if val_records else None
 
@@ -344,12 +325,7 @@ def finetune(
         "image_size": image_size,
         "data": cfg.data.path,
         "annotations": cfg.annotations,
-        "steps": result.steps,
-        "epochs": result.epochs,
-        "images": result.images,
-        "seconds": result.seconds,
-        "images_per_s": result.images / max(result.seconds, 1e-9),
-        "final_loss": result.final_loss,
+        **result.totals(),
         "val_iou": result.validation.get("val_iou"),
         "best": result.best,
         "val_images": len(val_records),

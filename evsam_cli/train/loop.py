@@ -9,7 +9,9 @@ position and RNG state).
 
 What is trained is decided by the caller: a module, a ``loss_fn(model, batch) -> (loss, metrics)``
 (distillation is such a loss with a frozen teacher inside), a ``validate(model) -> metrics``
-and a ``save_weights(model, path)`` for the final/best weight files.
+and a ``save_weights(model, path)`` for the final/best weight files. The setup both callers
+share comes before it: ``run_config`` (what ``--resume`` continues with), ``init_device``,
+``apply_epochs`` and ``batch_stream``.
 """
 
 from __future__ import annotations
@@ -25,17 +27,18 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from .. import distributed as dist_utils
-from ..data.sa1b import BatchStream
+from ..data.sa1b import BatchStream, Collate, Sa1bStream, Transform, count_train_images
+from ..devices import resolve_device
 from ..errors import CheckpointError, EvsamError
 from ..io import atomic_path, write_json_atomic
-from .config import LoopConfig, OptimConfig
+from .config import DataConfig, DistillConfig, FinetuneConfig, LoopConfig, OptimConfig, from_dict
 
 log = logging.getLogger("evsam.train")
 
@@ -44,6 +47,8 @@ Validate = Callable[[nn.Module], dict[str, float]]
 SaveWeights = Callable[[nn.Module, Path], None]
 
 RUN_FILES = ("metrics.jsonl", "config.json", "summary.json", "checkpoints")
+
+RunConfig = TypeVar("RunConfig", DistillConfig, FinetuneConfig)
 
 
 class TrainingError(EvsamError):
@@ -71,6 +76,59 @@ def prepare_output(output: Path, *, resume: bool, overwrite: bool) -> None:
             else:
                 path.unlink(missing_ok=True)
     dist_utils.barrier()
+
+
+# ---------------------------------------------------------------------------- run setup
+def run_config(config: RunConfig, *, resume: bool) -> RunConfig:
+    """``config``, or on resume the configuration saved in its output folder (only the output
+    folder is taken from ``config``)."""
+    if not resume:
+        return config
+    output = Path(config.loop.output)
+    prepare_output(output, resume=True, overwrite=False)
+    saved = from_dict(type(config), saved_config(output))
+    saved.loop.output = str(output)
+    return saved
+
+
+def init_device(name: str) -> tuple[torch.device, dist_utils.DistInfo]:
+    """Resolve ``--device`` and join torchrun's process group; on CUDA each rank takes its LOCAL_RANK GPU."""
+    device = resolve_device(name)
+    info = dist_utils.init_distributed(device)
+    if device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+    return device, info
+
+
+def apply_epochs(loop: LoopConfig, data: DataConfig, source: Any, world_size: int) -> None:
+    """With ``--epochs``, set ``loop.steps`` to that many passes over ``source``'s training images."""
+    if loop.epochs:
+        images = count_train_images(source)
+        loop.steps = steps_for_epochs(loop.epochs, images, data.batch_size, loop.grad_accum, world_size)
+
+
+def batch_stream(
+    source: Any,
+    *,
+    transform: Transform,
+    collate: Collate,
+    data: DataConfig,
+    seed: int,
+    info: dist_utils.DistInfo,
+    device: torch.device,
+) -> BatchStream:
+    """This rank's shard of ``source`` as endless, resumable training batches."""
+    dataset = Sa1bStream(
+        source,
+        transform=transform,
+        collate=collate,
+        batch_size=data.batch_size,
+        seed=seed,
+        rank=info.rank,
+        world_size=info.world_size,
+        num_workers=data.workers,
+    )
+    return BatchStream(dataset, num_workers=data.workers, pin_memory=device.type == "cuda")
 
 
 # ---------------------------------------------------------------------------- optimisation
@@ -204,6 +262,17 @@ class TrainResult:
     validation: dict[str, float]
     best: dict[str, float] | None
     skipped_images: list[str]
+
+    def totals(self) -> dict[str, Any]:
+        """Length, throughput and last loss of the run (the part of summary.json every run shares)."""
+        return {
+            "steps": self.steps,
+            "epochs": self.epochs,
+            "images": self.images,
+            "seconds": self.seconds,
+            "images_per_s": self.images / max(self.seconds, 1e-9),
+            "final_loss": self.final_loss,
+        }
 
 
 def train(
