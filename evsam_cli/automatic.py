@@ -47,7 +47,7 @@ from .amg_utils import (
 from .data.images import to_rgb_uint8
 from .errors import EvsamError
 from .models.sam import Sam
-from .models.streaming import can_stream, stream_transformer, upscale_tiles
+from .models.streaming import StreamedTokens, can_stream, stream_transformer, upscale_tiles
 from .predictor import SamPredictor
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
@@ -278,7 +278,7 @@ class AutomaticMaskGenerator:
         # Float64 prompt coordinates, as the official generator passes them.
         coords = torch.as_tensor(self.predictor.apply_coords(points), device=dev)[:, None, :]
         labels = torch.ones(coords.shape[0], 1, dtype=torch.int64, device=dev)
-        iou, tiles, mask_tokens = self._decode_tokens(coords, labels)  # iou (N, 3)
+        iou, image_tokens, mask_tokens = self._decode_tokens(coords, labels)  # iou (N, 3)
 
         keep = (
             iou > self.pred_iou_thresh
@@ -289,7 +289,7 @@ class AutomaticMaskGenerator:
         if flat.numel() == 0:
             return
         prompt_idx, token_idx = flat // 3, flat % 3
-        low_res = self._mask_logits(tiles, mask_tokens, prompt_idx, token_idx)  # (K, 256, 256)
+        low_res = self._mask_logits(image_tokens, mask_tokens, prompt_idx, token_idx)  # (K, 256, 256)
         iou_kept = iou.flatten()[flat]
         points_kept = points[prompt_idx.cpu().numpy()]
 
@@ -324,10 +324,9 @@ class AutomaticMaskGenerator:
                 data.offsets.append((by0, bx0))
 
     # ------------------------------------------------------------------ the decoder in two halves
-    def _decode_tokens(self, coords: Tensor, labels: Tensor) -> tuple[Tensor, list[Tensor], Tensor]:
+    def _decode_tokens(self, coords: Tensor, labels: Tensor) -> tuple[Tensor, StreamedTokens, Tensor]:
         """Prompt-frame points (N, 1, 2) -> multimask IoU predictions (N, 3), the transformer's
-        image tokens as tiles of whole grid rows (N, R, C) and the three multimask output tokens
-        (N, 3, C).
+        image tokens (``StreamedTokens``) and the three multimask output tokens (N, 3, C).
 
         This is ``MaskDecoder.predict_masks`` up to the transformer (streamed on CPU, see
         ``models/streaming.py``); the mask head is deferred to ``_mask_logits`` so that it runs
@@ -343,15 +342,15 @@ class AutomaticMaskGenerator:
         pe = model.prompt_encoder.get_dense_pe()
         read_out = [0, 2, 3, 4]  # the IoU token and the three multimask tokens
         if can_stream(dec, image, dense):
-            hs, tiles = stream_transformer(dec.transformer, image, pe, tokens, read_out)
+            hs, image_tokens = stream_transformer(dec.transformer, image, pe, tokens, read_out)
         else:
             hs, keys = dec.transformer(image, pe, tokens)
-            hs, tiles = hs[:, read_out], [keys]
+            hs, image_tokens = hs[:, read_out], StreamedTokens([keys])
         iou = dec.iou_prediction_head(hs[:, 0, :])[:, 1:]
-        return iou, tiles, hs[:, 1:4, :]
+        return iou, image_tokens, hs[:, 1:4, :]
 
     def _mask_logits(
-        self, tiles: list[Tensor], mask_tokens: Tensor, prompt_idx: Tensor, token_idx: Tensor
+        self, image_tokens: StreamedTokens, mask_tokens: Tensor, prompt_idx: Tensor, token_idx: Tensor
     ) -> Tensor:
         """Low-res logits (K, 256, 256) of the multimask outputs ``token_idx`` of ``prompt_idx``."""
         dec = self.model.mask_decoder
@@ -364,7 +363,7 @@ class AutomaticMaskGenerator:
             hyper = torch.stack(
                 [dec.output_hypernetworks_mlps[i + 1](mask_tokens[ids, i, :]) for i in range(3)], dim=1
             )
-            out.append(upscale_tiles(dec, [t[ids] for t in tiles], hyper, side))
+            out.append(upscale_tiles(dec, image_tokens.select(ids), hyper, side))
         masks = torch.cat(out)  # (len(needed), 3, 256, 256)
         return masks[inverse, token_idx]
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from evsam_cli.models import create_model
+from evsam_cli.models import create_model, streaming
 from evsam_cli.models.layers import ConvNormAct, LayerNorm2d
 from evsam_cli.models.optimize import fold_conv_bn, optimize_encoder
-from evsam_cli.models.streaming import can_stream, stream_decode
+from evsam_cli.models.streaming import can_stream, stream_decode, stream_transformer
 from evsam_cli.models.transformer import Attention
 from evsam_cli.predictor import SamPredictor
 
@@ -141,6 +141,33 @@ def test_streamed_decoder_equals_module_path(prompt, multimask):
     torch.testing.assert_close(masks, ref_masks.detach(), rtol=0, atol=1e-5 * scale)
     torch.testing.assert_close(iou, ref_iou.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(via_module[0], masks, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("offset", [0.0, 5.0])
+def test_first_mask_convolution_expanded_through_the_transformer(offset):
+    """The per-image + low-rank form of the mask head's first convolution equals the convolution
+    of the explicit image tokens, tile by tile, also for prompt subsets and for an image
+    embedding far from zero mean (the form subtracts large shared terms)."""
+    torch.manual_seed(0)
+    model = create_model("efficientvit-sam-l0", input_size=128)
+    _spread_weights(model.mask_decoder)
+    dec = model.mask_decoder
+    image = torch.randn(1, 256, 64, 64) + offset
+    pe = model.prompt_encoder.get_dense_pe()
+    tokens = torch.randn(6, 7, 256)
+    with torch.no_grad():
+        _, streamed = stream_transformer(dec.transformer, image, pe, tokens, [0, 1])
+        up = streaming._Upscaler(dec.output_upscaling)
+        for ids in (torch.arange(6), torch.tensor([4, 1])):
+            subset = streamed.select(ids)
+            first = streaming._FirstConv(up, subset)
+            start = 0
+            assert len(subset.tiles) > 1
+            for k, tile in enumerate(subset.tiles):
+                want = up.first(tile)
+                got = first.tile(k, slice(start, start + tile.shape[1]))
+                torch.testing.assert_close(got, want, rtol=0, atol=2e-5 * float(want.abs().max()))
+                start += tile.shape[1]
 
 
 def test_decoder_streams_only_shared_cpu_inference():

@@ -12,11 +12,15 @@ different order:
   stride-2 transposed convolution maps one input pixel to its own 2x2 output block). The image
   tokens are therefore processed in tiles of rows that stay in cache, one pass per layer.
 * The token->image attention that follows each such step needs a softmax over *all* image
-  tokens; it is accumulated tile by tile with the running-maximum (online) softmax.
+  tokens: its logits are collected tile by tile, and the softmax and the value mix run once
+  the layer's last tile is done.
 * Projections are moved to the prompt-token side of every cross attention (exact algebra, see
   ``Attention.tokens_to_image``), and the first layer's image-side projections, shared by all
   prompts, are computed once per call.
 * The final token->image attention is computed only for the output tokens that are read out.
+* The mask head's first convolution is linear, and every image->token step only adds a few
+  prompt-dependent vectors per token and rescales (LayerNorm), so that convolution is expanded
+  into a part shared by all prompts plus a low-rank per-prompt product (``_FirstConv``).
 
 Results equal the module path up to float rounding (pinned by ``tests/test_optimize.py``).
 Training, export, GPUs and per-prompt image embeddings use the module path; this one runs on
@@ -25,7 +29,7 @@ CPU without autograd, for an image embedding shared by every prompt.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -103,7 +107,8 @@ class _ImageAttention:
         kh = attn.k_proj(k).reshape(n, t, h, d).transpose(1, 2) * d**-0.5  # (N, h, T, d)
         vh = attn.v_proj(v).reshape(n, t, h, d).transpose(1, 2)
         wo = attn.out_proj.weight.reshape(c, h, d).permute(1, 2, 0)  # (h, d, C)
-        values = (vh @ wo).reshape(n, h * t, c)
+        # Each head's softmax weights sum to 1, so the out-projection bias can ride on the values.
+        values = (vh @ wo + attn.out_proj.bias / h).reshape(n, h * t, c)
         weights = bias = None
         if not shared:
             wq = attn.q_proj.weight.reshape(h, d, c)
@@ -111,17 +116,59 @@ class _ImageAttention:
             bias = (kh @ attn.q_proj.bias.reshape(h, d, 1)).reshape(n, h * t, 1)
         return cls(attn, norm, kh, weights, bias, values)
 
-    def apply(self, residual: Tensor, keys: Tensor | None, shared_q: Tensor | None = None) -> Tensor:
+    def apply(
+        self, residual: Tensor, keys: Tensor | None, shared_q: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """norm(residual + attention) for one tile: residual (N or 1, R, C); keys = tile + pe
-        (N, R, C), or instead ``shared_q`` (h, R, d) when the tile is shared by all prompts."""
+        (N, R, C), or instead ``shared_q`` (h, R, d) when the tile is shared by all prompts.
+
+        Returns the tile (N, R, C), the attention weights (N, h*T, R) and the LayerNorm's
+        reciprocal standard deviations (N, R, 1), which ``_UpscaleBasis`` needs.
+        """
         n, h, t, _ = self.keys.shape
         if shared_q is not None:  # (h, R, d) query projection shared by all prompts
             logits = (self.keys @ shared_q.transpose(1, 2)).reshape(n, h, t, -1)  # (N, h, T, R)
         else:
             logits = torch.baddbmm(self.bias, self.weights, keys.transpose(1, 2)).reshape(n, h, t, -1)
         p = torch.softmax(logits, dim=2).reshape(n, h * t, -1)
-        out = torch.baddbmm(residual + self.attn.out_proj.bias, p.transpose(1, 2), self.values)
-        return F.layer_norm(out, out.shape[-1:], self.norm.weight, self.norm.bias, self.norm.eps)
+        out = torch.baddbmm(residual, p.transpose(1, 2), self.values)
+        out, _, rstd = torch.native_layer_norm(
+            out, out.shape[-1:], self.norm.weight, self.norm.bias, self.norm.eps
+        )
+        return out, p, rstd
+
+
+@dataclass
+class _LayerRecord:
+    """What one image->token attention did to the image tokens (see ``_FirstConv``)."""
+
+    norm: nn.LayerNorm
+    values: Tensor  # (N, h*T, C) out-projected values of the prompt tokens, out bias folded in
+    probs: list[Tensor] = field(default_factory=list)  # per tile (N, h*T, R) attention weights
+    rstd: list[Tensor] = field(default_factory=list)  # per tile (N, R, 1) LayerNorm 1/std
+
+
+@dataclass
+class StreamedTokens:
+    """The transformer's final image tokens for N prompts, as ``tiles`` (N, R, C) of whole rows
+    of the token grid, in order (``torch.cat(tiles, 1)`` is the module's keys output).
+
+    From ``stream_transformer`` they also carry how they were made from the shared image tokens
+    (``image`` (1, HW, C) and one record per layer), which lets the mask head do most of its
+    first convolution once for all prompts (``_FirstConv``).
+    """
+
+    tiles: list[Tensor]
+    image: Tensor | None = None
+    layers: list[_LayerRecord] = field(default_factory=list)
+
+    def select(self, ids: Tensor) -> StreamedTokens:
+        """The same for the prompts ``ids`` only."""
+        layers = [
+            _LayerRecord(r.norm, r.values[ids], [p[ids] for p in r.probs], [s[ids] for s in r.rstd])
+            for r in self.layers
+        ]
+        return StreamedTokens([t[ids] for t in self.tiles], self.image, layers)
 
 
 class _Upscaler:
@@ -143,14 +190,77 @@ class _Upscaler:
         self.b2 = conv2.bias.repeat(4)
         self.norm = norm
 
-    def apply(self, tile: Tensor, hyper: Tensor) -> Tensor:
-        """tile (N, R, C) tokens, hyper (N, M, C2) -> (N, R, 2, 2, 2, 2, M) mask logits."""
-        n, r, _ = tile.shape
-        y = torch.addmm(self.b1, tile.reshape(n * r, -1), self.w1).reshape(n * r * 4, self.c1)
+    def first(self, tile: Tensor) -> Tensor:
+        """The first convolution of a tile (N, R, C) -> (N, R, 4*C1)."""
+        n, r, c = tile.shape
+        return torch.addmm(self.b1, tile.reshape(n * r, c), self.w1).reshape(n, r, -1)
+
+    def rest(self, y: Tensor, hyper: Tensor) -> Tensor:
+        """First-convolution outputs (N, R, 4*C1), hyper (N, M, C2) -> (N, R, 2, 2, 2, 2, M) logits."""
+        n, r, _ = y.shape
+        y = y.reshape(n * r * 4, self.c1)
         y = self.act1(F.layer_norm(y, (self.c1,), self.norm.weight, self.norm.bias, self.norm.eps))
         y = self.act2(torch.addmm(self.b2, y, self.w2))  # (N*R*4, 4*C2) ordered (a, b, c, d, channel)
         masks = torch.bmm(y.reshape(n, r * 16, self.c2), hyper.transpose(1, 2))
         return masks.reshape(n, r, 2, 2, 2, 2, -1)
+
+
+class _FirstConv:
+    """The mask head's first convolution (per-token linear map W, bias w0) of the final image
+    tokens, expanded through the transformer's image->token steps.
+
+    With row vectors, layer l maps image tokens x to LN_l(x + P_l V_l) = r_l (x + P_l V_l) Z G_l
+    + beta_l, where P_l (R x hT) are the attention weights, V_l (hT x C) the prompt's values (out
+    bias folded in), Z = I - 11^T/C the centring matrix, r_l the per-token 1/std and G_l =
+    diag(gamma_l). Unrolled from the shared image tokens x_0, with A_{L+1} = W, A_l = Z G_l A_{l+1}
+    and S_l = r_l * ... * r_L (per token):
+
+        x_L W = S_1 x_0 A_1 + sum_l S_l P_l (V_l A_l) + sum_{l>1} S_l beta_{l-1} A_l + beta_L W
+
+    x_0 A_1 is shared by every prompt; per prompt what is left is a product with h*T+1 rows per
+    layer (114 for SAM's box prompts) instead of C = 256. Same values up to float rounding.
+    """
+
+    def __init__(self, up: _Upscaler, tokens: StreamedTokens) -> None:
+        assert tokens.image is not None and tokens.layers
+        self.layers = tokens.layers
+        mats = []  # G_l A_{l+1}, so that v A_l = centre(v) @ mats[l]
+        a = up.w1
+        for record in reversed(self.layers):
+            g_a = record.norm.weight[:, None] * a
+            mats.append(g_a)
+            a = g_a - g_a.mean(0)
+        mats.reverse()
+        n = self.layers[0].values.shape[0]
+        self.base = _centre(tokens.image) @ mats[0]  # (1, HW, 4*C1)
+        rows = []
+        for i, record in enumerate(self.layers):
+            rows.append(_centre(record.values) @ mats[i])  # (N, hT, 4*C1)
+            if i:
+                rows.append((_centre(self.layers[i - 1].norm.bias) @ mats[i]).expand(n, 1, -1))
+        self.basis = torch.cat(rows, dim=1)
+        self.const = self.layers[-1].norm.bias @ up.w1 + up.b1
+
+    def tile(self, k: int, sl: slice) -> Tensor:
+        """First-convolution outputs (N, R, 4*C1) of tile ``k``, image tokens ``sl``."""
+        n, _, r = self.layers[0].probs[k].shape
+        scales: list[Tensor] = []  # S_L, ..., S_1 as (N, 1, R)
+        for record in reversed(self.layers):
+            rstd = record.rstd[k].reshape(n, 1, r)
+            scales.append(rstd if not scales else scales[-1] * rstd)
+        scales.reverse()
+        rows = []  # the coefficients, transposed: (N, rows of the basis, R)
+        for i, record in enumerate(self.layers):
+            rows.append(record.probs[k] * scales[i])
+            if i:
+                rows.append(scales[i])
+        coef = torch.cat(rows, dim=1).transpose(1, 2)
+        first = torch.addcmul(self.const, self.base[:, sl], scales[0].transpose(1, 2))
+        return torch.baddbmm(first, coef, self.basis)
+
+
+def _centre(v: Tensor) -> Tensor:
+    return v - v.mean(-1, keepdim=True)
 
 
 def can_stream(decoder: nn.Module, image_embeddings: Tensor, dense: Tensor) -> bool:
@@ -172,7 +282,7 @@ def can_stream(decoder: nn.Module, image_embeddings: Tensor, dense: Tensor) -> b
 
 def stream_transformer(
     transformer: nn.Module, image: Tensor, image_pe: Tensor, tokens: Tensor, read_out: list[int]
-) -> tuple[Tensor, list[Tensor]]:
+) -> tuple[Tensor, StreamedTokens]:
     """``TwoWayTransformer.forward`` for N prompts on one image, streamed (see module doc).
 
     Args:
@@ -181,8 +291,7 @@ def stream_transformer(
       read_out: token positions whose final queries are wanted (the final attention is
         computed for those only).
     Returns:
-      queries (N, len(read_out), C) and the final image tokens as tiles (N, R, C) of whole
-      rows of the H x W grid, in order (``torch.cat(tiles, 1)`` is the module's keys output).
+      queries (N, len(read_out), C) and the final image tokens (``StreamedTokens``).
     """
     n = tokens.shape[0]
     _, c, h, w = image.shape
@@ -202,10 +311,13 @@ def stream_transformer(
     )
 
     x: list[Tensor] | None = None  # per-prompt image tokens, (N, R, C) per tile; None while shared
+    x_pe: list[Tensor] = []  # the same plus the positional encoding
+    records = []
     for i, layer in enumerate(layers):
         i2t = _ImageAttention.start(
             layer.cross_attn_image_to_token, layer.norm4, queries + query_pe, queries, shared=x is None
         )
+        records.append(_LayerRecord(layer.norm4, i2t.values))
         shared_q = None
         if x is None:  # the first layer's image tokens are the same for every prompt
             qa = layer.cross_attn_image_to_token
@@ -217,22 +329,25 @@ def stream_transformer(
         else:
             next_q = layers[i + 1].token_self_attention(queries, query_pe)
             t2i = _TokenAttention(layers[i + 1].cross_attn_token_to_image, next_q + query_pe)
-        out = []
+        out, out_pe = [], []
         for k, sl in enumerate(tiles):
             if x is None:
-                tile = i2t.apply(src[:, sl], None, shared_q[:, sl])
+                tile, p, rstd = i2t.apply(src[:, sl], None, shared_q[:, sl])
             else:
-                tile = i2t.apply(x[k], x[k] + pe[:, sl])
+                tile, p, rstd = i2t.apply(x[k], x_pe[k])
+            records[-1].probs.append(p)
+            records[-1].rstd.append(rstd)
             out.append(tile)
-            t2i.add_tile(tile + pe[:, sl])
-        x = out
+            out_pe.append(tile + pe[:, sl])
+            t2i.add_tile(out_pe[-1])
+        x, x_pe = out, out_pe
         if last:
             queries = transformer.norm_final_attn(next_q + t2i.finish(x))
         else:
             queries = layers[i + 1].token_update(next_q, t2i.finish(x))
     if x is None:
         raise ValueError("stream_transformer needs a transformer with at least one layer")
-    return queries, x
+    return queries, StreamedTokens(x, src, records)
 
 
 def stream_decode(
@@ -258,7 +373,7 @@ def stream_decode(
     tokens = torch.cat([output_tokens, sparse_prompt_embeddings], dim=1)
     mask_ids = list(range(decoder.num_mask_tokens))[mask_slice]
     read_out = [0] + [1 + i for i in mask_ids]  # the IoU token and the decoded mask tokens
-    queries, tiles = stream_transformer(
+    queries, image_tokens = stream_transformer(
         decoder.transformer, image_embeddings + dense_prompt_embeddings, image_pe, tokens, read_out
     )
 
@@ -266,21 +381,24 @@ def stream_decode(
     hyper = torch.stack(
         [decoder.output_hypernetworks_mlps[j](queries[:, 1 + k]) for k, j in enumerate(mask_ids)], dim=1
     )  # (N, M, C2)
-    return upscale_tiles(decoder, tiles, hyper, image_embeddings.shape[-2:]), iou_pred
+    return upscale_tiles(decoder, image_tokens, hyper, image_embeddings.shape[-2:]), iou_pred
 
 
-def upscale_tiles(decoder: nn.Module, tiles: list[Tensor], hyper: Tensor, grid: tuple[int, int]) -> Tensor:
-    """The mask head on streamed image-token tiles: tiles (N, R, C) covering the (H, W) token grid
-    row by row, hypernetwork vectors (N, M, C2) -> mask logits (N, M, 4H, 4W)."""
+def upscale_tiles(decoder: nn.Module, tokens: StreamedTokens, hyper: Tensor, grid: tuple[int, int]) -> Tensor:
+    """The mask head on streamed image tokens covering the (H, W) token grid row by row, with
+    hypernetwork vectors (N, M, C2) -> mask logits (N, M, 4H, 4W)."""
     h, w = grid
     n, m = hyper.shape[:2]
     up = _Upscaler(decoder.output_upscaling)
+    first = _FirstConv(up, tokens) if tokens.layers else None
     # Token (i, j) with offsets (a, b), then (c, d) is pixel (4i + 2a + c, 4j + 2b + d); tiles
     # are whole rows of tokens, so each lands in its own block of mask rows.
     masks = hyper.new_empty(n, m, h, 2, 2, w, 2, 2)
-    row = 0
-    for tile in tiles:
-        block = up.apply(tile, hyper).reshape(n, -1, w, 2, 2, 2, 2, m)
-        masks[:, :, row : row + block.shape[1]] = block.permute(0, 7, 1, 3, 5, 2, 4, 6)
-        row += block.shape[1]
+    start = 0
+    for k, tile in enumerate(tokens.tiles):
+        sl = slice(start, start + tile.shape[1])
+        y = up.first(tile) if first is None else first.tile(k, sl)
+        block = up.rest(y, hyper).reshape(n, -1, w, 2, 2, 2, 2, m)
+        masks[:, :, sl.start // w : sl.stop // w] = block.permute(0, 7, 1, 3, 5, 2, 4, 6)
+        start = sl.stop
     return masks.reshape(n, m, 4 * h, 4 * w)
