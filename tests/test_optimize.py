@@ -9,9 +9,10 @@ from torch import nn
 
 from evsam_cli.models import create_model, streaming
 from evsam_cli.models.layers import ConvNormAct, LayerNorm2d
-from evsam_cli.models.optimize import fold_conv_bn, optimize_encoder
+from evsam_cli.models.optimize import FusedConvAct, cpu_kernels_available, fold_conv_bn, optimize_encoder
 from evsam_cli.models.streaming import can_stream, stream_decode, stream_transformer
 from evsam_cli.models.transformer import Attention
+from evsam_cli.models.winograd import WinogradConv2d, transform_filters, winograd_conv3x3
 from evsam_cli.predictor import SamPredictor
 
 
@@ -49,6 +50,65 @@ def test_optimized_encoder_matches_plain_and_model_is_untouched(name):
     assert list(after) == list(before) and all(torch.equal(before[k], after[k]) for k in before)
     assert any(isinstance(m, ConvNormAct) and isinstance(m.norm, nn.BatchNorm2d) for m in model.modules())
     assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
+    if cpu_kernels_available():  # the neck's 256-wide 3x3 convs by Winograd, every other conv fused
+        assert any(isinstance(m, WinogradConv2d) for m in fast.modules())
+        assert any(isinstance(m, FusedConvAct) for m in fast.modules())
+        assert not any(isinstance(m, ConvNormAct) for m in fast.modules())
+    plain = optimize_encoder(model.image_encoder, cpu_kernels=False)
+    assert not any(isinstance(m, WinogradConv2d | FusedConvAct) for m in plain.modules())
+
+
+@pytest.mark.parametrize("shape", [(1, 192, 16, 16), (2, 8, 13, 10), (1, 16, 5, 7)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_winograd_conv_equals_direct_convolution(shape, channels_last):
+    """F(4x4, 3x3) equals the direct convolution up to float rounding, for sizes that are and are
+    not multiples of the 4x4 output tile, in either memory format, with and without bias."""
+    torch.manual_seed(0)
+    b, c, h, w = shape
+    x = torch.randn(shape)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(24, c, 3, 3) / (9 * c) ** 0.5
+    bias = torch.randn(24)
+    for bias_ in (bias, None):
+        ref = torch.nn.functional.conv2d(x, weight, bias_, padding=1)
+        out = winograd_conv3x3(x, transform_filters(weight), bias_)
+        assert out.shape == ref.shape and out.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(out, ref, rtol=0, atol=2e-5 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("act", [None, nn.GELU(), nn.GELU(approximate="tanh")])
+def test_winograd_module_applies_the_activation(act):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 8, 3, padding=1)
+    x = torch.randn(2, 16, 9, 12)
+    with torch.no_grad():
+        ref = conv(x) if act is None else act(conv(x))
+        out = WinogradConv2d(conv, act)(x)
+    torch.testing.assert_close(out, ref, rtol=0, atol=2e-5 * float(ref.abs().max()))
+    with pytest.raises(ValueError, match="stride-1 3x3"):
+        WinogradConv2d(nn.Conv2d(16, 8, 3, stride=2, padding=1))
+
+
+@pytest.mark.skipif(not cpu_kernels_available(), reason="this PyTorch build has no oneDNN conv ops")
+@pytest.mark.parametrize(
+    "act", [None, nn.ReLU(), nn.GELU(), nn.GELU(approximate="tanh")], ids=["none", "relu", "gelu", "tanh"]
+)
+@pytest.mark.parametrize("kernel,groups", [(1, 1), (3, 1), (3, 8)])
+def test_fused_conv_act_equals_conv_then_act(act, kernel, groups):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 16, kernel, padding=kernel // 2, groups=groups)
+    fused = FusedConvAct(conv, act)
+    plain = (lambda y: y) if act is None else act
+    for shape in [(1, 16, 12, 12), (2, 16, 7, 9)]:  # the weight is packed once, then reused
+        x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            ref, out = plain(conv(x)), fused(x)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    # With autograd it falls back to the plain modules, so gradients still flow.
+    x = torch.randn(1, 16, 6, 6, requires_grad=True)
+    fused(x).sum().backward()
+    assert x.grad is not None
 
 
 def test_sam_vit_is_not_copied():
