@@ -2,7 +2,8 @@
 
 Images reach the encoder resized so their longest side is the encoder's input size (PIL
 bilinear, SAM's rounding) and padded; prompts and masks live in SAM's 1024 prompt frame, where
-the image occupies ``preprocess_shape(h, w, 1024)``. Every component converts through here.
+the image occupies ``preprocess_shape(h, w, 1024)``. Every component converts through here,
+and masks come back to the original image through ``upscale_matrices``.
 """
 
 from __future__ import annotations
@@ -47,3 +48,38 @@ def boxes_to_frame(
     return coords_to_frame(boxes.reshape(*boxes.shape[:-1], 2, 2), original_size, frame_size).reshape(
         boxes.shape
     )
+
+
+# ---------------------------------------------------------------------------- mask upscaling
+def bilinear_matrix(out_size: int, in_size: int) -> np.ndarray:
+    """(out_size, in_size) float64 weights of 1-D bilinear resampling, ``align_corners=False``.
+
+    Row i mixes the two input samples around ``(i + 0.5) * in / out - 0.5`` (clamped at 0),
+    exactly as PyTorch's ``upsample_bilinear2d``; 2-D resizing is ``Wy @ x @ Wx.T``.
+    """
+    scale = in_size / out_size
+    src = np.maximum((np.arange(out_size, dtype=np.float64) + 0.5) * scale - 0.5, 0.0)
+    i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+    i1 = np.minimum(i0 + 1, in_size - 1)
+    frac = src - i0
+    weights = np.zeros((out_size, in_size), dtype=np.float64)
+    rows = np.arange(out_size)
+    np.add.at(weights, (rows, i0), 1.0 - frac)
+    np.add.at(weights, (rows, i1), frac)
+    return weights
+
+
+def upscale_matrices(
+    input_size: tuple[int, int], original_size: tuple[int, int], prompt_size: int, low_res_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(Ay (H, low), Ax (W, low)) float64 with ``Ay @ low_res @ Ax.T`` = SAM's mask upscaling.
+
+    SAM upsamples the decoder's low-res logits to the prompt frame, crops the image
+    (``input_size``) out of it and resizes that to ``original_size``; all three steps are
+    linear per axis, so they compose into one matrix per axis.
+    """
+    mats = []
+    for axis in (0, 1):
+        up = bilinear_matrix(prompt_size, low_res_size)[: input_size[axis]]
+        mats.append(bilinear_matrix(original_size[axis], input_size[axis]) @ up)
+    return mats[0], mats[1]

@@ -207,9 +207,10 @@ class SamPredictor:
             mask_input=mask_input,
             multimask_output=multimask_output,
         )
-        masks = self.model.postprocess_masks(low_res.float(), self.input_size, self.original_size)
-        if not return_logits:
-            masks = masks > self.model.mask_threshold
+        if return_logits:
+            masks = self.model.postprocess_masks(low_res.float(), self.input_size, self.original_size)
+        else:
+            masks = self.model.postprocess_binary(low_res.float(), self.input_size, self.original_size)
         return masks, scores, low_res
 
 

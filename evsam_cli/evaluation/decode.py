@@ -63,6 +63,5 @@ def best_masks(
             )
         best = iou.argmax(dim=1)
         chosen = low_res[torch.arange(low_res.shape[0], device=device), best].unsqueeze(1).float()
-        masks = model.postprocess_masks(chosen, frame, original_size)
-        out[sl] = masks[:, 0] > model.mask_threshold
+        out[sl] = model.postprocess_binary(chosen, frame, original_size)[:, 0]
     return out

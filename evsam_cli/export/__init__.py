@@ -10,8 +10,9 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
+from ..frames import bilinear_matrix
 from .errors import ExportError
-from .runtime import ExportedSamPredictor, OnnxSamPredictor, bilinear_matrix, postprocess_matrices
+from .runtime import ExportedSamPredictor, OnnxSamPredictor, postprocess_matrices
 
 _LAZY = {
     "export_onnx": ".onnx",

@@ -19,7 +19,13 @@ import numpy as np
 
 from ..data.images import to_rgb_uint8
 from ..errors import DataError, MissingDependencyError
-from ..frames import boxes_to_frame, coords_to_frame, preprocess_shape, resize_longest
+from ..frames import (
+    boxes_to_frame,
+    coords_to_frame,
+    preprocess_shape,
+    resize_longest,
+    upscale_matrices,
+)
 from .errors import ExportError
 
 # Defaults of every zoo model; exported graphs carry their own values in metadata.
@@ -30,39 +36,13 @@ LOW_RES_SIZE = 256
 NUM_MASK_TOKENS = 4  # token 0: single-mask output; tokens 1-3: multimask outputs
 
 
-def bilinear_matrix(out_size: int, in_size: int) -> np.ndarray:
-    """(out_size, in_size) weights of 1-D bilinear resampling, ``align_corners=False``.
-
-    Row i mixes the two input samples around ``(i + 0.5) * in / out - 0.5`` (clamped at 0),
-    exactly as PyTorch's ``upsample_bilinear2d``; 2-D resizing is ``Wy @ x @ Wx.T``.
-    """
-    scale = in_size / out_size
-    src = np.maximum((np.arange(out_size, dtype=np.float64) + 0.5) * scale - 0.5, 0.0)
-    i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
-    i1 = np.minimum(i0 + 1, in_size - 1)
-    frac = src - i0
-    weights = np.zeros((out_size, in_size), dtype=np.float64)
-    rows = np.arange(out_size)
-    np.add.at(weights, (rows, i0), 1.0 - frac)
-    np.add.at(weights, (rows, i1), frac)
-    return weights
-
-
 def postprocess_matrices(
     input_size: tuple[int, int], original_size: tuple[int, int], prompt_size: int = PROMPT_SIZE
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(Ay (H, 256), Ax (W, 256)) with ``Ay @ low_res @ Ax.T`` = ``Sam.postprocess_masks``.
-
-    The reference upsamples 256 -> prompt_size, crops to ``input_size`` (the image inside the
-    prompt frame) and resizes to ``original_size``; all three steps are linear per axis, so
-    they compose into one matrix per axis.
-    """
-    mats = []
-    for axis in (0, 1):
-        up = bilinear_matrix(prompt_size, LOW_RES_SIZE)[: input_size[axis]]
-        down = bilinear_matrix(original_size[axis], input_size[axis])
-        mats.append((down @ up).astype(np.float32))
-    return mats[0], mats[1]
+    """(Ay (H, 256), Ax (W, 256)) float32 with ``Ay @ low_res @ Ax.T`` = ``Sam.postprocess_masks``
+    (``frames.upscale_matrices``)."""
+    ay, ax = upscale_matrices(input_size, original_size, prompt_size, LOW_RES_SIZE)
+    return ay.astype(np.float32), ax.astype(np.float32)
 
 
 def upscale_masks(low_res: np.ndarray, ay: np.ndarray, ax: np.ndarray) -> np.ndarray:

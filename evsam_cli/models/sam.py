@@ -19,6 +19,7 @@ from ..frames import preprocess_shape, resize_longest
 from .mask_decoder import MaskDecoder
 from .prompt_encoder import PromptEncoder
 from .transformer import TwoWayTransformer
+from .upscale import upscale_binary, upscale_logits
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
@@ -116,25 +117,18 @@ class Sam(nn.Module):
     def postprocess_masks(
         self, masks: Tensor, input_size: tuple[int, int], original_size: tuple[int, int]
     ) -> Tensor:
-        """Low-res logits (N, M, 256, 256) -> logits at the original image size (N, M, H, W).
+        """Low-res logits (N, M, 256, 256) -> logits at the original image size (N, M, H, W), with
+        the image occupying ``input_size`` of the prompt frame (SAM's two bilinear resizes)."""
+        return upscale_logits(masks, input_size, original_size, self.prompt_size)
 
-        SAM upsamples to the whole prompt frame and then crops the image out of it. Here the
-        low-res rows and columns that the crop reads are cut first and upsampled with the same
-        scale (x4, the same weights), which gives identical values without computing the
-        padding part of the frame (25% of it for a 4:3 image).
-        """
-        scale = self.prompt_size // masks.shape[-1]
-        if scale * masks.shape[-1] == self.prompt_size:
-            rows, cols = (min(masks.shape[d], -(-input_size[i] // scale) + 1) for i, d in ((0, -2), (1, -1)))
-            masks = F.interpolate(
-                masks[..., :rows, :cols], scale_factor=float(scale), mode="bilinear", align_corners=False
-            )
-        else:
-            masks = F.interpolate(
-                masks, (self.prompt_size, self.prompt_size), mode="bilinear", align_corners=False
-            )
-        masks = masks[..., : input_size[0], : input_size[1]]
-        return F.interpolate(masks, original_size, mode="bilinear", align_corners=False)
+    def postprocess_binary(
+        self, masks: Tensor, input_size: tuple[int, int], original_size: tuple[int, int]
+    ) -> Tensor:
+        """``postprocess_masks(...) > mask_threshold`` as bool (N, M, H, W); on CPU most pixels
+        are decided from the low-res logits' signs (``models/upscale.py``)."""
+        if self.mask_threshold != 0.0:
+            return self.postprocess_masks(masks, input_size, original_size) > self.mask_threshold
+        return upscale_binary(masks, input_size, original_size, self.prompt_size)
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, input_size={self.input_size}, prompt_size={self.prompt_size}"

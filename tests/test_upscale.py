@@ -1,0 +1,94 @@
+"""Thresholded mask upscaling decides pixels from low-res signs and agrees with the dense resize."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from evsam_cli.frames import bilinear_matrix, preprocess_shape, upscale_matrices
+from evsam_cli.models import create_model, upscale
+from evsam_cli.models.upscale import upscale_binary, upscale_logits
+
+
+def _blobs(n: int, m: int, seed: int = 0) -> torch.Tensor:
+    """Low-res logits like a trained decoder's: a smooth blob per mask, plus a little noise."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(256.0), torch.arange(256.0), indexing="ij")
+    out = torch.empty(n, m, 256, 256)
+    for i in range(n):
+        for j in range(m):
+            cy, cx = torch.rand(2, generator=g) * 200
+            r = 4 + torch.rand(1, generator=g) * 40
+            dist = ((yy - cy) ** 2 + (xx - cx) ** 2).sqrt()
+            out[i, j] = 8 * (1 - dist / r) + 0.3 * torch.randn(256, 256, generator=g)
+    return out
+
+
+SIZES = [(480, 640), (1000, 750), (333, 500), (37, 29), (1500, 2000), (1024, 1024)]
+
+
+@pytest.mark.parametrize("original", SIZES, ids=[f"{h}x{w}" for h, w in SIZES])
+@pytest.mark.parametrize("kind", ["blobs", "noise"])
+def test_binary_upscaling_equals_thresholded_logits(original, kind, monkeypatch):
+    masks = (
+        _blobs(3, 2)
+        if kind == "blobs"
+        else torch.randn(3, 2, 256, 256, generator=torch.Generator().manual_seed(1))
+    )
+    frame = preprocess_shape(*original, 1024)
+    ref = upscale_logits(masks, frame, original, 1024)
+    if kind == "blobs":  # outlines only: no dense resize at all
+        monkeypatch.setattr(upscale, "upscale_logits", lambda *a: pytest.fail("resized densely"))
+    got = upscale_binary(masks, frame, original, 1024)
+    assert got.dtype == torch.bool and got.shape == ref.shape
+    # Pixels computed one by one may differ from the dense resize only by float rounding.
+    differ = got != (ref > 0)
+    assert not (differ & (ref.abs() > 1e-5)).any()
+    assert differ.sum() <= 1e-5 * differ.numel()
+
+
+def test_sign_rule_edge_values():
+    frame, original = (768, 1024), (480, 640)
+    zeros = torch.zeros(1, 1, 256, 256)
+    assert not upscale_binary(zeros, frame, original, 1024).any()  # 0 is not above the threshold
+    tiny = torch.full((1, 1, 256, 256), 1e-20)
+    assert upscale_binary(tiny, frame, original, 1024).all()
+    step = torch.full((1, 1, 256, 256), -3.0)
+    step[..., 100:, :] = 5.0
+    got = upscale_binary(step, frame, original, 1024)
+    torch.testing.assert_close(got, upscale_logits(step, frame, original, 1024) > 0, rtol=0, atol=0)
+
+
+def test_axis_taps_compose_the_two_resizes():
+    taps = upscale._axis_taps(256, 1024, 683, 1000)
+    assert taps is not None
+    matrix = upscale_matrices((683, 683), (1000, 1000), 1024, 256)[0]
+    rebuilt = np.zeros_like(matrix)
+    for r in range(len(taps.first)):
+        for k in range(int(taps.count[r])):
+            i = int(taps.first[r]) + k
+            assert int(taps.run[i]) == r
+            rebuilt[i, r : r + 3] = taps.block_weight[r, k].numpy()[: 256 - r]
+    np.testing.assert_allclose(rebuilt, matrix, atol=1e-15)
+    np.testing.assert_allclose(bilinear_matrix(7, 7), np.eye(7))
+
+
+def test_model_threshold_and_predictor_use_the_binary_path(small_model, scene):
+    from evsam_cli.predictor import SamPredictor
+
+    image, _ = scene
+    predictor = SamPredictor(small_model)
+    predictor.set_image(image)
+    box = np.array([80, 45, 160, 135])
+    masks, _, _ = predictor.predict(box=box)
+    logits, _, _ = predictor.predict(box=box, return_logits=True)
+    differ = masks != (logits > 0)
+    assert not (differ & (np.abs(logits) > 1e-5)).any()
+    low = torch.randn(1, 3, 256, 256)
+    model = create_model("efficientvit-sam-l0", input_size=128)
+    model.mask_threshold = 1.5
+    frame = preprocess_shape(48, 64, 1024)
+    torch.testing.assert_close(
+        model.postprocess_binary(low, frame, (48, 64)), model.postprocess_masks(low, frame, (48, 64)) > 1.5
+    )
