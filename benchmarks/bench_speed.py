@@ -150,9 +150,10 @@ def _ort_encoder(model, size: int):
     import onnxruntime as ort
 
     from evsam_cli.export import export_onnx
+    from evsam_cli.export.onnx import ONNXRUNTIME_OPSET
 
     tmp = Path(tempfile.mkdtemp())
-    export_onnx(model, tmp)
+    export_onnx(model, tmp, opset=ONNXRUNTIME_OPSET)
     sess = ort.InferenceSession(str(tmp / "encoder.onnx"), providers=["CPUExecutionProvider"])
     feed = {
         sess.get_inputs()[0].name: np.random.default_rng(0).standard_normal(

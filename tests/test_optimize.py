@@ -8,8 +8,15 @@ import torch
 from torch import nn
 
 from evsam_cli.models import create_model, streaming
-from evsam_cli.models.layers import ConvNormAct, LayerNorm2d
-from evsam_cli.models.optimize import FusedConvAct, cpu_kernels_available, fold_conv_bn, optimize_encoder
+from evsam_cli.models.layers import ConvNormAct, LayerNorm2d, Upsample
+from evsam_cli.models.optimize import (
+    FusedConvAct,
+    MatmulResize,
+    bicubic_matrix,
+    cpu_kernels_available,
+    fold_conv_bn,
+    optimize_encoder,
+)
 from evsam_cli.models.streaming import can_stream, stream_decode, stream_transformer
 from evsam_cli.models.transformer import Attention
 from evsam_cli.models.winograd import WinogradConv2d, transform_filters, winograd_conv3x3
@@ -54,8 +61,26 @@ def test_optimized_encoder_matches_plain_and_model_is_untouched(name):
         assert any(isinstance(m, WinogradConv2d) for m in fast.modules())
         assert any(isinstance(m, FusedConvAct) for m in fast.modules())
         assert not any(isinstance(m, ConvNormAct) for m in fast.modules())
+    assert not any(isinstance(m, Upsample) for m in fast.modules())
+    assert any(isinstance(m, MatmulResize) for m in fast.modules())
     plain = optimize_encoder(model.image_encoder, cpu_kernels=False)
     assert not any(isinstance(m, WinogradConv2d | FusedConvAct) for m in plain.modules())
+
+
+@pytest.mark.parametrize(("out_size", "in_size"), [(64, 16), (64, 32), (7, 3), (5, 9), (64, 64)])
+def test_bicubic_matrix_has_interpolate_weights(out_size, in_size):
+    x = torch.randn(1, 1, in_size, in_size, dtype=torch.float64)
+    ref = torch.nn.functional.interpolate(x, (out_size, out_size), mode="bicubic", align_corners=False)
+    w = torch.from_numpy(bicubic_matrix(out_size, in_size))
+    torch.testing.assert_close(w @ x[0, 0] @ w.T, ref[0, 0], rtol=0, atol=1e-12)
+
+
+def test_matmul_resize_equals_upsample():
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 16, 12).contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(MatmulResize(64)(x), Upsample(64)(x), rtol=0, atol=1e-5)
+    same = torch.randn(1, 4, 64, 64)
+    assert MatmulResize(64)(same) is same
 
 
 @pytest.mark.parametrize("shape", [(1, 192, 16, 16), (2, 8, 13, 10), (1, 16, 5, 7)])

@@ -44,7 +44,10 @@ def export_cli(
         int, typer.Option(min=1, help="TensorRT: largest number of points per prompt.")
     ] = 16,
     workspace_gb: Annotated[float, typer.Option(help="TensorRT builder workspace (GiB).")] = 4.0,
-    opset: Annotated[int, typer.Option(help="ONNX opset (17 suits TensorRT 10).")] = 17,
+    opset: Annotated[
+        int | None,
+        typer.Option(help="ONNX opset. Default: 20 for onnx (GELU as one op), 17 for trt (TensorRT 10)."),
+    ] = None,
     exporter: Annotated[Exporter, typer.Option(help="PyTorch ONNX exporter.")] = Exporter.auto,
     input_size: Annotated[
         int | None, typer.Option(help="Encoder input side (EfficientViT-SAM only, multiple of 32).")

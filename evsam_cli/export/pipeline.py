@@ -79,7 +79,7 @@ def export_model(
     fmt: str = "onnx",
     precision: str = "fp32",
     input_size: int | None = None,
-    opset: int = 17,
+    opset: int | None = None,
     exporter: str = "auto",
     max_batch: int = 16,
     max_prompts: int = 64,
@@ -96,7 +96,9 @@ def export_model(
       model / checkpoint / input_size: as ``create_model`` (random weights without checkpoint).
       fmt: "onnx" (encoder.onnx, decoder.onnx) or "trt" (also encoder.engine, decoder.engine).
       precision: TensorRT precision ("fp32", "fp16", "bf16"); ONNX graphs are always float32.
-      opset / exporter: ONNX opset and exporter ("auto", "torchscript", "dynamo").
+      opset / exporter: ONNX opset (default: 20 for "onnx", where GELU is one op for
+        onnxruntime; 17 for "trt", what TensorRT 10's parser covers) and exporter ("auto",
+        "torchscript", "dynamo").
       max_batch / max_prompts / max_points: TensorRT optimization-profile maxima (the encoder's
         kernels are tuned for max_batch, the decoder's for ``opt_prompts``, default min(16, max)).
       tolerance: allowed onnxruntime-vs-PyTorch difference (``Tolerance``).
@@ -110,7 +112,7 @@ def export_model(
 
     from ..models import create_model
     from ..models.sam import PIXEL_MEAN, PIXEL_STD
-    from .onnx import export_onnx
+    from .onnx import DEFAULT_OPSET, ONNXRUNTIME_OPSET, export_onnx
     from .parity import measure_parity
 
     step = progress or (lambda _msg: None)
@@ -122,6 +124,8 @@ def export_model(
     except ValueError as exc:  # an input size the model cannot take
         raise ExportError(str(exc)) from None
     step("exporting ONNX graphs")
+    if opset is None:
+        opset = ONNXRUNTIME_OPSET if fmt == "onnx" else DEFAULT_OPSET
     onnx_export = export_onnx(net, out, opset=opset, exporter=exporter)
     record: dict[str, Any] = {
         "model": net.name,

@@ -6,6 +6,9 @@ Applied to a *copy*: the model itself (its training path and saved weights) is n
   (exact up to float rounding), removing a full memory pass per BatchNorm.
 * channels-last memory format: oneDNN's and cuDNN's convolutions are markedly faster on
   NHWC tensors, and no layout reorders happen between consecutive convs.
+* The neck's bicubic resizes as two small matmuls with the interpolation's own weights
+  (``MatmulResize``), which also exports to ONNX as MatMuls: onnxruntime's cubic ``Resize``
+  took a quarter of the exported encoder's time.
 * CPU kernels (float32 on CPU only; ``cpu_kernels``):
   - the wide dense 3x3 convolutions (the SAM neck's) run by Winograd's F(4x4, 3x3)
     (``models/winograd.py``), a quarter of the multiplications;
@@ -18,11 +21,13 @@ Applied to a *copy*: the model itself (its training path and saved weights) is n
 from __future__ import annotations
 
 import copy
+import functools
 
+import numpy as np
 import torch
 from torch import nn
 
-from .layers import ConvNormAct
+from .layers import ConvNormAct, Upsample
 from .winograd import WinogradConv2d, is_winograd_compatible
 
 # Winograd pays for its transforms once convolutions are wide enough: measured on a 2-core AVX-512
@@ -59,6 +64,59 @@ def fold_batchnorm_(module: nn.Module) -> int:
             m.conv = fold_conv_bn(m.conv, m.norm)
             m.norm = None
             count += 1
+    return count
+
+
+def bicubic_matrix(out_size: int, in_size: int) -> np.ndarray:
+    """(out_size, in_size) float64 weights of 1-D bicubic resampling as PyTorch's
+    ``F.interpolate(mode="bicubic", align_corners=False)`` computes it (Keys' kernel, a = -0.75,
+    edge samples repeated); 2-D resizing is ``Wy @ x @ Wx.T``."""
+    a = -0.75
+    src = (np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5
+    base = np.floor(src)
+    t = src - base
+    near = lambda d: ((a + 2) * d - (a + 3)) * d * d + 1  # noqa: E731  |d| <= 1
+    far = lambda d: ((a * d - 5 * a) * d + 8 * a) * d - 4 * a  # noqa: E731  1 < |d| < 2
+    weights = np.zeros((out_size, in_size))
+    rows = np.arange(out_size)
+    for offset, w in ((-1, far(t + 1)), (0, near(t)), (1, near(1 - t)), (2, far(2 - t))):
+        np.add.at(weights, (rows, np.clip(base.astype(np.int64) + offset, 0, in_size - 1)), w)
+    return weights
+
+
+@functools.lru_cache(maxsize=32)
+def _bicubic_tensor(out_size: int, in_size: int) -> torch.Tensor:
+    return torch.from_numpy(bicubic_matrix(out_size, in_size)).float()
+
+
+class MatmulResize(nn.Module):
+    """``Upsample`` (bicubic to ``size`` x ``size``, computed in float32) as ``Wy @ x @ Wx.T``.
+
+    Equal to it up to float rounding; the weights are constants of the input size, so a traced
+    or exported graph holds them as two small initializers.
+    """
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        if (h, w) == (self.size, self.size):
+            return x
+        wy = _bicubic_tensor(self.size, int(h)).to(x.device)
+        wx = _bicubic_tensor(self.size, int(w)).to(x.device)
+        return (wy @ x.float() @ wx.T).to(x.dtype)
+
+
+def use_matmul_resize_(module: nn.Module) -> int:
+    """Replace every ``Upsample`` in ``module`` by ``MatmulResize``, in place; returns how many."""
+    count = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Upsample):
+                setattr(parent, name, MatmulResize(child.size))
+                count += 1
     return count
 
 
@@ -144,8 +202,8 @@ def cpu_kernels_available() -> bool:
 def optimize_encoder(
     encoder: nn.Module, *, channels_last: bool = True, cpu_kernels: bool | None = None
 ) -> nn.Module:
-    """An eval-mode copy of ``encoder`` with BatchNorm folded and channels-last layout, and on
-    CPU (float32) the Winograd and fused oneDNN convolutions (``cpu_kernels=None``: when the
+    """An eval-mode copy of ``encoder`` with BatchNorm folded, matmul resizes and channels-last
+    layout, and on CPU (float32) the Winograd and fused oneDNN convolutions (``cpu_kernels=None``: when the
     encoder's weights are float32 on the CPU and the build has the oneDNN ops).
 
     Returns ``encoder`` itself when there is nothing to gain (no BatchNorm to fold, e.g. SAM's
@@ -158,6 +216,7 @@ def optimize_encoder(
     for p in fast.parameters():
         p.requires_grad_(False)
     fold_batchnorm_(fast)
+    use_matmul_resize_(fast)
     if cpu_kernels is None:
         weight = next(fast.parameters())
         cpu_kernels = (
