@@ -106,7 +106,8 @@ class MatmulResize(nn.Module):
             return x
         wy = _bicubic_tensor(self.size, int(h)).to(x.device)
         wx = _bicubic_tensor(self.size, int(w)).to(x.device)
-        return (wy @ x.float() @ wx.T).to(x.dtype)
+        # NCHW first: on a channels-last input the broadcast matmul runs channel by channel.
+        return (wy @ x.float().contiguous() @ wx.T).to(x.dtype)
 
 
 def use_matmul_resize_(module: nn.Module) -> int:

@@ -17,6 +17,8 @@ fp32). oneDNN has no fp32 Winograd on x86, and on a CPU the encoder's wide 3x3 c
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 
@@ -45,6 +47,17 @@ _AT = (
 )
 TILE = 4  # output pixels per tile side
 ALPHA = TILE + 2  # input pixels per tile side
+
+
+@functools.lru_cache(maxsize=8)
+def _transforms(dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """B^T (x) B^T (36, 36) and A^T (x) A^T (16, 36): the tile transforms as one matrix each,
+    acting on a tile flattened row by row."""
+    bt = torch.tensor(_BT, dtype=torch.float64)
+    at = torch.tensor(_AT, dtype=torch.float64)
+    return torch.kron(bt, bt).to(dtype=dtype, device=device), torch.kron(at, at).to(
+        dtype=dtype, device=device
+    )
 
 
 def transform_filters(weight: Tensor) -> Tensor:
@@ -76,11 +89,10 @@ def winograd_conv3x3(x: Tensor, filters: Tensor, bias: Tensor | None = None) -> 
     tiles = padded.as_strided(
         (ALPHA, ALPHA, b, th, tw, c), (wp * c, c, hp * wp * c, TILE * wp * c, TILE * c, 1)
     ).reshape(ALPHA * ALPHA, -1)
-    bt = torch.tensor(_BT, dtype=x.dtype, device=x.device)
-    at = torch.tensor(_AT, dtype=x.dtype, device=x.device)
-    v = torch.mm(torch.kron(bt, bt), tiles).view(ALPHA * ALPHA, -1, c)  # B^T d B per tile
+    input_transform, output_transform = _transforms(x.dtype, x.device)
+    v = torch.mm(input_transform, tiles).view(ALPHA * ALPHA, -1, c)  # B^T d B per tile
     m = torch.bmm(v, filters)  # (36, tiles, C_out): the channel sums, one matmul per position
-    y = torch.mm(torch.kron(at, at), m.view(ALPHA * ALPHA, -1))  # A^T m A: (16, tiles * C_out)
+    y = torch.mm(output_transform, m.view(ALPHA * ALPHA, -1))  # A^T m A: (16, tiles * C_out)
     y = y.view(TILE, TILE, b, th, tw, k).permute(2, 3, 0, 4, 1, 5)  # (B, th, 4, tw, 4, C_out)
     out = x.new_empty(b, TILE * th, TILE * tw, k)
     if bias is None:
