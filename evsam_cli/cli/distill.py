@@ -8,29 +8,8 @@ from typing import Annotated
 
 import typer
 
-from .common import (
-    AmpOption,
-    EpochsOption,
-    GradAccumOption,
-    GradClipOption,
-    LogEveryOption,
-    LrOption,
-    OverwriteOption,
-    ProgressOption,
-    ResumeOption,
-    SaveEveryOption,
-    StepsOption,
-    TrainBatchSizeOption,
-    TrainDeviceOption,
-    TrainWorkersOption,
-    WarmupStepsOption,
-    WeightDecayOption,
-    check_resume,
-    command,
-    console,
-    env_rank,
-    setup_logging,
-)
+from . import common as opt
+from .common import check_resume, command, console, env_rank, setup_logging
 
 
 class TeacherName(str, Enum):
@@ -57,14 +36,14 @@ def distill_cli(
         Path | None,
         typer.Option(help="SA-1B: folder of sa_*.jpg + sa_*.json, or of sa_*.tar shards (or one .tar)."),
     ] = None,
-    steps: StepsOption = 10000,
-    epochs: EpochsOption = None,
-    batch_size: TrainBatchSizeOption = 8,
-    grad_accum: GradAccumOption = 1,
-    lr: LrOption = 1e-3,
-    weight_decay: WeightDecayOption = 0.05,
-    warmup_steps: WarmupStepsOption = 500,
-    grad_clip: GradClipOption = 1.0,
+    steps: opt.StepsOption = 10000,
+    epochs: opt.EpochsOption = None,
+    batch_size: opt.TrainBatchSizeOption = 8,
+    grad_accum: opt.GradAccumOption = 1,
+    lr: opt.LrOption = 1e-3,
+    weight_decay: opt.WeightDecayOption = 0.05,
+    warmup_steps: opt.WarmupStepsOption = 500,
+    grad_clip: opt.GradClipOption = 1.0,
     image_size: Annotated[
         int | None,
         typer.Option(
@@ -81,15 +60,15 @@ def distill_cli(
     val_every: Annotated[
         int, typer.Option(min=0, help="Validate every N steps (0: only at step 0 and the end).")
     ] = 1000,
-    save_every: SaveEveryOption = 1000,
-    log_every: LogEveryOption = 10,
-    workers: TrainWorkersOption = 4,
+    save_every: opt.SaveEveryOption = 1000,
+    log_every: opt.LogEveryOption = 10,
+    workers: opt.TrainWorkersOption = 4,
     seed: Annotated[int, typer.Option(help="Random seed (data order, initialisation).")] = 0,
-    device: TrainDeviceOption = "auto",
-    amp: AmpOption = True,
-    resume: ResumeOption = False,
-    overwrite: OverwriteOption = False,
-    progress: ProgressOption = True,
+    device: opt.TrainDeviceOption = "auto",
+    amp: opt.AmpOption = True,
+    resume: opt.ResumeOption = False,
+    overwrite: opt.OverwriteOption = False,
+    progress: opt.ProgressOption = True,
 ) -> None:
     """Distil a SAM ViT image encoder into an EfficientViT-SAM student (MSE on image embeddings).
 

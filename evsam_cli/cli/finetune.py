@@ -7,29 +7,8 @@ from typing import Annotated
 
 import typer
 
-from .common import (
-    AmpOption,
-    EpochsOption,
-    GradAccumOption,
-    GradClipOption,
-    LogEveryOption,
-    LrOption,
-    OverwriteOption,
-    ProgressOption,
-    ResumeOption,
-    SaveEveryOption,
-    StepsOption,
-    TrainBatchSizeOption,
-    TrainDeviceOption,
-    TrainWorkersOption,
-    WarmupStepsOption,
-    WeightDecayOption,
-    check_resume,
-    command,
-    console,
-    env_rank,
-    setup_logging,
-)
+from . import common as opt
+from .common import check_resume, command, console, env_rank, setup_logging
 
 
 @command
@@ -61,10 +40,10 @@ def finetune_cli(
         typer.Option(help="COCO instances JSON: train on your own data (--data is its image folder)."),
     ] = None,
     images: Annotated[Path | None, typer.Option(help="Alias of --data for COCO-format data.")] = None,
-    steps: StepsOption = 10000,
-    epochs: EpochsOption = None,
-    batch_size: TrainBatchSizeOption = 2,
-    grad_accum: GradAccumOption = 1,
+    steps: opt.StepsOption = 10000,
+    epochs: opt.EpochsOption = None,
+    batch_size: opt.TrainBatchSizeOption = 2,
+    grad_accum: opt.GradAccumOption = 1,
     image_size: Annotated[
         int | None, typer.Option(help="Encoder input side (multiple of 32). Default: the model's own.")
     ] = None,
@@ -75,23 +54,23 @@ def finetune_cli(
             "--freeze-bn/--train-bn", help="Keep the encoder's BatchNorm statistics fixed while training."
         ),
     ] = False,
-    lr: LrOption = 1e-4,
-    weight_decay: WeightDecayOption = 0.05,
-    warmup_steps: WarmupStepsOption = 250,
-    grad_clip: GradClipOption = 1.0,
+    lr: opt.LrOption = 1e-4,
+    weight_decay: opt.WeightDecayOption = 0.05,
+    warmup_steps: opt.WarmupStepsOption = 250,
+    grad_clip: opt.GradClipOption = 1.0,
     val_images: Annotated[int, typer.Option(min=0, help="Held-out images for val_iou.")] = 16,
     val_every: Annotated[
         int, typer.Option(min=0, help="Validate every N steps (and at step 0 and the end).")
     ] = 500,
-    save_every: SaveEveryOption = 500,
-    log_every: LogEveryOption = 10,
-    workers: TrainWorkersOption = 4,
+    save_every: opt.SaveEveryOption = 500,
+    log_every: opt.LogEveryOption = 10,
+    workers: opt.TrainWorkersOption = 4,
     seed: Annotated[int, typer.Option(help="Random seed (data order, prompts, initialisation).")] = 0,
-    device: TrainDeviceOption = "auto",
-    amp: AmpOption = True,
-    resume: ResumeOption = False,
-    overwrite: OverwriteOption = False,
-    progress: ProgressOption = True,
+    device: opt.TrainDeviceOption = "auto",
+    amp: opt.AmpOption = True,
+    resume: opt.ResumeOption = False,
+    overwrite: opt.OverwriteOption = False,
+    progress: opt.ProgressOption = True,
 ) -> None:
     """Train a whole EfficientViT-SAM end to end: 20 x focal + 1 x dice on box / 1-10 point prompts.
 
