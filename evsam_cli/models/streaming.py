@@ -123,7 +123,7 @@ class _ImageAttention:
         (N, R, C), or instead ``shared_q`` (h, R, d) when the tile is shared by all prompts.
 
         Returns the tile (N, R, C), the attention weights (N, h*T, R) and the LayerNorm's
-        reciprocal standard deviations (N, R, 1), which ``_UpscaleBasis`` needs.
+        reciprocal standard deviations (N, R, 1), which ``_FirstConv`` needs.
         """
         n, h, t, _ = self.keys.shape
         if shared_q is not None:  # (h, R, d) query projection shared by all prompts
