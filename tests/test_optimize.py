@@ -65,6 +65,11 @@ def test_optimized_encoder_matches_plain_and_model_is_untouched(name):
     assert any(isinstance(m, MatmulResize) for m in fast.modules())
     plain = optimize_encoder(model.image_encoder, cpu_kernels=False)
     assert not any(isinstance(m, WinogradConv2d | FusedConvAct) for m in plain.modules())
+    for_compile = optimize_encoder(model.image_encoder, cpu_kernels=False, matmul_resize=False)
+    assert any(isinstance(m, Upsample) for m in for_compile.modules())
+    with torch.no_grad():
+        out = for_compile(x)
+    assert float((out - ref).abs().max() / ref.abs().max()) < 1e-4
 
 
 @pytest.mark.parametrize(("out_size", "in_size"), [(64, 16), (64, 32), (7, 3), (5, 9), (64, 64)])

@@ -88,8 +88,12 @@ class TorchEngine(Engine):
         self.boxes = torch.from_numpy(random_boxes(prompts)).to(device)
         from ..models.optimize import optimize_encoder
 
-        # The inference encoder SamPredictor uses (BatchNorm folded, channels-last): same outputs.
-        encoder = optimize_encoder(model.image_encoder)
+        # The inference encoder SamPredictor uses (BatchNorm folded, channels-last, and in eager
+        # mode its CPU kernels and matmul resizes): same outputs. Under torch.compile inductor
+        # fuses for itself, so the traced copy keeps plain convolutions and resizes.
+        encoder = optimize_encoder(
+            model.image_encoder, cpu_kernels=False if compile else None, matmul_resize=not compile
+        )
 
         def decode(embedding: Any, boxes: Any) -> Any:
             return model.decode(embedding, boxes=boxes, multimask_output=True)

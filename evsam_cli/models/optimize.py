@@ -85,8 +85,9 @@ def bicubic_matrix(out_size: int, in_size: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=32)
-def _bicubic_tensor(out_size: int, in_size: int) -> torch.Tensor:
-    return torch.from_numpy(bicubic_matrix(out_size, in_size)).float()
+def _bicubic_tensor(out_size: int, in_size: int, device: torch.device) -> torch.Tensor:
+    """``bicubic_matrix`` as float32 on ``device``, made once (no host-to-device copy per call)."""
+    return torch.from_numpy(bicubic_matrix(out_size, in_size)).float().to(device)
 
 
 class MatmulResize(nn.Module):
@@ -104,8 +105,8 @@ class MatmulResize(nn.Module):
         h, w = x.shape[-2:]
         if (h, w) == (self.size, self.size):
             return x
-        wy = _bicubic_tensor(self.size, int(h)).to(x.device)
-        wx = _bicubic_tensor(self.size, int(w)).to(x.device)
+        wy = _bicubic_tensor(self.size, int(h), x.device)
+        wx = _bicubic_tensor(self.size, int(w), x.device)
         # NCHW first: on a channels-last input the broadcast matmul runs channel by channel.
         return (wy @ x.float().contiguous() @ wx.T).to(x.dtype)
 
@@ -201,11 +202,19 @@ def cpu_kernels_available() -> bool:
 
 
 def optimize_encoder(
-    encoder: nn.Module, *, channels_last: bool = True, cpu_kernels: bool | None = None
+    encoder: nn.Module,
+    *,
+    channels_last: bool = True,
+    cpu_kernels: bool | None = None,
+    matmul_resize: bool = True,
 ) -> nn.Module:
     """An eval-mode copy of ``encoder`` with BatchNorm folded, matmul resizes and channels-last
     layout, and on CPU (float32) the Winograd and fused oneDNN convolutions (``cpu_kernels=None``: when the
     encoder's weights are float32 on the CPU and the build has the oneDNN ops).
+
+    ``torch.compile`` callers pass ``cpu_kernels=False, matmul_resize=False``: inductor makes its
+    own fused kernels, and the CPU kernels' opaque oneDNN weights and cached resize matrices are
+    not for tracing.
 
     Returns ``encoder`` itself when there is nothing to gain (no BatchNorm to fold, e.g. SAM's
     ViTs, whose compute is matmuls), so no memory is spent on a copy. The copy is for inference
@@ -217,7 +226,8 @@ def optimize_encoder(
     for p in fast.parameters():
         p.requires_grad_(False)
     fold_batchnorm_(fast)
-    use_matmul_resize_(fast)
+    if matmul_resize:
+        use_matmul_resize_(fast)
     if cpu_kernels is None:
         weight = next(fast.parameters())
         cpu_kernels = (
