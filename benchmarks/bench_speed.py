@@ -149,12 +149,11 @@ def bench_postprocess(repeats: int, masks: int = 24) -> dict:
     """Thresholded mask upscaling, 640x480 image, on low-res logits shaped like a trained
     decoder's (one smooth blob per mask; random weights give noise, where evsam resizes densely
     like the official code): the official predictor's two ``F.interpolate`` + threshold against
-    ``Sam.postprocess_binary``."""
+    ``upscale_binary`` (``Sam.postprocess_binary``)."""
     import torch.nn.functional as F
 
-    from evsam_cli.models import create_model
+    from evsam_cli.models.upscale import upscale_binary
 
-    model = create_model("efficientvit-sam-l0", input_size=128)
     original, frame = (480, 640), (768, 1024)
     gen = torch.Generator().manual_seed(0)
     yy, xx = torch.meshgrid(torch.arange(256.0), torch.arange(256.0), indexing="ij")
@@ -170,7 +169,7 @@ def bench_postprocess(repeats: int, masks: int = 24) -> dict:
         return F.interpolate(up, original, mode="bilinear", align_corners=False) > 0
 
     def ours():
-        return model.postprocess_binary(low, frame, original)
+        return upscale_binary(low, frame, original, 1024)  # what Sam.postprocess_binary calls
 
     agreement = float((official() == ours()).float().mean())
     times = interleaved({"official": official, "evsam": ours}, repeats)

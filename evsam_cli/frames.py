@@ -78,8 +78,12 @@ def upscale_matrices(
     (``input_size``) out of it and resizes that to ``original_size``; all three steps are
     linear per axis, so they compose into one matrix per axis.
     """
-    mats = []
-    for axis in (0, 1):
-        up = bilinear_matrix(prompt_size, low_res_size)[: input_size[axis]]
-        mats.append(bilinear_matrix(original_size[axis], input_size[axis]) @ up)
-    return mats[0], mats[1]
+    ay, ax = (upscale_matrix(input_size[a], original_size[a], prompt_size, low_res_size) for a in (0, 1))
+    return ay, ax
+
+
+def upscale_matrix(image_len: int, out_len: int, prompt_size: int, low_res_size: int) -> np.ndarray:
+    """One axis of ``upscale_matrices``: (out_len, low_res_size), for an image spanning
+    ``image_len`` of the prompt frame along that axis."""
+    up = bilinear_matrix(prompt_size, low_res_size)[:image_len]
+    return bilinear_matrix(out_len, image_len) @ up

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import functools
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -111,15 +112,22 @@ class MatmulResize(nn.Module):
         return (wy @ x.float().contiguous() @ wx.T).to(x.dtype)
 
 
-def use_matmul_resize_(module: nn.Module) -> int:
-    """Replace every ``Upsample`` in ``module`` by ``MatmulResize``, in place; returns how many."""
+def _replace_children_(module: nn.Module, replacement: Callable[[nn.Module], nn.Module | None]) -> int:
+    """Swap every submodule of ``module`` for ``replacement(child)`` where that is not None, in
+    place; returns how many were swapped."""
     count = 0
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, Upsample):
-                setattr(parent, name, MatmulResize(child.size))
+            new = replacement(child)
+            if new is not None:
+                setattr(parent, name, new)
                 count += 1
     return count
+
+
+def use_matmul_resize_(module: nn.Module) -> int:
+    """Replace every ``Upsample`` in ``module`` by ``MatmulResize``, in place; returns how many."""
+    return _replace_children_(module, lambda m: MatmulResize(m.size) if isinstance(m, Upsample) else None)
 
 
 class ChannelsLast(nn.Module):
@@ -143,16 +151,12 @@ class FusedConvAct(nn.Module):
 
     def __init__(self, conv: nn.Conv2d, act: nn.Module | None) -> None:
         super().__init__()
+        post_op = _post_op(act)
+        if post_op is None:
+            raise ValueError(f"no fused form for activation {act}")
         self.conv = conv
         self.act = act
-        if act is None:
-            self.attr, self.scalars, self.algorithm = "none", [], ""
-        elif isinstance(act, nn.GELU):
-            self.attr, self.scalars, self.algorithm = "gelu", [None], act.approximate
-        elif isinstance(act, nn.ReLU):
-            self.attr, self.scalars, self.algorithm = "relu", [], ""
-        else:
-            raise ValueError(f"no fused form for activation {act}")
+        self.attr, self.scalars, self.algorithm = post_op
         self._packed: torch.Tensor | None = None  # oneDNN-layout weight (not a buffer: opaque)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -169,27 +173,31 @@ class FusedConvAct(nn.Module):
         )
 
 
-def _fused_activation(act: nn.Module | None) -> bool:
-    return act is None or isinstance(act, nn.ReLU | nn.GELU)
+def _post_op(act: nn.Module | None) -> tuple[str, list, str] | None:
+    """oneDNN's (attr, scalars, algorithm) for ``act`` as a conv post-op; None if it has none."""
+    if act is None:
+        return "none", [], ""
+    if isinstance(act, nn.GELU):
+        return "gelu", [None], act.approximate
+    if isinstance(act, nn.ReLU):
+        return "relu", [], ""
+    return None
+
+
+def _cpu_kernel(module: nn.Module) -> nn.Module | None:
+    """The CPU-kernel form of a BatchNorm-free ``ConvNormAct``, or None for anything else."""
+    if not isinstance(module, ConvNormAct) or module.norm is not None or _post_op(module.act) is None:
+        return None
+    conv = module.conv
+    if is_winograd_compatible(conv) and conv.in_channels >= WINOGRAD_MIN_CHANNELS:
+        return WinogradConv2d(conv, module.act)
+    return FusedConvAct(conv, module.act)
 
 
 def use_cpu_kernels_(module: nn.Module) -> int:
     """Replace each BatchNorm-free ``ConvNormAct`` in ``module`` by ``WinogradConv2d`` (wide dense
     3x3, stride 1) or ``FusedConvAct``, in place; returns how many were replaced."""
-    count = 0
-    for parent in list(module.modules()):
-        for name, child in list(parent.named_children()):
-            if not isinstance(child, ConvNormAct) or child.norm is not None:
-                continue
-            if not _fused_activation(child.act):
-                continue
-            conv = child.conv
-            if is_winograd_compatible(conv) and conv.in_channels >= WINOGRAD_MIN_CHANNELS:
-                setattr(parent, name, WinogradConv2d(conv, child.act))
-            else:
-                setattr(parent, name, FusedConvAct(conv, child.act))
-            count += 1
-    return count
+    return _replace_children_(module, _cpu_kernel)
 
 
 def cpu_kernels_available() -> bool:
@@ -209,8 +217,8 @@ def optimize_encoder(
     matmul_resize: bool = True,
 ) -> nn.Module:
     """An eval-mode copy of ``encoder`` with BatchNorm folded, matmul resizes and channels-last
-    layout, and on CPU (float32) the Winograd and fused oneDNN convolutions (``cpu_kernels=None``: when the
-    encoder's weights are float32 on the CPU and the build has the oneDNN ops).
+    layout, and on CPU (float32) the Winograd and fused oneDNN convolutions (``cpu_kernels=None``:
+    when the encoder's weights are float32 on the CPU and the build has the oneDNN ops).
 
     ``torch.compile`` callers pass ``cpu_kernels=False, matmul_resize=False``: inductor makes its
     own fused kernels, and the CPU kernels' opaque oneDNN weights and cached resize matrices are

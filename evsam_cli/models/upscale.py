@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..frames import upscale_matrices
+from ..frames import upscale_matrix
 
 # A logit above this is positive after any convex combination, without underflow to 0.
 _POSITIVE = 1e-30
@@ -62,9 +62,11 @@ def upscale_binary(
     signs of their low-res neighbourhood (see the module doc). On a GPU, where the dense resize
     is cheap, it is simply that."""
     n, m, h, w = masks.shape
+    if masks.device.type != "cpu":
+        return upscale_logits(masks, input_size, original_size, prompt_size) > 0
     taps_y = _axis_taps(h, prompt_size, input_size[0], original_size[0])
     taps_x = _axis_taps(w, prompt_size, input_size[1], original_size[1])
-    if masks.device.type != "cpu" or taps_y is None or taps_x is None:
+    if taps_y is None or taps_x is None:
         return upscale_logits(masks, input_size, original_size, prompt_size) > 0
     # Along each axis output pixels come in runs that read the same 3-pixel window of low-res
     # pixels (``_Taps``); the windows start at low-res rows 0 .. rows-1 and columns 0 .. cols-1.
@@ -117,8 +119,7 @@ def _axis_taps(low: int, frame: int, image: int, out: int) -> _Taps | None:
     the image (``image``) -> original size (``out``), as runs of output pixels that read the same
     3-pixel window. None if some output pixel reads a wider window (not the case for SAM's
     sizes; callers then resize densely)."""
-    size = (image, image)
-    matrix = upscale_matrices(size, (out, out), frame, low)[0]  # (out, low), <= 3 taps a row
+    matrix = upscale_matrix(image, out, frame, low)  # (out, low), <= 3 taps a row
     nonzero = matrix != 0
     run = nonzero.argmax(axis=1)  # first low-res pixel each output pixel reads
     last = low - 1 - nonzero[:, ::-1].argmax(axis=1)
