@@ -113,6 +113,22 @@ def test_bad_inputs_give_one_error_line(data, tmp_path, monkeypatch):
     assert "groundingdino-py" in line and "evsam[gdino]" in line
 
 
+def test_yolo_first_run_prints_nothing_but_the_error(data, tmp_path):
+    """On a machine where ultralytics has never run, importing it writes a settings file and
+    announces it on stdout; evsam's output must still be one Error line."""
+    root, _, _ = data
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"\x00garbage")
+    env = {**os.environ, "YOLO_CONFIG_DIR": str(tmp_path / "fresh-config")}
+    env.pop("YOLO_VERBOSE", None)
+    cmd = [sys.executable, "-m", "evsam_cli", "eval", "coco", "--data-root", str(root / "coco"),
+           "--detector", "yolov8", "--detector-weights", str(broken), "-o", str(tmp_path / "o")]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("Error: "), lines
+    assert any((tmp_path / "fresh-config").rglob("settings.json"))  # the first run did happen
+
+
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one(data, tmp_path):
     """Detector prompts: duplicated images (DistributedSampler padding) would show in AP and predictions."""
