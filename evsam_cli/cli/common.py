@@ -14,6 +14,7 @@ import functools
 import json
 import logging
 import os
+import sys
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
@@ -78,8 +79,20 @@ def command(fn: F) -> F:
                 raise
             error(f"malformed JSON: {exc}")
             raise typer.Exit(1) from None
+        finally:
+            _leave_process_group()
 
     return wrapper  # type: ignore[return-value]
+
+
+def _leave_process_group() -> None:
+    """Destroy the torchrun process group a command joined (a gloo group left to the interpreter's
+    exit can abort the process: "terminate called without an active exception", exit code -6).
+    Commands that never imported torch.distributed skip this without importing torch."""
+    if "torch.distributed" in sys.modules:
+        from .. import distributed
+
+        distributed.cleanup()
 
 
 def setup_logging(verbose: bool = False, *, main_process: bool = True) -> None:

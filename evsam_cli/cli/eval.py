@@ -129,7 +129,6 @@ def eval_cli(
     if weights is None and detector is DetectorName.yolov8:
         weights = "yolov8x.pt"
 
-    from .. import distributed
     from ..evaluation import DetectorOptions, evaluate
 
     options = DetectorOptions(
@@ -162,8 +161,6 @@ def eval_cli(
     except ValueError as exc:  # e.g. an input size the model cannot take
         error(str(exc))
         raise typer.Exit(1) from None
-    finally:
-        distributed.cleanup()
     if rank == 0:
         _render(metrics, output)
 
