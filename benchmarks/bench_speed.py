@@ -147,9 +147,10 @@ def bench_model(name: str, *, repeats: int, prompts: int, ort: bool) -> dict:
 
 def bench_postprocess(repeats: int, masks: int = 24) -> dict:
     """Thresholded mask upscaling, 640x480 image, on low-res logits shaped like a trained
-    decoder's (one smooth blob per mask; random weights give noise, where evsam resizes densely
-    like the official code): the official predictor's two ``F.interpolate`` + threshold against
-    ``upscale_binary`` (``Sam.postprocess_binary``)."""
+    decoder's (one smooth blob per mask): the official predictor's two ``F.interpolate`` +
+    threshold against ``upscale_binary`` (``Sam.postprocess_binary``). At this size evsam takes
+    the banded products, whose cost does not depend on the logits (the decoder benchmark's
+    random weights give noise; the sign rule for larger images would fall back to them)."""
     import torch.nn.functional as F
 
     from evsam_cli.models.upscale import upscale_binary

@@ -124,8 +124,8 @@ class Sam(nn.Module):
     def postprocess_binary(
         self, masks: Tensor, input_size: tuple[int, int], original_size: tuple[int, int]
     ) -> Tensor:
-        """``postprocess_masks(...) > mask_threshold`` as bool (N, M, H, W); on CPU most pixels
-        are decided from the low-res logits' signs (``models/upscale.py``)."""
+        """``postprocess_masks(...) > mask_threshold`` as bool (N, M, H, W); on CPU without the
+        1024-frame intermediate (banded products or the low-res sign rule, ``models/upscale.py``)."""
         if self.mask_threshold != 0.0:
             return self.postprocess_masks(masks, input_size, original_size) > self.mask_threshold
         return upscale_binary(masks, input_size, original_size, self.prompt_size)

@@ -4,14 +4,22 @@ SAM upsamples the decoder's (256 x 256) logits bilinearly to its 1024 prompt fra
 image out of it and resizes that to the original size, bilinearly again. ``upscale_logits``
 does exactly that (identical values), computing only the part of the frame the crop reads.
 
-Most callers only want ``logits > 0``. Both resizes are bilinear with non-negative weights, so
-every output pixel is a convex combination of at most 3 x 3 neighbouring low-res logits: where
-those are all positive the output is positive, where they are all <= 0 it is <= 0, whatever the
-weights. ``upscale_binary`` decides those pixels from a 3x3 min/max of the low-res grid, and
-computes the few pixels whose neighbourhood changes sign (near the mask's outline) from their
-9 logits and the two resizes' composed weights. It returns the same masks as thresholding
-``upscale_logits``, except possibly at pixels whose logit is within float rounding of 0, at a
-fraction of the cost: on a CPU the full-size resizes were a quarter of the decoder's time.
+Most callers only want ``logits > 0``, which ``upscale_binary`` computes in one of two ways,
+both faster on a CPU than SAM's two full-size ``F.interpolate`` passes (a quarter of the
+decoder's time) and equal to thresholding ``upscale_logits`` except possibly at pixels whose
+logit is within float rounding of 0:
+
+* Banded products. The two resizes compose into one matrix per axis with at most 3 taps a row,
+  so blocks of output rows (then columns) are small matrix products with the slice of low-res
+  pixels they read (``_bands``), thresholded block by block, with no 1024-frame intermediate.
+  About 3x faster than SAM's path; used for images up to the prompt frame's size.
+* The sign rule, for larger images, where writing every float costs more than deciding most
+  pixels without one. Both resizes have non-negative weights, so every output pixel is a
+  convex combination of at most 3 x 3 neighbouring low-res logits: where those are all
+  positive the output is positive, where they are all <= 0 it is <= 0. Pixels are decided from
+  a 3x3 min/max of the low-res grid, and only those whose neighbourhood changes sign (near the
+  outline) are computed, from their 9 logits and the composed weights. Masks with long outlines
+  (noise-like logits of untrained weights) go back to the banded products.
 """
 
 from __future__ import annotations
@@ -29,8 +37,10 @@ from ..frames import upscale_matrix
 
 # A logit above this is positive after any convex combination, without underflow to 0.
 _POSITIVE = 1e-30
-# Above this share of output pixels to compute one by one, resizing everything is faster.
-_DENSE_FRACTION = 0.25
+# Above this share of output pixels to compute one by one, the banded dense resize is faster.
+_DENSE_FRACTION = 0.03
+# Output rows/columns per block of the banded dense resize (``_bands``).
+_BAND_BLOCK = 64
 
 
 def upscale_logits(
@@ -58,16 +68,30 @@ def upscale_logits(
 def upscale_binary(
     masks: Tensor, input_size: tuple[int, int], original_size: tuple[int, int], prompt_size: int
 ) -> Tensor:
-    """``upscale_logits(masks, ...) > 0`` as bool (N, M, H, W), deciding most pixels from the
-    signs of their low-res neighbourhood (see the module doc). On a GPU, where the dense resize
-    is cheap, it is simply that."""
-    n, m, h, w = masks.shape
+    """``upscale_logits(masks, ...) > 0`` as bool (N, M, H, W) (see the module doc): the banded
+    dense resize for images up to the prompt frame's size or masks with long outlines, the
+    low-res sign rule for larger images. On a GPU, where the dense resize is cheap, it is simply
+    that."""
     if masks.device.type != "cpu":
         return upscale_logits(masks, input_size, original_size, prompt_size) > 0
+    if original_size[0] * original_size[1] > prompt_size**2:
+        out = _sign_rule(masks, input_size, original_size, prompt_size)
+        if out is not None:
+            return out
+    return _banded_binary(masks, input_size, original_size, prompt_size)
+
+
+def _sign_rule(
+    masks: Tensor, input_size: tuple[int, int], original_size: tuple[int, int], prompt_size: int
+) -> Tensor | None:
+    """``upscale_binary`` by the sign rule (see the module doc); None where the banded products
+    are the better choice (long outlines) or the only one (an output pixel reads a wider window
+    than 3 x 3, not the case for SAM's sizes)."""
+    n, m, h, w = masks.shape
     taps_y = _axis_taps(h, prompt_size, input_size[0], original_size[0])
     taps_x = _axis_taps(w, prompt_size, input_size[1], original_size[1])
     if taps_y is None or taps_x is None:
-        return upscale_logits(masks, input_size, original_size, prompt_size) > 0
+        return None
     # Along each axis output pixels come in runs that read the same 3-pixel window of low-res
     # pixels (``_Taps``); the windows start at low-res rows 0 .. rows-1 and columns 0 .. cols-1.
     rows, cols = len(taps_y.first), len(taps_x.first)
@@ -77,11 +101,13 @@ def upscale_binary(
         low = F.pad(low[:, None], (0, pad_x, 0, pad_y), mode="replicate")[:, 0]
     high = _window3(low, torch.maximum)  # (B, rows, cols): max of each 3x3 window
     positive = _window3(low, torch.minimum) > _POSITIVE  # every logit of the window > 0
-    b, r, c = (positive ^ (high > 0)).nonzero().unbind(1)  # windows whose signs differ
-    pixels = taps_y.count[r] * taps_x.count[c]  # output pixels reading each such window
-    if int(pixels.sum()) > _DENSE_FRACTION * n * m * original_size[0] * original_size[1]:
-        # No outline to speak of (untrained weights, noise): resizing everything is cheaper.
-        return upscale_logits(masks, input_size, original_size, prompt_size) > 0
+    mixed = positive ^ (high > 0)  # windows whose signs differ
+    # Output pixels reading those windows, counted before listing them (nonzero is not free).
+    pixels = taps_y.count.to(low.dtype) @ mixed.to(low.dtype).sum(0) @ taps_x.count.to(low.dtype)
+    if float(pixels) > _DENSE_FRACTION * n * m * original_size[0] * original_size[1]:
+        return None  # long outlines (noise-like logits of untrained weights)
+    b, r, c = mixed.nonzero().unbind(1)
+    pixels = taps_y.count[r] * taps_x.count[c]
     b, r, c = b[pixels > 0], r[pixels > 0], c[pixels > 0]
     # Each output pixel takes its window's sign; columns first, so both gathers copy whole rows.
     out = positive.transpose(1, 2).index_select(1, taps_x.run).transpose(1, 2).contiguous()
@@ -95,6 +121,52 @@ def upscale_binary(
         x = (taps_x.first[c, None, None] + dx)[valid]
         out[b[:, None, None].expand_as(valid)[valid], y, x] = logits[valid] > 0
     return out.view(n, m, *original_size)
+
+
+def _banded_binary(
+    masks: Tensor, input_size: tuple[int, int], original_size: tuple[int, int], prompt_size: int
+) -> Tensor:
+    """``upscale_logits(...) > 0`` for every pixel, as banded products (see the module doc):
+    along y on the low-res grid, then along x block by block, thresholding each block."""
+    n, m, h, w = masks.shape
+    rows = _bands(h, prompt_size, input_size[0], original_size[0])
+    cols = _bands(w, prompt_size, input_size[1], original_size[1])
+    low = masks.reshape(n * m, h, w).float()
+    first, last = cols[0].lo, cols[-1].hi  # the low-res columns any output reads
+    low = low[:, :, first:last]
+    tall = torch.cat([band.weight @ low[:, band.lo : band.hi] for band in rows], 1)  # (B, H, w')
+    out = torch.empty(n * m, *original_size, dtype=torch.bool)
+    for band in cols:
+        block = tall[:, :, band.lo - first : band.hi - first] @ band.weight.T
+        torch.gt(block, 0, out=out[:, :, band.start : band.stop])
+    return out.view(n, m, *original_size)
+
+
+@dataclass(frozen=True)
+class _Band:
+    """Output pixels ``start:stop`` of one axis read only low-res pixels ``lo:hi``, with
+    ``weight`` (stop - start, hi - lo) float32."""
+
+    start: int
+    stop: int
+    lo: int
+    hi: int
+    weight: Tensor
+
+
+@functools.lru_cache(maxsize=64)
+def _bands(low: int, frame: int, image: int, out: int) -> tuple[_Band, ...]:
+    """One axis of the composed upscaling (``frames.upscale_matrix``) cut into blocks of
+    ``_BAND_BLOCK`` output pixels, each with the low-res range it reads."""
+    matrix = upscale_matrix(image, out, frame, low)
+    bands = []
+    for start in range(0, out, _BAND_BLOCK):
+        stop = min(start + _BAND_BLOCK, out)
+        read = np.flatnonzero((matrix[start:stop] != 0).any(0))
+        lo, hi = int(read[0]), int(read[-1]) + 1
+        weight = torch.from_numpy(matrix[start:stop, lo:hi]).float()
+        bands.append(_Band(start, stop, lo, hi, weight))
+    return tuple(bands)
 
 
 def _window3(x: Tensor, op: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
