@@ -87,3 +87,20 @@ def upscale_matrix(image_len: int, out_len: int, prompt_size: int, low_res_size:
     ``image_len`` of the prompt frame along that axis."""
     up = bilinear_matrix(prompt_size, low_res_size)[:image_len]
     return bilinear_matrix(out_len, image_len) @ up
+
+
+def upscale_bands(
+    image_len: int, out_len: int, prompt_size: int, low_res_size: int, block: int = 64
+) -> list[tuple[int, int, int, int, np.ndarray]]:
+    """``upscale_matrix`` cut into blocks of ``block`` output pixels: (start, stop, lo, hi,
+    weights (stop - start, hi - lo) float64), output pixels ``start:stop`` reading only low-res
+    pixels ``lo:hi``. The composed resizes have at most a few taps a row, so each block is a
+    small matrix product instead of a pass over the whole low-res axis."""
+    matrix = upscale_matrix(image_len, out_len, prompt_size, low_res_size)
+    bands = []
+    for start in range(0, out_len, block):
+        stop = min(start + block, out_len)
+        read = np.flatnonzero((matrix[start:stop] != 0).any(axis=0))
+        lo, hi = int(read[0]), int(read[-1]) + 1
+        bands.append((start, stop, lo, hi, matrix[start:stop, lo:hi]))
+    return bands

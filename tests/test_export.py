@@ -17,6 +17,8 @@ from evsam_cli.cli.app import app
 from evsam_cli.export import ExportError, OnnxSamPredictor, bilinear_matrix, postprocess_matrices
 from evsam_cli.export.onnx import FP32_TAG, export_onnx, tag_fp32_nodes
 from evsam_cli.export.parity import ParityRecorder, Tolerance, synthetic_image
+from evsam_cli.export.runtime import postprocess_bands, upscale_masks
+from evsam_cli.frames import preprocess_shape
 from evsam_cli.models import create_model
 from evsam_cli.predictor import SamPredictor
 
@@ -136,6 +138,23 @@ def test_postprocess_matrices_match_sam(exported):
     ours = np.matmul(np.matmul(ay, low.numpy()), ax.T)
     assert ours.shape == ref.shape
     np.testing.assert_allclose(ours, ref, atol=1e-3, rtol=1e-4)  # float32 rounding of a 25-wide range
+
+
+@pytest.mark.parametrize("original", [(333, 500), (480, 640), (1500, 2000), (37, 29)])
+def test_banded_upscaling_equals_the_matrices(original):
+    """``upscale_masks`` (blocks of both matrices) = ``Ay @ low @ Ax.T`` in float64, as logits
+    and thresholded."""
+    low = np.random.default_rng(0).standard_normal((2, 3, 256, 256)).astype(np.float32) * 5
+    input_size = preprocess_shape(*original, 1024)
+    ay, ax = (m.astype(np.float64) for m in postprocess_matrices(input_size, original))
+    exact = np.matmul(np.matmul(ay, low.astype(np.float64)), ax.T)
+    bands = postprocess_bands(input_size, original)
+    logits = upscale_masks(low, bands)
+    assert logits.shape == exact.shape == (2, 3, *original) and logits.dtype == np.float32
+    np.testing.assert_allclose(logits, exact, atol=2e-5 * np.abs(exact).max())
+    masks = upscale_masks(low, bands, threshold=0.5)
+    assert masks.dtype == bool
+    assert not ((masks != (exact > 0.5)) & (np.abs(exact - 0.5) > 1e-4)).any()
 
 
 # ---------------------------------------------------------------------------- predictor parity

@@ -3,7 +3,8 @@
 Pre- and post-processing are numpy re-statements of ``Sam.preprocess`` and
 ``Sam.postprocess_masks``: PIL bilinear resize of the longest side to the encoder input size,
 normalise, zero-pad; prompts mapped to the 1024 prompt frame; low-res logits upsampled with the
-exact weights of ``F.interpolate(mode="bilinear", align_corners=False)``. ``ExportedSamPredictor``
+exact weights of ``F.interpolate(mode="bilinear", align_corners=False)``, both resizes composed
+and applied in bands (``upscale_masks``). ``ExportedSamPredictor``
 holds all of that; subclasses only run the two graphs (onnxruntime here, TensorRT in
 ``tensorrt.py``). Nothing in this module imports torch.
 """
@@ -24,6 +25,7 @@ from ..frames import (
     coords_to_frame,
     preprocess_shape,
     resize_longest,
+    upscale_bands,
     upscale_matrices,
 )
 from .errors import ExportError
@@ -45,9 +47,44 @@ def postprocess_matrices(
     return ay.astype(np.float32), ax.astype(np.float32)
 
 
-def upscale_masks(low_res: np.ndarray, ay: np.ndarray, ax: np.ndarray) -> np.ndarray:
-    """(N, C, 256, 256) logits -> (N, C, H, W) with the matrices of ``postprocess_matrices``."""
-    return np.matmul(np.matmul(ay, low_res.astype(np.float32, copy=False)), ax.T)
+Bands = list[tuple[int, int, int, int, np.ndarray]]
+
+
+def postprocess_bands(
+    input_size: tuple[int, int], original_size: tuple[int, int], prompt_size: int = PROMPT_SIZE
+) -> tuple[Bands, Bands]:
+    """The rows and columns of ``postprocess_matrices`` in blocks (``frames.upscale_bands``),
+    weights float32."""
+    rows, cols = (
+        [
+            (start, stop, lo, hi, weight.astype(np.float32))
+            for start, stop, lo, hi, weight in upscale_bands(
+                input_size[a], original_size[a], prompt_size, LOW_RES_SIZE
+            )
+        ]
+        for a in (0, 1)
+    )
+    return rows, cols
+
+
+def upscale_masks(
+    low_res: np.ndarray, bands: tuple[Bands, Bands], threshold: float | None = None
+) -> np.ndarray:
+    """(N, C, 256, 256) logits -> (N, C, H, W) logits, or masks ``> threshold`` (bool), with the
+    bands of ``postprocess_bands``: ``Ay @ low_res @ Ax.T`` block by block, skipping the zeros
+    of both matrices."""
+    rows, cols = bands
+    n, c, h, w = low_res.shape
+    height, width = rows[-1][1], cols[-1][1]
+    first, last = cols[0][2], cols[-1][3]  # the low-res columns any output reads
+    low = low_res.astype(np.float32, copy=False).reshape(n * c, h, w)[:, :, first:last]
+    tall = np.concatenate([weight @ low[:, lo:hi] for _, _, lo, hi, weight in rows], axis=1)
+    tall = tall.reshape(n * c * height, last - first)
+    out = np.empty((n * c * height, width), dtype=np.float32)
+    for start, stop, lo, hi, weight in cols:
+        np.matmul(tall[:, lo - first : hi - first], weight.T, out=out[:, start:stop])
+    out = out.reshape(n, c, height, width)
+    return out if threshold is None else out > threshold
 
 
 class ExportedSamPredictor:
@@ -243,7 +280,7 @@ class ExportedSamPredictor:
             ):
                 raise ValueError(f"mask_input must be ({n}, 1, 256, 256), got {masks_in.shape}")
         select = slice(1, None) if multimask_output else slice(0, 1)
-        ay, ax = postprocess_matrices(self.input_size, self.original_size, self.prompt_size)
+        bands = postprocess_bands(self.input_size, self.original_size, self.prompt_size)
         out_masks, out_scores, out_low = [], [], []
         for start in range(0, n, self.max_prompts_per_pass):
             sl = slice(start, start + self.max_prompts_per_pass)
@@ -264,8 +301,7 @@ class ExportedSamPredictor:
                 }
             )
             low, iou = low[:, select], iou[:, select]
-            masks = upscale_masks(low, ay, ax)
-            out_masks.append(masks if return_logits else masks > self.mask_threshold)
+            out_masks.append(upscale_masks(low, bands, None if return_logits else self.mask_threshold))
             out_scores.append(iou.astype(np.float32))
             out_low.append(low.astype(np.float32))
         return np.concatenate(out_masks), np.concatenate(out_scores), np.concatenate(out_low)

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..frames import upscale_matrix
+from ..frames import upscale_bands, upscale_matrix
 
 # A logit above this is positive after any convex combination, without underflow to 0.
 _POSITIVE = 1e-30
@@ -156,17 +156,12 @@ class _Band:
 
 @functools.lru_cache(maxsize=64)
 def _bands(low: int, frame: int, image: int, out: int) -> tuple[_Band, ...]:
-    """One axis of the composed upscaling (``frames.upscale_matrix``) cut into blocks of
-    ``_BAND_BLOCK`` output pixels, each with the low-res range it reads."""
-    matrix = upscale_matrix(image, out, frame, low)
-    bands = []
-    for start in range(0, out, _BAND_BLOCK):
-        stop = min(start + _BAND_BLOCK, out)
-        read = np.flatnonzero((matrix[start:stop] != 0).any(0))
-        lo, hi = int(read[0]), int(read[-1]) + 1
-        weight = torch.from_numpy(matrix[start:stop, lo:hi]).float()
-        bands.append(_Band(start, stop, lo, hi, weight))
-    return tuple(bands)
+    """One axis of the composed upscaling in blocks of ``_BAND_BLOCK`` output pixels
+    (``frames.upscale_bands``)."""
+    return tuple(
+        _Band(start, stop, lo, hi, torch.from_numpy(weight).float())
+        for start, stop, lo, hi, weight in upscale_bands(image, out, frame, low, _BAND_BLOCK)
+    )
 
 
 def _window3(x: Tensor, op: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
