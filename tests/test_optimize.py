@@ -282,3 +282,47 @@ def test_postprocess_upsamples_only_the_image_part_identically(frame, original):
     full = F.interpolate(low, (1024, 1024), mode="bilinear", align_corners=False)[..., : frame[0], : frame[1]]
     ref = F.interpolate(full, original, mode="bilinear", align_corners=False)
     assert torch.equal(model.postprocess_masks(low, frame, original), ref)
+
+
+def test_shared_image_part_is_reused_only_while_valid(monkeypatch):
+    """stream_decode keeps what it computes from the image alone between calls; a changed
+    embedding, positional encoding or decoder weight (in place) computes it again, and the
+    outputs always equal a decode without the cache."""
+    torch.manual_seed(0)
+    model = create_model("efficientvit-sam-l0", input_size=128)
+    _spread_weights(model.mask_decoder)
+    dec = model.mask_decoder
+    computed = []
+    compute = streaming.SharedImage.compute.__func__
+    monkeypatch.setattr(
+        streaming.SharedImage,
+        "compute",
+        classmethod(lambda cls, *args: computed.append(1) or compute(cls, *args)),
+    )
+    emb, pe = torch.randn(1, 256, 64, 64), model.prompt_encoder.get_dense_pe()
+    sparse, dense = model.prompt_encoder(points=None, boxes=torch.tensor([[10.0, 20, 300, 400]]), masks=None)
+
+    def decode():
+        with torch.no_grad():
+            return stream_decode(dec, emb, pe, sparse, dense, slice(1, None))
+
+    first = decode()
+    assert len(computed) == 1
+    torch.testing.assert_close(decode()[0], first[0], rtol=0, atol=0)
+    assert len(computed) == 1  # same image: reused
+    checks = [
+        lambda: emb.add_(0.5),  # the caller's embedding changed in place
+        lambda: dec.transformer.layers[0].cross_attn_token_to_image.k_proj.weight.mul_(1.5),
+        lambda: dec.output_upscaling[0].weight.mul_(0.5),  # a weight only the first conv reads
+        lambda: pe.mul_(2.0),
+    ]
+    for change in checks:
+        before = len(computed)
+        with torch.no_grad():
+            change()
+        got = decode()
+        assert len(computed) == before + 1
+        streaming._SHARED.clear()
+        want = decode()  # computed afresh
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert not torch.equal(got[0], first[0])

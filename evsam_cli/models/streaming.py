@@ -16,7 +16,9 @@ different order:
   the layer's last tile is done.
 * Projections are moved to the prompt-token side of every cross attention (exact algebra, see
   ``Attention.tokens_to_image``), and the first layer's image-side projections, shared by all
-  prompts, are computed once per call.
+  prompts, are computed once per image: kept between calls while the image embedding, the
+  positional encoding and the weights are unchanged (``shared_image``), which matters most for
+  interactive use, one prompt per call.
 * The final token->image attention is computed only for the output tokens that are read out.
 * The mask head's first convolution is linear, and every image->token step only adds a few
   prompt-dependent vectors per token and rescales (LayerNorm), so that convolution is expanded
@@ -29,6 +31,7 @@ CPU without autograd, for an image embedding shared by every prompt.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -154,12 +157,12 @@ class StreamedTokens:
     of the token grid, in order (``torch.cat(tiles, 1)`` is the module's keys output).
 
     From ``stream_transformer`` they also carry how they were made from the shared image tokens
-    (``image`` (1, HW, C) and one record per layer), which lets the mask head do most of its
-    first convolution once for all prompts (``_FirstConv``).
+    (``image``, and one record per layer), which lets the mask head do most of its first
+    convolution once per image (``_FirstConv``).
     """
 
     tiles: list[Tensor]
-    image: Tensor | None = None
+    image: SharedImage | None = None
     layers: list[_LayerRecord] = field(default_factory=list)
 
     def select(self, ids: Tensor) -> StreamedTokens:
@@ -186,8 +189,9 @@ class _Upscaler:
         # (C_in, C_out, 2, 2) -> (C_in, 2*2*C_out): output columns ordered (a, b, channel).
         self.w1 = conv1.weight.permute(0, 2, 3, 1).reshape(conv1.in_channels, -1)
         self.b1 = conv1.bias.repeat(4)
-        self.w2 = conv2.weight.permute(0, 2, 3, 1).reshape(conv2.in_channels, -1)
-        self.b2 = conv2.bias.repeat(4)
+        # The second one split by output row offset c: (C1, 2*C2) each, columns (d, channel).
+        self.w2 = [conv2.weight[:, :, c].permute(0, 2, 1).reshape(conv2.in_channels, -1) for c in (0, 1)]
+        self.b2 = conv2.bias.repeat(2)
         self.norm = norm
 
     def first(self, tile: Tensor) -> Tensor:
@@ -195,14 +199,21 @@ class _Upscaler:
         n, r, c = tile.shape
         return torch.addmm(self.b1, tile.reshape(n * r, c), self.w1).reshape(n, r, -1)
 
-    def rest(self, y: Tensor, hyper: Tensor) -> Tensor:
-        """First-convolution outputs (N, R, 4*C1), hyper (N, M, C2) -> (N, R, 2, 2, 2, 2, M) logits."""
-        n, r, _ = y.shape
-        y = y.reshape(n * r * 4, self.c1)
-        y = self.act1(F.layer_norm(y, (self.c1,), self.norm.weight, self.norm.bias, self.norm.eps))
-        y = self.act2(torch.addmm(self.b2, y, self.w2))  # (N*R*4, 4*C2) ordered (a, b, c, d, channel)
-        masks = torch.bmm(y.reshape(n, r * 16, self.c2), hyper.transpose(1, 2))
-        return masks.reshape(n, r, 2, 2, 2, 2, -1)
+    def rest(self, y: Tensor, hyper: Tensor, out: Tensor) -> None:
+        """First-convolution outputs (N, R, 4*C1) of R tokens (whole rows of the W-token grid),
+        hyper (N, M, C2) -> their mask logits, written to ``out`` (N, M, R / W, 2, 2, W, 2, 2).
+
+        Token (i, j) with offsets (a, b), then (c, d) is pixel (4i + 2a + c, 4j + 2b + d). The
+        first convolution's outputs are reordered to rows (i, a, j, b) and the second is done
+        once per c, so each product's logits come out in the mask's own order (j, b, d).
+        """
+        n, m, rows, _, _, w = out.shape[:6]
+        y = F.layer_norm(y.reshape(-1, self.c1), (self.c1,), self.norm.weight, self.norm.bias, self.norm.eps)
+        y = self.act1(y).reshape(n, rows, w, 2, 2, self.c1).transpose(2, 3).reshape(-1, self.c1)
+        for c in (0, 1):
+            z = self.act2(torch.addmm(self.b2, y, self.w2[c]))  # rows (i, a, j, b), columns (d, channel)
+            logits = torch.bmm(hyper, z.reshape(n, -1, self.c2).transpose(1, 2))  # (N, M, (i, a, j, b, d))
+            out[:, :, :, :, c] = logits.reshape(n, m, rows, 2, w, 2, 2)
 
 
 class _FirstConv:
@@ -232,7 +243,9 @@ class _FirstConv:
             a = g_a - g_a.mean(0)
         mats.reverse()
         n = self.layers[0].values.shape[0]
-        self.base = _centre(tokens.image) @ mats[0]  # (1, HW, 4*C1)
+        if tokens.image.first_conv is None:  # x_0 A_1 (1, HW, 4*C1), once per image
+            tokens.image.first_conv = _centre(tokens.image.src) @ mats[0]
+        self.base = tokens.image.first_conv
         rows = []
         for i, record in enumerate(self.layers):
             rows.append(_centre(record.values) @ mats[i])  # (N, hT, 4*C1)
@@ -263,6 +276,68 @@ def _centre(v: Tensor) -> Tensor:
     return v - v.mean(-1, keepdim=True)
 
 
+@dataclass
+class SharedImage:
+    """What the streamed decoder computes from the image alone: the same for every prompt and
+    every call on one image, so ``stream_decode`` keeps it between calls (``shared_image``)."""
+
+    src: Tensor  # (1, HW, C) image tokens, dense prompt embedding added
+    pe: Tensor  # (1, HW, C) their positional encoding
+    keys: Tensor  # (1, h, HW, d) the first token->image attention's projected keys ...
+    values: Tensor  # ... and values
+    queries: Tensor  # (h, HW, d) the first image->token attention's projected queries
+    first_conv: Tensor | None = None  # ``_FirstConv``'s per-image part, filled on first use
+
+    @classmethod
+    def compute(cls, transformer: nn.Module, image: Tensor, image_pe: Tensor) -> SharedImage:
+        """image: (1, C, H, W) embedding with the dense prompt embedding added; image_pe alike."""
+        _, c, h, w = image.shape
+        src = image.reshape(1, c, h * w).transpose(1, 2).contiguous()
+        pe = image_pe.reshape(1, c, h * w).transpose(1, 2).contiguous()
+        first = transformer.layers[0]
+        t2i, i2t = first.cross_attn_token_to_image, first.cross_attn_image_to_token
+        src_pe = src + pe
+        return cls(
+            src,
+            pe,
+            t2i._heads(t2i.k_proj(src_pe), 1),
+            t2i._heads(t2i.v_proj(src), 1),
+            i2t.q_proj(src_pe[0]).reshape(h * w, i2t.num_heads, -1).transpose(0, 1),
+        )
+
+    def attend(self, attn: nn.Module, queries: Tensor) -> Tensor:
+        """The first token->image attention (``attn``) of queries (N, T, C) -> (N, T, C)."""
+        n = queries.shape[0]
+        out = F.scaled_dot_product_attention(
+            attn._heads(attn.q_proj(queries), n),
+            self.keys.expand(n, -1, -1, -1),
+            self.values.expand(n, -1, -1, -1),
+        )
+        return attn.out_proj(out.transpose(1, 2).reshape(n, -1, attn.internal_dim))
+
+
+# decoder -> (what the entry was computed from, the entry); one image per decoder
+_SHARED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, SharedImage]] = weakref.WeakKeyDictionary()
+
+
+def shared_image(decoder: nn.Module, image: Tensor, image_pe: Tensor) -> SharedImage:
+    """``SharedImage.compute`` for the decoder's transformer, reusing the previous call's result
+    when it was computed from equal image tokens and positional encoding (compared in full: a
+    tenth of what recomputing costs) and the decoder's weights have not changed since."""
+    try:  # a parameter's version counts its in-place updates (optimizer steps, loading)
+        weights = tuple((p.data_ptr(), p._version) for p in decoder.parameters())
+    except RuntimeError:  # inference tensors have no version counter: do not cache
+        return SharedImage.compute(decoder.transformer, image, image_pe)
+    cached = _SHARED.get(decoder)
+    if cached is not None:
+        (old_weights, old_image, old_pe), entry = cached
+        if old_weights == weights and torch.equal(old_image, image) and torch.equal(old_pe, image_pe):
+            return entry
+    entry = SharedImage.compute(decoder.transformer, image, image_pe)
+    _SHARED[decoder] = ((weights, image.clone(), image_pe.clone()), entry)
+    return entry
+
+
 def can_stream(decoder: nn.Module, image_embeddings: Tensor, dense: Tensor) -> bool:
     """Whether ``stream_decode`` applies: CPU inference (no autograd, no tracing), one image
     shared by all prompts and no per-prompt dense (mask) embedding. On a GPU the module path's
@@ -281,7 +356,12 @@ def can_stream(decoder: nn.Module, image_embeddings: Tensor, dense: Tensor) -> b
 
 
 def stream_transformer(
-    transformer: nn.Module, image: Tensor, image_pe: Tensor, tokens: Tensor, read_out: list[int]
+    transformer: nn.Module,
+    image: Tensor,
+    image_pe: Tensor,
+    tokens: Tensor,
+    read_out: list[int],
+    shared: SharedImage | None = None,
 ) -> tuple[Tensor, StreamedTokens]:
     """``TwoWayTransformer.forward`` for N prompts on one image, streamed (see module doc).
 
@@ -290,14 +370,16 @@ def stream_transformer(
       tokens: (N, T, C) output + prompt tokens.
       read_out: token positions whose final queries are wanted (the final attention is
         computed for those only).
+      shared: ``SharedImage.compute(transformer, image, image_pe)``, if already at hand.
     Returns:
       queries (N, len(read_out), C) and the final image tokens (``StreamedTokens``).
     """
     n = tokens.shape[0]
     _, c, h, w = image.shape
     hw = h * w
-    src = image.reshape(1, c, hw).transpose(1, 2).contiguous()
-    pe = image_pe.reshape(1, c, hw).transpose(1, 2).contiguous()
+    if shared is None:
+        shared = SharedImage.compute(transformer, image, image_pe)
+    src, pe = shared.src, shared.pe
     rows = max(1, TILE_ELEMENTS // (c * n * w)) * w  # whole rows of the token grid
     tiles = [slice(i, min(i + rows, hw)) for i in range(0, hw, rows)]
 
@@ -305,10 +387,7 @@ def stream_transformer(
     layers = list(transformer.layers)
     first = layers[0]
     queries = first.token_self_attention(tokens, query_pe)
-    shared_keys = src + pe
-    queries = first.token_update(
-        queries, first.cross_attn_token_to_image(queries + query_pe, shared_keys, src)
-    )
+    queries = first.token_update(queries, shared.attend(first.cross_attn_token_to_image, queries + query_pe))
 
     x: list[Tensor] | None = None  # per-prompt image tokens, (N, R, C) per tile; None while shared
     x_pe: list[Tensor] = []  # the same plus the positional encoding
@@ -318,10 +397,8 @@ def stream_transformer(
             layer.cross_attn_image_to_token, layer.norm4, queries + query_pe, queries, shared=x is None
         )
         records.append(_LayerRecord(layer.norm4, i2t.values))
-        shared_q = None
-        if x is None:  # the first layer's image tokens are the same for every prompt
-            qa = layer.cross_attn_image_to_token
-            shared_q = qa.q_proj(shared_keys[0]).reshape(hw, qa.num_heads, -1).transpose(0, 1)  # (h, HW, d)
+        # the first layer's image tokens are the same for every prompt, their queries too
+        shared_q = shared.queries if x is None else None
         last = i == len(layers) - 1
         if last:  # the final attention, for the read-out tokens only (its query rows are independent)
             next_q = queries[:, read_out]
@@ -347,7 +424,7 @@ def stream_transformer(
             queries = layers[i + 1].token_update(next_q, t2i.finish(x))
     if x is None:
         raise ValueError("stream_transformer needs a transformer with at least one layer")
-    return queries, StreamedTokens(x, src, records)
+    return queries, StreamedTokens(x, shared, records)
 
 
 def stream_decode(
@@ -373,8 +450,9 @@ def stream_decode(
     tokens = torch.cat([output_tokens, sparse_prompt_embeddings], dim=1)
     mask_ids = list(range(decoder.num_mask_tokens))[mask_slice]
     read_out = [0] + [1 + i for i in mask_ids]  # the IoU token and the decoded mask tokens
+    image = image_embeddings + dense_prompt_embeddings
     queries, image_tokens = stream_transformer(
-        decoder.transformer, image_embeddings + dense_prompt_embeddings, image_pe, tokens, read_out
+        decoder.transformer, image, image_pe, tokens, read_out, shared_image(decoder, image, image_pe)
     )
 
     iou_pred = decoder.iou_prediction_head(queries[:, 0])[:, mask_slice]
@@ -391,14 +469,12 @@ def upscale_tiles(decoder: nn.Module, tokens: StreamedTokens, hyper: Tensor, gri
     n, m = hyper.shape[:2]
     up = _Upscaler(decoder.output_upscaling)
     first = _FirstConv(up, tokens) if tokens.layers else None
-    # Token (i, j) with offsets (a, b), then (c, d) is pixel (4i + 2a + c, 4j + 2b + d); tiles
-    # are whole rows of tokens, so each lands in its own block of mask rows.
+    # Tiles are whole rows of tokens, so each lands in its own block of mask rows.
     masks = hyper.new_empty(n, m, h, 2, 2, w, 2, 2)
     start = 0
     for k, tile in enumerate(tokens.tiles):
         sl = slice(start, start + tile.shape[1])
         y = up.first(tile) if first is None else first.tile(k, sl)
-        block = up.rest(y, hyper).reshape(n, -1, w, 2, 2, 2, 2, m)
-        masks[:, :, sl.start // w : sl.stop // w] = block.permute(0, 7, 1, 3, 5, 2, 4, 6)
+        up.rest(y, hyper, masks[:, :, sl.start // w : sl.stop // w])
         start = sl.stop
     return masks.reshape(n, m, 4 * h, 4 * w)
