@@ -201,9 +201,13 @@ def _spread_weights(module: nn.Module) -> None:
         p.data.normal_(0.0, 0.08 if p.dim() > 1 else 0.2)
 
 
-@pytest.mark.parametrize("multimask", [True, False])
-@pytest.mark.parametrize("prompt", ["boxes", "points", "both"])
-def test_streamed_decoder_equals_module_path(prompt, multimask):
+@pytest.mark.parametrize(
+    ("prompt", "multimask", "offset"),
+    [(p, m, 0.0) for p in ("boxes", "points", "both") for m in (True, False)] + [("boxes", True, 5.0)],
+)
+def test_streamed_decoder_equals_module_path(prompt, multimask, offset):
+    """Also for an image embedding far from zero mean (the low-rank forms of the tokens after
+    the first layer subtract large shared terms)."""
     torch.manual_seed(0)
     model = create_model("efficientvit-sam-l0", input_size=128)
     _spread_weights(model.mask_decoder)
@@ -216,7 +220,7 @@ def test_streamed_decoder_equals_module_path(prompt, multimask):
     sparse, dense = model.prompt_encoder(
         points=None if coords is None else (coords, labels), boxes=boxes, masks=None
     )
-    emb = torch.randn(1, 256, 64, 64)
+    emb = torch.randn(1, 256, 64, 64) + offset
     pe = model.prompt_encoder.get_dense_pe()
     dec = model.mask_decoder
     assert can_stream(dec, emb, dense) is False  # autograd on: the module path
@@ -326,3 +330,20 @@ def test_shared_image_part_is_reused_only_while_valid(monkeypatch):
         want = decode()  # computed afresh
         torch.testing.assert_close(got, want, rtol=0, atol=0)
         assert not torch.equal(got[0], first[0])
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_streamed_transformer_of_other_depths(depth):
+    """SAM's decoder has two layers; the streamed form (low-rank after the first layer, tiles
+    after that) holds for one and for three as well."""
+    from evsam_cli.models.transformer import TwoWayTransformer
+
+    torch.manual_seed(0)
+    transformer = TwoWayTransformer(depth=depth, embedding_dim=256, num_heads=8, mlp_dim=512).eval()
+    _spread_weights(transformer)
+    image, pe, tokens = torch.randn(1, 256, 64, 64) + 2, torch.randn(1, 256, 64, 64), torch.randn(3, 7, 256)
+    with torch.no_grad():
+        hs, keys = transformer(image, pe, tokens)
+        streamed_hs, streamed = stream_transformer(transformer, image, pe, tokens, list(range(7)))
+    torch.testing.assert_close(streamed_hs, hs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat(streamed.tiles, 1), keys, rtol=1e-5, atol=1e-5)

@@ -19,6 +19,10 @@ different order:
   prompts, are computed once per image: kept between calls while the image embedding, the
   positional encoding and the weights are unchanged (``shared_image``), which matters most for
   interactive use, one prompt per call.
+* The tokens after the first layer are the shared tokens plus a few prompt-dependent vectors
+  per token, rescaled, so the attentions that read them next (the second layer's both ways)
+  work from that low-rank form (``_AfterShared``): per prompt, products against d = 16
+  channels per head and against the first layer's attention weights instead of C = 256.
 * The final token->image attention is computed only for the output tokens that are read out.
 * The mask head's first convolution is linear, and every image->token step only adds a few
   prompt-dependent vectors per token and rescales (LayerNorm), so that convolution is expanded
@@ -120,16 +124,23 @@ class _ImageAttention:
         return cls(attn, norm, kh, weights, bias, values)
 
     def apply(
-        self, residual: Tensor, keys: Tensor | None, shared_q: Tensor | None = None
+        self,
+        residual: Tensor,
+        keys: Tensor | None,
+        shared_q: Tensor | None = None,
+        logits: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """norm(residual + attention) for one tile: residual (N or 1, R, C); keys = tile + pe
-        (N, R, C), or instead ``shared_q`` (h, R, d) when the tile is shared by all prompts.
+        (N, R, C), or instead ``shared_q`` (h, R, d) when the tile is shared by all prompts, or
+        the attention logits (N, h*T, R) themselves.
 
         Returns the tile (N, R, C), the attention weights (N, h*T, R) and the LayerNorm's
         reciprocal standard deviations (N, R, 1), which ``_FirstConv`` needs.
         """
         n, h, t, _ = self.keys.shape
-        if shared_q is not None:  # (h, R, d) query projection shared by all prompts
+        if logits is not None:
+            logits = logits.reshape(n, h, t, -1)
+        elif shared_q is not None:  # (h, R, d) query projection shared by all prompts
             logits = (self.keys @ shared_q.transpose(1, 2)).reshape(n, h, t, -1)  # (N, h, T, R)
         else:
             logits = torch.baddbmm(self.bias, self.weights, keys.transpose(1, 2)).reshape(n, h, t, -1)
@@ -172,6 +183,70 @@ class StreamedTokens:
             for r in self.layers
         ]
         return StreamedTokens([t[ids] for t in self.tiles], self.image, layers)
+
+
+class _AfterShared:
+    """The image tokens after the first layer, without forming them, for the attentions that read
+    them next (the second layer's, or the final one).
+
+    Per prompt they are x1 = r1 (x0c + P^T Vc) G + beta (rows = image tokens): x0c the shared
+    tokens centred, P (h*T, HW) the first image->token attention's weights, Vc its values
+    centred, r1 the LayerNorm's per-token 1/std and G, beta its affine. A projection W of them is
+    therefore r1 (x0c G W^T + P^T (Vc G W^T)) + beta W^T: a (HW x h*d) product shared by every
+    prompt and call on the image, plus per prompt an (h*T x h*d) one applied through P. Against
+    a query's h*T rows that is h*T x HW x d multiplications per prompt instead of h*T x HW x C.
+    """
+
+    def __init__(self, shared: SharedImage, record: _LayerRecord) -> None:
+        self.shared = shared
+        self.norm = record.norm
+        self.p = torch.cat(record.probs, dim=2)  # (N, hT, HW)
+        self.r = torch.cat(record.rstd, dim=1).transpose(1, 2)  # (N, 1, HW)
+        self.values = _centre(record.values) * record.norm.weight  # (N, hT, C): Vc G
+
+    def _image(self, name: str, weight: Tensor, bias: Tensor | None, heads: int) -> Tensor:
+        """Per image: x0c G W^T and (pe + beta) W^T + bias side by side, as (h, d, 2 HW)."""
+        got = self.shared.derived.get(name)
+        if got is None:
+            x0 = _centre(self.shared.src[0]) * self.norm.weight
+            both = torch.cat([x0 @ weight.T, F.linear(self.shared.pe[0] + self.norm.bias, weight, bias)])
+            got = self.shared.derived[name] = (
+                both.reshape(-1, heads, weight.shape[0] // heads).permute(1, 2, 0).contiguous()
+            )
+        return got
+
+    def logits(self, name: str, qh: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """qh (N, h, T, d) dotted with (W (x1 + pe) + bias)_h for every image token -> (N, hT, HW)."""
+        n, h, t, d = qh.shape
+        image = self._image(name, weight, bias, h)  # (h, d, 2 HW)
+        hw = image.shape[2] // 2
+        shared = (qh.transpose(0, 1).reshape(h, n * t, d) @ image).reshape(h, n, t, 2 * hw)
+        shared = shared.transpose(0, 1).reshape(n, h * t, 2 * hw)
+        vw = (self.values @ weight.T).reshape(n, -1, h, d)
+        coupling = torch.einsum("nhtd,njhd->nhtj", qh, vw).reshape(n, h * t, -1)  # (N, hT, hT)
+        scaled = torch.baddbmm(shared[:, :, :hw], coupling, self.p)
+        return torch.addcmul(shared[:, :, hw:], scaled, self.r)
+
+    def attend(self, attn: nn.Module, queries: Tensor) -> Tensor:
+        """The token->image attention ``attn`` of queries (N, T, C) over the image tokens x1
+        (keys x1 + pe, values x1) -> (N, T, C)."""
+        n, t, _ = queries.shape
+        h = attn.num_heads
+        d = attn.internal_dim // h
+        qh = attn.q_proj(queries).reshape(n, t, h, d).transpose(1, 2) * d**-0.5
+        # the key bias adds a constant to each row, which the softmax cancels
+        a = torch.softmax(self.logits("keys:" + str(id(attn)), qh, attn.k_proj.weight, None), dim=2)
+        ar = a * self.r  # (N, hT, HW)
+        wv = attn.v_proj.weight
+        image = self._image("values:" + str(id(attn)), wv, None, h)[:, :, : a.shape[2]]  # (h, d, HW)
+        mixed = ar.reshape(n, h, t, -1).transpose(0, 1).reshape(h, n * t, -1) @ image.transpose(1, 2)
+        mixed = mixed.reshape(h, n, t, d).transpose(0, 1)  # (N, h, T, d)
+        coupling = (ar @ self.p.transpose(1, 2)).reshape(n, h, t, -1)  # (N, h, T, hT)
+        vv = (self.values @ wv.T).reshape(n, -1, h, d)
+        mixed = mixed + torch.einsum("nhtj,njhd->nhtd", coupling, vv)
+        # rows of a sum to one: beta and the value bias pass through whole
+        mixed = mixed + (wv @ self.norm.bias + attn.v_proj.bias).reshape(h, 1, d)
+        return attn.out_proj(mixed.transpose(1, 2).reshape(n, t, h * d))
 
 
 class _Upscaler:
@@ -287,6 +362,7 @@ class SharedImage:
     values: Tensor  # ... and values
     queries: Tensor  # (h, HW, d) the first image->token attention's projected queries
     first_conv: Tensor | None = None  # ``_FirstConv``'s per-image part, filled on first use
+    derived: dict[str, Tensor] = field(default_factory=dict)  # ``_AfterShared``'s, likewise
 
     @classmethod
     def compute(cls, transformer: nn.Module, image: Tensor, image_pe: Tensor) -> SharedImage:
@@ -390,7 +466,8 @@ def stream_transformer(
     queries = first.token_update(queries, shared.attend(first.cross_attn_token_to_image, queries + query_pe))
 
     x: list[Tensor] | None = None  # per-prompt image tokens, (N, R, C) per tile; None while shared
-    x_pe: list[Tensor] = []  # the same plus the positional encoding
+    x_pe: list[Tensor] = []  # the same plus the positional encoding (from the third layer on)
+    after: _AfterShared | None = None  # the tokens after the first layer, in low-rank form
     records = []
     for i, layer in enumerate(layers):
         i2t = _ImageAttention.start(
@@ -399,29 +476,42 @@ def stream_transformer(
         records.append(_LayerRecord(layer.norm4, i2t.values))
         # the first layer's image tokens are the same for every prompt, their queries too
         shared_q = shared.queries if x is None else None
+        logits = None
+        if after is not None:  # the second layer's image->token logits, from the low-rank form
+            qa = layer.cross_attn_image_to_token
+            logits = after.logits("queries:" + str(id(qa)), i2t.keys, qa.q_proj.weight, qa.q_proj.bias)
         last = i == len(layers) - 1
         if last:  # the final attention, for the read-out tokens only (its query rows are independent)
-            next_q = queries[:, read_out]
-            t2i = _TokenAttention(transformer.final_attn_token_to_image, next_q + query_pe[:, read_out])
+            next_q, attn = queries[:, read_out], transformer.final_attn_token_to_image
+            next_in = next_q + query_pe[:, read_out]
         else:
             next_q = layers[i + 1].token_self_attention(queries, query_pe)
-            t2i = _TokenAttention(layers[i + 1].cross_attn_token_to_image, next_q + query_pe)
+            attn, next_in = layers[i + 1].cross_attn_token_to_image, next_q + query_pe
+        t2i = None if x is None else _TokenAttention(attn, next_in)
         out, out_pe = [], []
         for k, sl in enumerate(tiles):
             if x is None:
                 tile, p, rstd = i2t.apply(src[:, sl], None, shared_q[:, sl])
+            elif logits is not None:
+                tile, p, rstd = i2t.apply(x[k], None, logits=logits[:, :, sl])
             else:
                 tile, p, rstd = i2t.apply(x[k], x_pe[k])
             records[-1].probs.append(p)
             records[-1].rstd.append(rstd)
             out.append(tile)
-            out_pe.append(tile + pe[:, sl])
-            t2i.add_tile(out_pe[-1])
+            if t2i is not None:
+                out_pe.append(tile + pe[:, sl])
+                t2i.add_tile(out_pe[-1])
+        if t2i is None:  # after the first layer: the next attention reads the low-rank form
+            after = _AfterShared(shared, records[-1])
+            attended = after.attend(attn, next_in)
+        else:
+            after, attended = None, t2i.finish(out)
         x, x_pe = out, out_pe
         if last:
-            queries = transformer.norm_final_attn(next_q + t2i.finish(x))
+            queries = transformer.norm_final_attn(next_q + attended)
         else:
-            queries = layers[i + 1].token_update(next_q, t2i.finish(x))
+            queries = layers[i + 1].token_update(next_q, attended)
     if x is None:
         raise ValueError("stream_transformer needs a transformer with at least one layer")
     return queries, StreamedTokens(x, shared, records)
