@@ -47,7 +47,7 @@ from .amg_utils import (
 from .data.images import to_rgb_uint8
 from .errors import EvsamError
 from .models.sam import Sam
-from .models.streaming import StreamedTokens, can_stream, stream_transformer, upscale_tiles
+from .models.streaming import StreamedTokens, can_stream, shared_image, stream_transformer, upscale_tiles
 from .predictor import SamPredictor
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
@@ -342,7 +342,8 @@ class AutomaticMaskGenerator:
         pe = model.prompt_encoder.get_dense_pe()
         read_out = [0, 2, 3, 4]  # the IoU token and the three multimask tokens
         if can_stream(dec, image, dense):
-            hs, image_tokens = stream_transformer(dec.transformer, image, pe, tokens, read_out)
+            shared = shared_image(dec, image, pe)  # kept across this image's point batches
+            hs, image_tokens = stream_transformer(dec.transformer, image, pe, tokens, read_out, shared)
         else:
             hs, keys = dec.transformer(image, pe, tokens)
             hs, image_tokens = hs[:, read_out], StreamedTokens([keys])
