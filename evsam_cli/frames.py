@@ -78,8 +78,10 @@ def upscale_matrices(
     (``input_size``) out of it and resizes that to ``original_size``; all three steps are
     linear per axis, so they compose into one matrix per axis.
     """
-    ay, ax = (upscale_matrix(input_size[a], original_size[a], prompt_size, low_res_size) for a in (0, 1))
-    return ay, ax
+    return (
+        upscale_matrix(input_size[0], original_size[0], prompt_size, low_res_size),
+        upscale_matrix(input_size[1], original_size[1], prompt_size, low_res_size),
+    )
 
 
 def upscale_matrix(image_len: int, out_len: int, prompt_size: int, low_res_size: int) -> np.ndarray:

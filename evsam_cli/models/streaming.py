@@ -93,8 +93,9 @@ class _ImageAttention:
     Logits of image tokens x over the prompt tokens are ``weights @ (x + pe)^T + bias`` with the
     query projection folded into ``weights`` (N, h*T, C); the softmax runs over the T prompt
     tokens of each head; values come out-projected (``values`` (N, h*T, C)), with the out bias
-    added once. ``shared_q`` replaces ``weights`` when the image tokens are the same for all
-    prompts: their query projection (HW, h, d) is then computed once.
+    added once. ``weights`` are folded only for the tile-by-tile path (``fold_queries``): when
+    the image tokens are the same for all prompts their query projection is shared instead
+    (``shared_q``), and after the first layer the logits come from the low-rank form.
     """
 
     attn: nn.Module
@@ -106,7 +107,7 @@ class _ImageAttention:
 
     @classmethod
     def start(
-        cls, attn: nn.Module, norm: nn.LayerNorm, k: Tensor, v: Tensor, *, shared: bool
+        cls, attn: nn.Module, norm: nn.LayerNorm, k: Tensor, v: Tensor, *, fold_queries: bool
     ) -> _ImageAttention:
         n, t, c = k.shape
         h = attn.num_heads
@@ -117,7 +118,7 @@ class _ImageAttention:
         # Each head's softmax weights sum to 1, so the out-projection bias can ride on the values.
         values = (vh @ wo + attn.out_proj.bias / h).reshape(n, h * t, c)
         weights = bias = None
-        if not shared:
+        if fold_queries:
             wq = attn.q_proj.weight.reshape(h, d, c)
             weights = (kh @ wq).reshape(n, h * t, c)
             bias = (kh @ attn.q_proj.bias.reshape(h, d, 1)).reshape(n, h * t, 1)
@@ -204,21 +205,25 @@ class _AfterShared:
         self.r = torch.cat(record.rstd, dim=1).transpose(1, 2)  # (N, 1, HW)
         self.values = _centre(record.values) * record.norm.weight  # (N, hT, C): Vc G
 
-    def _image(self, name: str, weight: Tensor, bias: Tensor | None, heads: int) -> Tensor:
-        """Per image: x0c G W^T and (pe + beta) W^T + bias side by side, as (h, d, 2 HW)."""
+    def _image(
+        self, name: str, weight: Tensor, heads: int, *, pe: bool, bias: Tensor | None = None
+    ) -> Tensor:
+        """Per image: x0c G W^T as (h, d, HW), and with ``pe`` (pe + beta) W^T + bias beside it,
+        as (h, d, 2 HW)."""
         got = self.shared.derived.get(name)
         if got is None:
-            x0 = _centre(self.shared.src[0]) * self.norm.weight
-            both = torch.cat([x0 @ weight.T, F.linear(self.shared.pe[0] + self.norm.bias, weight, bias)])
+            parts = [(_centre(self.shared.src[0]) * self.norm.weight) @ weight.T]
+            if pe:
+                parts.append(F.linear(self.shared.pe[0] + self.norm.bias, weight, bias))
             got = self.shared.derived[name] = (
-                both.reshape(-1, heads, weight.shape[0] // heads).permute(1, 2, 0).contiguous()
+                torch.cat(parts).reshape(-1, heads, weight.shape[0] // heads).permute(1, 2, 0).contiguous()
             )
         return got
 
     def logits(self, name: str, qh: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         """qh (N, h, T, d) dotted with (W (x1 + pe) + bias)_h for every image token -> (N, hT, HW)."""
         n, h, t, d = qh.shape
-        image = self._image(name, weight, bias, h)  # (h, d, 2 HW)
+        image = self._image(name, weight, h, pe=True, bias=bias)  # (h, d, 2 HW)
         hw = image.shape[2] // 2
         shared = (qh.transpose(0, 1).reshape(h, n * t, d) @ image).reshape(h, n, t, 2 * hw)
         shared = shared.transpose(0, 1).reshape(n, h * t, 2 * hw)
@@ -238,7 +243,7 @@ class _AfterShared:
         a = torch.softmax(self.logits("keys:" + str(id(attn)), qh, attn.k_proj.weight, None), dim=2)
         ar = a * self.r  # (N, hT, HW)
         wv = attn.v_proj.weight
-        image = self._image("values:" + str(id(attn)), wv, None, h)[:, :, : a.shape[2]]  # (h, d, HW)
+        image = self._image("values:" + str(id(attn)), wv, h, pe=False)  # (h, d, HW)
         mixed = ar.reshape(n, h, t, -1).transpose(0, 1).reshape(h, n * t, -1) @ image.transpose(1, 2)
         mixed = mixed.reshape(h, n, t, d).transpose(0, 1)  # (N, h, T, d)
         coupling = (ar @ self.p.transpose(1, 2)).reshape(n, h, t, -1)  # (N, h, T, hT)
@@ -383,13 +388,7 @@ class SharedImage:
 
     def attend(self, attn: nn.Module, queries: Tensor) -> Tensor:
         """The first token->image attention (``attn``) of queries (N, T, C) -> (N, T, C)."""
-        n = queries.shape[0]
-        out = F.scaled_dot_product_attention(
-            attn._heads(attn.q_proj(queries), n),
-            self.keys.expand(n, -1, -1, -1),
-            self.values.expand(n, -1, -1, -1),
-        )
-        return attn.out_proj(out.transpose(1, 2).reshape(n, -1, attn.internal_dim))
+        return attn.attend(attn._heads(attn.q_proj(queries), queries.shape[0]), self.keys, self.values)
 
 
 # decoder -> (what the entry was computed from, the entry); one image per decoder
@@ -471,7 +470,11 @@ def stream_transformer(
     records = []
     for i, layer in enumerate(layers):
         i2t = _ImageAttention.start(
-            layer.cross_attn_image_to_token, layer.norm4, queries + query_pe, queries, shared=x is None
+            layer.cross_attn_image_to_token,
+            layer.norm4,
+            queries + query_pe,
+            queries,
+            fold_queries=x is not None and after is None,
         )
         records.append(_LayerRecord(layer.norm4, i2t.values))
         # the first layer's image tokens are the same for every prompt, their queries too

@@ -48,12 +48,20 @@ class Attention(nn.Module):
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """q: (Bq, Nq, C), k/v: (Bk, Nk, C) with Bq, Bk broadcastable -> (max(Bq, Bk), Nq, C)."""
         batch = max(q.shape[0], k.shape[0], v.shape[0])
-        q = self._heads(self.q_proj(q), batch)
-        k = self._heads(self.k_proj(k), batch)
-        v = self._heads(self.v_proj(v), batch)
+        return self.attend(
+            self._heads(self.q_proj(q), batch),
+            self._heads(self.k_proj(k), batch),
+            self._heads(self.v_proj(v), batch),
+        )
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Projected heads q (B, h, Nq, d), k/v (B or 1, h, Nk, d) -> (B, Nq, C): the attention
+        proper, for callers that project the keys and values once for many queries."""
+        batch = q.shape[0]
+        if k.shape[0] != batch:
+            k, v = k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)
         out = F.scaled_dot_product_attention(q, k, v)
-        out = out.transpose(1, 2).reshape(batch, -1, self.internal_dim)
-        return self.out_proj(out)
+        return self.out_proj(out.transpose(1, 2).reshape(batch, -1, self.internal_dim))
 
     # The two cross attentions between a few prompt tokens (T ~ 7) and many image tokens
     # (HW = 4096) are rewritten so that no per-prompt (HW x internal_dim) projection of the image
