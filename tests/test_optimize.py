@@ -16,6 +16,7 @@ from evsam_cli.models.optimize import (
     cpu_kernels_available,
     fold_conv_bn,
     optimize_encoder,
+    winograd_pays,
 )
 from evsam_cli.models.streaming import can_stream, stream_decode, stream_transformer
 from evsam_cli.models.transformer import Attention
@@ -88,11 +89,13 @@ def test_matmul_resize_equals_upsample():
     assert MatmulResize(64)(same) is same
 
 
-@pytest.mark.parametrize("shape", [(1, 192, 16, 16), (2, 8, 13, 10), (1, 16, 5, 7)])
+@pytest.mark.parametrize("shape", [(1, 192, 16, 16), (2, 8, 13, 10), (1, 16, 5, 7), (2, 8, 19, 9)])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_winograd_conv_equals_direct_convolution(shape, channels_last):
+@pytest.mark.parametrize("chunk_rows", [None, 1, 2])
+def test_winograd_conv_equals_direct_convolution(shape, channels_last, chunk_rows):
     """F(4x4, 3x3) equals the direct convolution up to float rounding, for sizes that are and are
-    not multiples of the 4x4 output tile, in either memory format, with and without bias."""
+    not multiples of the 4x4 output tile, in either memory format, with and without bias, done
+    at once or in chunks of tile rows (one row each, or two with a shorter last chunk)."""
     torch.manual_seed(0)
     b, c, h, w = shape
     x = torch.randn(shape)
@@ -102,12 +105,15 @@ def test_winograd_conv_equals_direct_convolution(shape, channels_last):
     bias = torch.randn(24)
     for bias_ in (bias, None):
         ref = torch.nn.functional.conv2d(x, weight, bias_, padding=1)
-        out = winograd_conv3x3(x, transform_filters(weight), bias_)
+        chunking = {}
+        if chunk_rows is not None:  # the transformed output of `chunk_rows` rows of 4x4 tiles
+            chunking["chunk_bytes"] = chunk_rows * 36 * b * -(-w // 4) * 24 * 4
+        out = winograd_conv3x3(x, transform_filters(weight), bias_, **chunking)
         assert out.shape == ref.shape and out.is_contiguous(memory_format=torch.channels_last)
         torch.testing.assert_close(out, ref, rtol=0, atol=2e-5 * float(ref.abs().max()))
 
 
-@pytest.mark.parametrize("act", [None, nn.GELU(), nn.GELU(approximate="tanh")])
+@pytest.mark.parametrize("act", [None, nn.ReLU(), nn.GELU(), nn.GELU(approximate="tanh"), nn.SiLU()])
 def test_winograd_module_applies_the_activation(act):
     torch.manual_seed(0)
     conv = nn.Conv2d(16, 8, 3, padding=1)
@@ -118,6 +124,17 @@ def test_winograd_module_applies_the_activation(act):
     torch.testing.assert_close(out, ref, rtol=0, atol=2e-5 * float(ref.abs().max()))
     with pytest.raises(ValueError, match="stride-1 3x3"):
         WinogradConv2d(nn.Conv2d(16, 8, 3, stride=2, padding=1))
+
+
+def test_winograd_is_chosen_for_the_wide_dense_3x3_convolutions():
+    """Only where it was measured faster: 128 input channels and up, and wide enough overall."""
+    wide = [(256, 1024), (256, 256), (128, 512), (128, 256), (192, 192)]
+    narrow = [(128, 128), (64, 256), (64, 64), (32, 512)]
+    assert all(winograd_pays(nn.Conv2d(i, o, 3, padding=1)) for i, o in wide)
+    assert not any(winograd_pays(nn.Conv2d(i, o, 3, padding=1)) for i, o in narrow)
+    assert not winograd_pays(nn.Conv2d(256, 256, 3, stride=2, padding=1))
+    assert not winograd_pays(nn.Conv2d(256, 256, 3, padding=1, groups=256))
+    assert not winograd_pays(nn.Conv2d(256, 256, 1))
 
 
 @pytest.mark.skipif(not cpu_kernels_available(), reason="this PyTorch build has no oneDNN conv ops")

@@ -10,8 +10,8 @@ Applied to a *copy*: the model itself (its training path and saved weights) is n
   (``MatmulResize``), which also exports to ONNX as MatMuls: onnxruntime's cubic ``Resize``
   took a quarter of the exported encoder's time.
 * CPU kernels (float32 on CPU only; ``cpu_kernels``):
-  - the wide dense 3x3 convolutions (the SAM neck's) run by Winograd's F(4x4, 3x3)
-    (``models/winograd.py``), a quarter of the multiplications;
+  - the wide dense 3x3 convolutions (the SAM neck's and most fused MBConvs') run by
+    Winograd's F(4x4, 3x3) (``models/winograd.py``), a quarter of the multiplications;
   - every other conv runs as one oneDNN call with its activation fused in (GELU, exact or
     tanh) and its weight reordered once to oneDNN's blocked layout, instead of a conv, a
     weight reorder and a separate full pass for the activation.
@@ -31,10 +31,24 @@ from torch import nn
 from .layers import ConvNormAct, Upsample
 from .winograd import WinogradConv2d, is_winograd_compatible
 
-# Winograd pays for its transforms once convolutions are wide enough: measured on a 2-core AVX-512
-# CPU, 1.5-2.3x faster than oneDNN's direct convolution from 192 input channels (the neck's 256 at
-# 64x64), no faster at 128 and slower at 64.
-WINOGRAD_MIN_CHANNELS = 192
+# Winograd pays for its transforms once convolutions are wide enough. Measured against oneDNN's
+# direct convolution (GELU fused into both) on the 2-core AVX-512 CPU of docs/benchmarks.md, alone:
+# 1.2x at 128 -> 256 and 192 -> 192, 1.5x at 128 -> 512 and 256 -> 256, 2x at the neck's
+# 256 -> 1024; 1.0-1.2x at 128 -> 128 and 64 -> 256, slower at 64 -> 64. Inside the encoder the
+# 64-channel ones lost (L0 1-3% slower with them), so they stay direct convolutions: the
+# transforms' cost grows with the channels, not their product, and their memory traffic competes
+# with the neighbouring layers'.
+WINOGRAD_MIN_IN_CHANNELS = 128
+WINOGRAD_MIN_CHANNEL_SUM = 384
+
+
+def winograd_pays(conv: nn.Conv2d) -> bool:
+    """Whether Winograd's F(4x4, 3x3) beats oneDNN's direct convolution for ``conv`` (CPU fp32)."""
+    return (
+        is_winograd_compatible(conv)
+        and conv.in_channels >= WINOGRAD_MIN_IN_CHANNELS
+        and conv.in_channels + conv.out_channels >= WINOGRAD_MIN_CHANNEL_SUM
+    )
 
 
 @torch.no_grad()
@@ -189,7 +203,7 @@ def _cpu_kernel(module: nn.Module) -> nn.Module | None:
     if not isinstance(module, ConvNormAct) or module.norm is not None or _post_op(module.act) is None:
         return None
     conv = module.conv
-    if is_winograd_compatible(conv) and conv.in_channels >= WINOGRAD_MIN_CHANNELS:
+    if winograd_pays(conv):
         return WinogradConv2d(conv, module.act)
     return FusedConvAct(conv, module.act)
 

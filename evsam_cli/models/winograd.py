@@ -18,6 +18,7 @@ fp32). oneDNN has no fp32 Winograd on x86, and on a CPU the encoder's wide 3x3 c
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -68,37 +69,68 @@ def transform_filters(weight: Tensor) -> Tensor:
     return u.reshape(ALPHA * ALPHA, weight.shape[1], weight.shape[0]).to(weight.dtype).contiguous()
 
 
-def winograd_conv3x3(x: Tensor, filters: Tensor, bias: Tensor | None = None) -> Tensor:
+# Tile rows are processed in chunks whose transformed outputs (36 x tiles x C_out floats) stay
+# within this many bytes: glibc serves larger blocks from fresh mmap pages (above 32 MiB even with
+# ``tune_cpu_allocator``), whose page faults cost more than the work they hold, and a chunk's
+# intermediates are still in cache when the next step reads them. Each chunk reads all the
+# transformed filters, so ``WinogradConv2d`` never makes chunks smaller than those (the neck's
+# 256 -> 1024 has 38 MB of them and runs in one piece). Measured on the machine of docs/benchmarks.md: 128 -> 512
+# at 128x128 pixels 80 -> 53 ms, 64 -> 256 at 256x256 135 -> 80 ms, against no chunking.
+CHUNK_BYTES = 32 << 20
+
+
+def winograd_conv3x3(
+    x: Tensor,
+    filters: Tensor,
+    bias: Tensor | None = None,
+    *,
+    epilogue: Callable[[Tensor], object] | None = None,
+    chunk_bytes: int = CHUNK_BYTES,
+) -> Tensor:
     """``F.conv2d(x, weight, bias, padding=1)`` for a dense 3x3 kernel by F(4x4, 3x3).
 
     Args:
       x: (B, C_in, H, W), any memory format (channels-last avoids one copy).
       filters: ``transform_filters(weight)``, (36, C_in, C_out).
       bias: (C_out,) or None.
+      epilogue: an in-place elementwise function (an activation) applied to each chunk of output
+        rows as soon as it is written, while it is still in cache.
+      chunk_bytes: the largest transformed output of one chunk of tile rows (at least one row).
     Returns:
       (B, C_out, H, W) in channels-last memory format.
     """
     b, c, h, w = x.shape
     k = filters.shape[2]
     th, tw = -(-h // TILE), -(-w // TILE)
-    # Zero-padded NHWC input covering whole tiles (the conv's own padding of 1 included).
-    hp, wp = TILE * th + 2, TILE * tw + 2
-    padded = x.new_zeros(b, hp, wp, c)
-    padded[:, 1 : h + 1, 1 : w + 1] = x.permute(0, 2, 3, 1)
-    # Overlapping 6x6 tiles with stride 4, laid out (36 positions, tiles * C_in) in one copy.
-    tiles = padded.as_strided(
-        (ALPHA, ALPHA, b, th, tw, c), (wp * c, c, hp * wp * c, TILE * wp * c, TILE * c, 1)
-    ).reshape(ALPHA * ALPHA, -1)
+    wp = TILE * tw + 2
+    pixels = x.permute(0, 2, 3, 1)  # NHWC (a view for channels-last input)
     input_transform, output_transform = _transforms(x.dtype, x.device)
-    v = torch.mm(input_transform, tiles).view(ALPHA * ALPHA, -1, c)  # B^T d B per tile
-    m = torch.bmm(v, filters)  # (36, tiles, C_out): the channel sums, one matmul per position
-    y = torch.mm(output_transform, m.view(ALPHA * ALPHA, -1))  # A^T m A: (16, tiles * C_out)
-    y = y.view(TILE, TILE, b, th, tw, k).permute(2, 3, 0, 4, 1, 5)  # (B, th, 4, tw, 4, C_out)
     out = x.new_empty(b, TILE * th, TILE * tw, k)
-    if bias is None:
-        out.view(b, th, TILE, tw, TILE, k).copy_(y)
-    else:
-        torch.add(y, bias, out=out.view(b, th, TILE, tw, TILE, k))
+    row_bytes = ALPHA * ALPHA * b * tw * k * x.element_size()
+    chunks = -(-th * row_bytes // chunk_bytes)
+    rows = -(-th // chunks)  # tile rows per chunk, balanced
+    for r0 in range(0, th, rows):
+        nr = min(rows, th - r0)
+        y0, hp = TILE * r0, TILE * nr + 2
+        # Zero-padded input rows y0 - 1 ... y0 + 4 nr (the conv's own padding of 1 included).
+        padded = x.new_zeros(b, hp, wp, c)
+        top, bottom = max(y0 - 1, 0), min(y0 + hp - 1, h)
+        padded[:, top - y0 + 1 : bottom - y0 + 1, 1 : w + 1] = pixels[:, top:bottom]
+        # Overlapping 6x6 tiles with stride 4, laid out (36 positions, tiles * C_in) in one copy.
+        tiles = padded.as_strided(
+            (ALPHA, ALPHA, b, nr, tw, c), (wp * c, c, hp * wp * c, TILE * wp * c, TILE * c, 1)
+        ).reshape(ALPHA * ALPHA, -1)
+        v = torch.mm(input_transform, tiles).view(ALPHA * ALPHA, -1, c)  # B^T d B per tile
+        m = torch.bmm(v, filters)  # (36, tiles, C_out): the channel sums, one matmul per position
+        y = torch.mm(output_transform, m.view(ALPHA * ALPHA, -1))  # A^T m A: (16, tiles * C_out)
+        y = y.view(TILE, TILE, b, nr, tw, k).permute(2, 3, 0, 4, 1, 5)  # (B, nr, 4, tw, 4, C_out)
+        block = out[:, y0 : y0 + TILE * nr]
+        if bias is None:
+            block.view(b, nr, TILE, tw, TILE, k).copy_(y)
+        else:
+            torch.add(y, bias, out=block.view(b, nr, TILE, tw, TILE, k))
+        if epilogue is not None:
+            epilogue(block)
     out = out[:, :h, :w].permute(0, 3, 1, 2)
     return out.contiguous(memory_format=torch.channels_last)
 
@@ -117,13 +149,25 @@ class WinogradConv2d(nn.Module):
         self.act = act
 
     def forward(self, x: Tensor) -> Tensor:
-        y = winograd_conv3x3(x, self.filters, self.bias)
-        if isinstance(self.act, nn.GELU):
-            return torch.ops.aten.gelu_(y, approximate=self.act.approximate)
-        return y if self.act is None else self.act(y)
+        act = self.act
+        # Each chunk reads all the filters: no point in chunks smaller than those.
+        chunk_bytes = max(CHUNK_BYTES, self.filters.numel() * self.filters.element_size())
+        if act is None or isinstance(act, nn.GELU | nn.ReLU):
+            return winograd_conv3x3(
+                x, self.filters, self.bias, epilogue=_in_place(act), chunk_bytes=chunk_bytes
+            )
+        return act(winograd_conv3x3(x, self.filters, self.bias, chunk_bytes=chunk_bytes))
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, kernel_size=(3, 3), F(4x4, 3x3)"
+
+
+def _in_place(act: nn.Module | None) -> Callable[[Tensor], object] | None:
+    if isinstance(act, nn.GELU):
+        return functools.partial(torch.ops.aten.gelu_, approximate=act.approximate)
+    if isinstance(act, nn.ReLU):
+        return torch.relu_
+    return None
 
 
 def is_winograd_compatible(conv: nn.Module) -> bool:
