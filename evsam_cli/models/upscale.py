@@ -126,19 +126,21 @@ def _sign_rule(
 def _banded_binary(
     masks: Tensor, input_size: tuple[int, int], original_size: tuple[int, int], prompt_size: int
 ) -> Tensor:
-    """``upscale_logits(...) > 0`` for every pixel, as banded products (see the module doc):
-    along y on the low-res grid, then along x block by block, thresholding each block."""
+    """``upscale_logits(...) > 0`` for every pixel, as banded products (see the module doc): per
+    block of output rows, along y on the low-res grid, then along x block by block, thresholding
+    each block while the block row is still in cache."""
     n, m, h, w = masks.shape
     rows = _bands(h, prompt_size, input_size[0], original_size[0])
     cols = _bands(w, prompt_size, input_size[1], original_size[1])
     low = masks.reshape(n * m, h, w).float()
     first, last = cols[0].lo, cols[-1].hi  # the low-res columns any output reads
     low = low[:, :, first:last]
-    tall = torch.cat([band.weight @ low[:, band.lo : band.hi] for band in rows], 1)  # (B, H, w')
     out = torch.empty(n * m, *original_size, dtype=torch.bool)
-    for band in cols:
-        block = tall[:, :, band.lo - first : band.hi - first] @ band.weight.T
-        torch.gt(block, 0, out=out[:, :, band.start : band.stop])
+    for row in rows:
+        tall = row.weight @ low[:, row.lo : row.hi]  # (B, block rows, w')
+        for col in cols:
+            block = tall[:, :, col.lo - first : col.hi - first] @ col.weight.T
+            torch.gt(block, 0, out=out[:, row.start : row.stop, col.start : col.stop])
     return out.view(n, m, *original_size)
 
 
