@@ -78,6 +78,30 @@ def test_run_bench_torch_schema():
     assert rec["model"] == "efficientvit-sam-l0" and rec["reference"] is None and warnings == []
 
 
+def test_compile_engine_uses_cuda_graphs_on_gpus_only(monkeypatch):
+    """``--engine compile`` compiles the encoder and the decode function, with CUDA graphs
+    (``mode="reduce-overhead"``) on CUDA; on the CPU in the default mode, with no graph steps."""
+    from evsam_cli.bench.engines import TorchEngine, compile_options
+    from evsam_cli.models import create_model
+
+    assert compile_options(torch.device("cuda")) == {"mode": "reduce-overhead"}
+    assert compile_options(torch.device("cpu")) == {}
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: calls.append(kwargs) or fn)
+    steps = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: steps.append(1))
+    model = create_model("l0", input_size=64)
+    engine = TorchEngine(
+        model, device=torch.device("cpu"), dtype="fp32", batch_size=2, prompts=3, compile=True
+    )
+    assert engine.name == "compile" and calls == [{}, {}] and not engine.cuda_graphs
+    masks, iou = engine.end_to_end()
+    assert masks.shape[:2] == (3, 3) and iou.shape == (3, 3) and steps == []
+    engine.cuda_graphs = True  # as on CUDA: every call to a compiled graph starts a step
+    engine.end_to_end()
+    assert len(steps) == 1 + 2
+
+
 def test_measure_never_times_warmup_calls():
     calls = []
     timing = measure(lambda: calls.append(1), warmup=3, iters=4)

@@ -67,8 +67,17 @@ class Engine:
         """Release temporary files (exported graphs, engines)."""
 
 
+def compile_options(device: Any) -> dict[str, str]:
+    """``torch.compile`` keyword arguments for ``device``: on CUDA ``mode="reduce-overhead"``,
+    which replays each compiled graph as one CUDA graph (one launch instead of hundreds of
+    kernel launches, what bounds small batches and the decoder); on the CPU the default mode
+    (CUDA graphs do not apply)."""
+    return {"mode": "reduce-overhead"} if device.type == "cuda" else {}
+
+
 class TorchEngine(Engine):
-    """Eager PyTorch (``compile=False``) or ``torch.compile`` on the zoo model."""
+    """Eager PyTorch (``compile=False``) or ``torch.compile`` on the zoo model (with CUDA graphs
+    on a GPU, see ``compile_options``)."""
 
     def __init__(
         self, model: Any, *, device: Any, dtype: str, batch_size: int, prompts: int, compile: bool
@@ -98,9 +107,12 @@ class TorchEngine(Engine):
         def decode(embedding: Any, boxes: Any) -> Any:
             return model.decode(embedding, boxes=boxes, multimask_output=True)
 
+        # CUDA graphs replay into the same output memory: each timed call starts a new step, and
+        # outputs read after another graph ran are copied first (``end_to_end``).
+        self.cuda_graphs = compile and self.cuda
         if compile:
-            encoder = torch.compile(encoder)
-            decode = torch.compile(decode)
+            encoder = torch.compile(encoder, **compile_options(device))
+            decode = torch.compile(decode, **compile_options(device))
         self._encoder = encoder
         self._decode = decode
         with self._context():
@@ -115,13 +127,27 @@ class TorchEngine(Engine):
             stack.enter_context(self.torch.autocast(self.device.type, dtype=self.autocast_dtype))
         return stack
 
+    def _step(self) -> None:
+        if self.cuda_graphs:
+            self.torch.compiler.cudagraph_mark_step_begin()
+
     def encode(self) -> Any:
+        self._step()
         with self._context():
             return self._encoder(self.images)
 
     def decode(self, embedding: Any = None) -> Any:
+        self._step()
         with self._context():
             return self._decode(self.embedding if embedding is None else embedding, self.boxes)
+
+    def end_to_end(self) -> Any:
+        embeddings = self.encode()
+        if self.cuda_graphs:  # the decoder's graph may reuse the encoder output's memory
+            embeddings = embeddings.clone()
+        for i in range(self.batch_size):
+            out = self.decode(embeddings[i : i + 1])
+        return out
 
 
 class OnnxRuntimeEngine(Engine):
