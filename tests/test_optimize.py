@@ -281,13 +281,15 @@ def test_first_mask_convolution_expanded_through_the_transformer(offset):
                 start += tile.shape[1]
 
 
-def test_decoder_streams_only_shared_cpu_inference():
+def test_decoder_streams_only_shared_cpu_inference(monkeypatch):
     model = create_model("efficientvit-sam-l0", input_size=128)
     emb = torch.zeros(1, 256, 64, 64)
     with torch.no_grad():
         assert can_stream(model.mask_decoder, emb, torch.zeros(1, 256, 1, 1))
         assert not can_stream(model.mask_decoder, emb, torch.zeros(3, 256, 64, 64))  # mask inputs
         assert not can_stream(model.mask_decoder, torch.zeros(3, 256, 64, 64), torch.zeros(1, 256, 1, 1))
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # under torch.compile
+        assert not can_stream(model.mask_decoder, emb, torch.zeros(1, 256, 1, 1))
 
 
 @pytest.mark.parametrize(

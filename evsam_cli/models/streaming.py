@@ -414,14 +414,17 @@ def shared_image(decoder: nn.Module, image: Tensor, image_pe: Tensor) -> SharedI
 
 
 def can_stream(decoder: nn.Module, image_embeddings: Tensor, dense: Tensor) -> bool:
-    """Whether ``stream_decode`` applies: CPU inference (no autograd, no tracing), one image
-    shared by all prompts and no per-prompt dense (mask) embedding. On a GPU the module path's
-    few large kernels are the better fit, so it is kept there."""
+    """Whether ``stream_decode`` applies: CPU inference (no autograd, no tracing or
+    ``torch.compile``), one image shared by all prompts and no per-prompt dense (mask)
+    embedding. On a GPU the module path's few large kernels are the better fit, so it is kept
+    there; compilers fuse the module path themselves, and the streamed one's per-image cache
+    (Python state) would make them recompile."""
     return (
         image_embeddings.device.type == "cpu"
         and not torch.is_grad_enabled()
         and not torch.jit.is_tracing()
         and not torch.onnx.is_in_onnx_export()
+        and not torch.compiler.is_compiling()
         and image_embeddings.shape[0] == 1
         and dense.shape[0] == 1
         and len(decoder.output_upscaling) == 5
