@@ -14,6 +14,7 @@ from torch import Tensor
 from .data.images import to_rgb_uint8
 from .frames import boxes_to_frame, coords_to_frame
 from .models.sam import Sam
+from .passes import map_passes
 
 
 def default_prompts_per_pass(device: torch.device) -> int:
@@ -131,7 +132,8 @@ class SamPredictor:
         multimask_output: bool = True,
         return_logits: bool = False,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """N prompts of the current image in batched decoder passes.
+        """N prompts of the current image in batched decoder passes (on a CPU, two halves of the
+        passes run on two threads at once: ``passes.map_passes``).
 
         Args:
           point_coords: (N, K, 2) x,y pixels; point_labels: (N, K) with 1/0 (-1 pads).
@@ -170,10 +172,7 @@ class SamPredictor:
             n = mask_t.shape[0] if n is None else n
         n = 1 if n is None else n
 
-        out_masks, out_scores, out_low = [], [], []
-        step = max(1, self.max_prompts_per_pass)
-        for start in range(0, max(n, 1), step):
-            sl = slice(start, start + step)
+        def decode(sl: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             masks, scores, low_res = self.predict_torch(
                 None if coords_t is None else coords_t[sl],
                 None if labels_t is None else labels_t[sl],
@@ -182,10 +181,10 @@ class SamPredictor:
                 multimask_output=multimask_output,
                 return_logits=return_logits,
             )
-            out_masks.append(masks.cpu().numpy())
-            out_scores.append(scores.float().cpu().numpy())
-            out_low.append(low_res.float().cpu().numpy())
-        return np.concatenate(out_masks), np.concatenate(out_scores), np.concatenate(out_low)
+            return masks.cpu().numpy(), scores.float().cpu().numpy(), low_res.float().cpu().numpy()
+
+        passes = map_passes(decode, n, self.max_prompts_per_pass, self.device)
+        return tuple(np.concatenate(parts) for parts in zip(*passes, strict=True))  # type: ignore[return-value]
 
     @torch.inference_mode()
     def predict_torch(

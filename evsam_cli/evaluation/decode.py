@@ -4,7 +4,7 @@ Each prompt gets SAM's multimask output and keeps the mask with the highest pred
 upscaled to the original image size and thresholded at 0 -- the official evaluation's
 ``predictor.predict(..., multimask_output=True)`` followed by ``masks[iou.argmax()]``, but
 one decoder call per chunk of prompts instead of one per prompt, and only the chosen mask
-upscaled.
+upscaled (on a CPU, two halves of the passes on two threads at once: ``passes.map_passes``).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ..frames import boxes_to_frame, coords_to_frame
 from ..models.sam import Sam
+from ..passes import map_passes
 
 
 @torch.inference_mode()
@@ -53,8 +54,9 @@ def best_masks(
     else:
         raise ValueError("give boxes or point_coords with point_labels")
     out = torch.empty((n, *original_size), dtype=torch.bool, device=device)
-    for start in range(0, n, chunk):
-        sl = slice(start, start + chunk)
+
+    @torch.inference_mode()  # grad mode is per thread, and map_passes may use a second one
+    def decode(sl: slice) -> None:
         if boxes is not None:
             low_res, iou = model.decode(embedding, boxes=boxes_t[sl], multimask_output=True)
         else:
@@ -64,4 +66,6 @@ def best_masks(
         best = iou.argmax(dim=1)
         chosen = low_res[torch.arange(low_res.shape[0], device=device), best].unsqueeze(1).float()
         out[sl] = model.postprocess_binary(chosen, frame, original_size)[:, 0]
+
+    map_passes(decode, n, chunk, device)
     return out
