@@ -100,10 +100,10 @@ def test_model_threshold_and_predictor_use_the_binary_path(small_model, scene):
     logits, _, _ = predictor.predict(box=box, return_logits=True)
     differ = masks != (logits > 0)
     assert not (differ & (np.abs(logits) > 1e-5)).any()
-    low = torch.randn(1, 3, 256, 256)
+    # Another threshold: the same as thresholding the logits there (subtracted at low res).
+    low = 1.5 + torch.randn(1, 3, 256, 256)
     model = create_model("efficientvit-sam-l0", input_size=128)
     model.mask_threshold = 1.5
-    frame = preprocess_shape(48, 64, 1024)
-    torch.testing.assert_close(
-        model.postprocess_binary(low, frame, (48, 64)), model.postprocess_masks(low, frame, (48, 64)) > 1.5
-    )
+    for original in [(48, 64), (1500, 2000)]:  # banded products, sign rule
+        frame = preprocess_shape(*original, 1024)
+        _check_against_exact(model.postprocess_binary(low, frame, original), low - 1.5, frame, original)

@@ -125,9 +125,11 @@ class Sam(nn.Module):
         self, masks: Tensor, input_size: tuple[int, int], original_size: tuple[int, int]
     ) -> Tensor:
         """``postprocess_masks(...) > mask_threshold`` as bool (N, M, H, W); on CPU without the
-        1024-frame intermediate (banded products or the low-res sign rule, ``models/upscale.py``)."""
+        1024-frame intermediate (banded products or the low-res sign rule, ``models/upscale.py``).
+        Every upscaled pixel is a convex combination of low-res logits (weights summing to 1), so
+        the threshold is subtracted from the low-res logits first and the rest compares with 0."""
         if self.mask_threshold != 0.0:
-            return self.postprocess_masks(masks, input_size, original_size) > self.mask_threshold
+            masks = masks - self.mask_threshold
         return upscale_binary(masks, input_size, original_size, self.prompt_size)
 
     def extra_repr(self) -> str:
