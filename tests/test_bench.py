@@ -102,6 +102,41 @@ def test_compile_engine_uses_cuda_graphs_on_gpus_only(monkeypatch):
     assert len(steps) == 1 + 2
 
 
+def test_torch_engine_decodes_as_the_predictor_does(monkeypatch):
+    """On a CPU with two threads, 16 prompts are decoded in two halves on two threads, each
+    under inference mode (it is per thread: without it the worker would take the slow autograd
+    path), and the halves come back in order."""
+    import threading
+
+    from evsam_cli.bench.engines import TorchEngine
+    from evsam_cli.models import create_model
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model = create_model("l0", input_size=64)
+        engine = TorchEngine(
+            model, device=torch.device("cpu"), dtype="fp32", batch_size=1, prompts=16, compile=False
+        )
+        whole = model.decode
+        seen = []
+
+        def decode(embedding, boxes, multimask_output):
+            seen.append((threading.current_thread().name, torch.is_inference_mode_enabled(), boxes.shape[0]))
+            return whole(embedding, boxes=boxes, multimask_output=multimask_output)
+
+        monkeypatch.setattr(model, "decode", decode)
+        masks, iou = engine.decode()
+        with torch.inference_mode():
+            ref_masks, ref_iou = whole(engine.embedding, boxes=engine.boxes, multimask_output=True)
+    finally:
+        torch.set_num_threads(before)
+    assert sorted(s[2] for s in seen) == [8, 8] and len({s[0] for s in seen}) == 2
+    assert all(s[1] for s in seen)
+    torch.testing.assert_close(masks, ref_masks, rtol=0, atol=1e-4)
+    torch.testing.assert_close(iou, ref_iou, rtol=0, atol=1e-5)
+
+
 def test_measure_never_times_warmup_calls():
     calls = []
     timing = measure(lambda: calls.append(1), warmup=3, iters=4)

@@ -91,3 +91,27 @@ def test_predict_batch_on_two_threads_equals_one_pass_at_a_time():
     np.testing.assert_allclose(split[2], low, rtol=0, atol=1e-5 * np.abs(low).max())
     np.testing.assert_allclose(split[1], scores, rtol=0, atol=1e-5)
     assert (split[0] == masks).mean() > 0.9999
+
+
+@pytest.mark.usefixtures("two_threads")
+def test_evaluation_decodes_both_halves_under_inference_mode(monkeypatch):
+    """Grad mode is per thread: the worker's half must not take the autograd path."""
+    from evsam_cli.evaluation.decode import best_masks
+
+    model = create_model("efficientvit-sam-l0", input_size=64)
+    whole = model.decode
+    seen = []
+
+    def decode(*args, **kwargs):
+        seen.append((threading.current_thread().name, torch.is_inference_mode_enabled()))
+        return whole(*args, **kwargs)
+
+    monkeypatch.setattr(model, "decode", decode)
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 40, (20, 2))
+    boxes = np.concatenate([xy, xy + 12], axis=1)
+    with torch.inference_mode():
+        embedding = model.image_encoder(torch.zeros(1, 3, 64, 64))
+    masks = best_masks(model, embedding, (60, 80), boxes=boxes, chunk=32)
+    assert masks.shape == (20, 60, 80) and masks.dtype == torch.bool
+    assert len({name for name, _ in seen}) == 2 and all(mode for _, mode in seen)

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DeviceError, EvsamError
+from ..passes import map_passes
 
 ENGINES = ("torch", "compile", "onnxruntime", "trt")
 DTYPES = ("fp32", "fp16", "bf16")
@@ -104,15 +105,27 @@ class TorchEngine(Engine):
             model.image_encoder, cpu_kernels=False if compile else None, matmul_resize=not compile
         )
 
-        def decode(embedding: Any, boxes: Any) -> Any:
+        def one_pass(embedding: Any, boxes: Any) -> Any:
             return model.decode(embedding, boxes=boxes, multimask_output=True)
+
+        context = self._context  # inference mode and autocast are per thread
+
+        def decode(embedding: Any, boxes: Any) -> Any:
+            """As the predictor decodes: on a CPU, two halves of the prompts on two threads."""
+
+            def half(sl: slice) -> Any:
+                with context():
+                    return one_pass(embedding, boxes[sl])
+
+            parts = map_passes(half, len(boxes), len(boxes), device)
+            return tuple(torch.cat(part) for part in zip(*parts, strict=True))
 
         # CUDA graphs replay into the same output memory: each timed call starts a new step, and
         # outputs read after another graph ran are copied first (``end_to_end``).
         self.cuda_graphs = compile and self.cuda
         if compile:
             encoder = torch.compile(encoder, **compile_options(device))
-            decode = torch.compile(decode, **compile_options(device))
+            decode = torch.compile(one_pass, **compile_options(device))
         self._encoder = encoder
         self._decode = decode
         with self._context():
