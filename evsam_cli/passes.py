@@ -13,6 +13,7 @@ those of one thread, up to float rounding.
 from __future__ import annotations
 
 import functools
+import os
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -57,7 +58,7 @@ def map_passes(fn: Callable[[slice], T], n: int, step: int, device: torch.device
         torch.set_num_threads(threads // 2)
         return [fn(sl) for sl in chunks(start, stop, step)]
 
-    future = _worker().submit(run, half, n)
+    future = _worker(os.getpid()).submit(run, half, n)
     try:
         first = run(0, half)
     finally:
@@ -69,6 +70,7 @@ def map_passes(fn: Callable[[slice], T], n: int, step: int, device: torch.device
 
 
 @functools.cache
-def _worker() -> ThreadPoolExecutor:
-    """One long-lived worker thread (so OpenMP keeps its thread team between calls)."""
+def _worker(pid: int) -> ThreadPoolExecutor:
+    """One long-lived worker thread (so OpenMP keeps its thread team between calls), per process:
+    a forked child inherits the executor but not its thread, and would wait on it forever."""
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix=_WORKER_NAME)

@@ -115,3 +115,21 @@ def test_evaluation_decodes_both_halves_under_inference_mode(monkeypatch):
     masks = best_masks(model, embedding, (60, 80), boxes=boxes, chunk=32)
     assert masks.shape == (20, 60, 80) and masks.dtype == torch.bool
     assert len({name for name, _ in seen}) == 2 and all(mode for _, mode in seen)
+
+
+@pytest.mark.usefixtures("two_threads")
+def test_a_forked_child_gets_its_own_worker():
+    """A child forked after the parent used the worker thread must not wait on the parent's."""
+    import multiprocessing
+
+    fn, _ = _recording()
+    map_passes(fn, 40, 16, torch.device("cpu"))  # the parent's worker exists now
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        result = pool.apply_async(_split_in_child)
+        assert result.get(timeout=60) == [(0, 16), (16, 20), (20, 36), (36, 40)]
+
+
+def _split_in_child() -> list:
+    torch.set_num_threads(2)
+    return map_passes(lambda sl: (sl.start, sl.stop), 40, 16, torch.device("cpu"))
