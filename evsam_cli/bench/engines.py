@@ -59,10 +59,14 @@ class Engine:
 
     def end_to_end(self) -> Any:
         """Encode the batch, then decode P prompts against each image's own embedding."""
-        embeddings = self.encode()
+        embeddings = self._hold(self.encode())
         for i in range(self.batch_size):
             out = self.decode(embeddings[i : i + 1])
         return out
+
+    def _hold(self, embeddings: Any) -> Any:
+        """The encoder's output as ``end_to_end`` keeps it while the decoder runs."""
+        return embeddings
 
     def close(self) -> None:
         """Release temporary files (exported graphs, engines)."""
@@ -108,24 +112,25 @@ class TorchEngine(Engine):
         def one_pass(embedding: Any, boxes: Any) -> Any:
             return model.decode(embedding, boxes=boxes, multimask_output=True)
 
-        context = self._context  # inference mode and autocast are per thread
-
-        def decode(embedding: Any, boxes: Any) -> Any:
-            """As the predictor decodes: on a CPU, two halves of the prompts on two threads."""
-
-            def half(sl: slice) -> Any:
-                with context():
-                    return one_pass(embedding, boxes[sl])
-
-            parts = map_passes(half, len(boxes), len(boxes), device)
-            return tuple(torch.cat(part) for part in zip(*parts, strict=True))
-
         # CUDA graphs replay into the same output memory: each timed call starts a new step, and
-        # outputs read after another graph ran are copied first (``end_to_end``).
+        # outputs read after another graph ran are copied first (``_hold``).
         self.cuda_graphs = compile and self.cuda
         if compile:
             encoder = torch.compile(encoder, **compile_options(device))
             decode = torch.compile(one_pass, **compile_options(device))
+        else:
+            context = self._context  # inference mode and autocast are per thread
+
+            def decode(embedding: Any, boxes: Any) -> Any:
+                """As the predictor decodes: on a CPU, two halves of the prompts on two threads."""
+
+                def half(sl: slice) -> Any:
+                    with context():
+                        return one_pass(embedding, boxes[sl])
+
+                parts = map_passes(half, len(boxes), len(boxes), device)
+                return tuple(torch.cat(part) for part in zip(*parts, strict=True))
+
         self._encoder = encoder
         self._decode = decode
         with self._context():
@@ -154,13 +159,9 @@ class TorchEngine(Engine):
         with self._context():
             return self._decode(self.embedding if embedding is None else embedding, self.boxes)
 
-    def end_to_end(self) -> Any:
-        embeddings = self.encode()
-        if self.cuda_graphs:  # the decoder's graph may reuse the encoder output's memory
-            embeddings = embeddings.clone()
-        for i in range(self.batch_size):
-            out = self.decode(embeddings[i : i + 1])
-        return out
+    def _hold(self, embeddings: Any) -> Any:
+        # under CUDA graphs the decoder's graph may reuse the encoder output's memory
+        return embeddings.clone() if self.cuda_graphs else embeddings
 
 
 class OnnxRuntimeEngine(Engine):

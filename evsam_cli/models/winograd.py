@@ -148,16 +148,15 @@ class WinogradConv2d(nn.Module):
         self.register_buffer("filters", transform_filters(conv.weight.detach()))
         self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().clone())
         self.act = act
+        self.epilogue = _in_place(act)
+        # Each chunk reads all the filters: no point in chunks smaller than those.
+        self.chunk_bytes = max(CHUNK_BYTES, self.filters.numel() * self.filters.element_size())
 
     def forward(self, x: Tensor) -> Tensor:
-        act = self.act
-        # Each chunk reads all the filters: no point in chunks smaller than those.
-        chunk_bytes = max(CHUNK_BYTES, self.filters.numel() * self.filters.element_size())
-        if act is None or isinstance(act, nn.GELU | nn.ReLU):
-            return winograd_conv3x3(
-                x, self.filters, self.bias, epilogue=_in_place(act), chunk_bytes=chunk_bytes
-            )
-        return act(winograd_conv3x3(x, self.filters, self.bias, chunk_bytes=chunk_bytes))
+        y = winograd_conv3x3(x, self.filters, self.bias, epilogue=self.epilogue, chunk_bytes=self.chunk_bytes)
+        if self.act is None or self.epilogue is not None:
+            return y
+        return self.act(y)
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, kernel_size=(3, 3), F(4x4, 3x3)"
