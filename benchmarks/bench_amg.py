@@ -112,9 +112,9 @@ def main() -> None:
 
     from efficientsam.models.efficientvit.sam import EfficientViTSamAutomaticMaskGenerator
 
-    from evsam_cli.automatic import AutomaticMaskGenerator
     from evsam_cli.data.synthetic import synth_image
     from evsam_cli.models import create_model
+    from evsam_cli.predictor.automatic import AutomaticMaskGenerator
 
     ref = official_model(args.model, args.seed)
     with tempfile.TemporaryDirectory() as tmp:

@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 from evsam_cli.data.synthetic import write_sa1b
-from evsam_cli.devices import device_name, resolve_device
 from evsam_cli.models import create_model, export_state_dict, get_spec
 from evsam_cli.train.config import DataConfig, DistillConfig, LoopConfig, OptimConfig
 from evsam_cli.train.distill import TEACHER_MODELS, distill
+from evsam_cli.utils.devices import device_name, resolve_device
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ from evsam_cli import tune_cpu_allocator
 
 
 def _machine() -> dict:
-    from evsam_cli.devices import device_name
+    from evsam_cli.utils.devices import device_name
 
     return {
         "cpu": device_name(torch.device("cpu")),
@@ -75,7 +75,7 @@ def bench_model(name: str, *, repeats: int, prompts: int, ort: bool) -> dict:
 
     from evsam_cli.models import create_model
     from evsam_cli.models.profile import profile_model
-    from evsam_cli.predictor import SamPredictor
+    from evsam_cli.predictor.sam_predictor import SamPredictor
 
     torch.manual_seed(0)
     ref = create_efficientvit_sam_model(name, pretrained=False).eval()
@@ -153,7 +153,7 @@ def bench_postprocess(repeats: int, masks: int = 24) -> dict:
     random weights give noise; the sign rule for larger images would fall back to them)."""
     import torch.nn.functional as F
 
-    from evsam_cli.models.upscale import upscale_binary
+    from evsam_cli.accel.upscale import upscale_binary
 
     original, frame = (480, 640), (768, 1024)
     gen = torch.Generator().manual_seed(0)
@@ -214,8 +214,8 @@ def main() -> None:
     # As the evsam command does at start; it applies to both implementations in this process.
     tune_cpu_allocator()
 
-    from evsam_cli.io import write_json_atomic
     from evsam_cli.models import resolve_name
+    from evsam_cli.utils.io import write_json_atomic
 
     results = {"machine": _machine(), "runs": []}
     for m in args.models:

@@ -1,6 +1,6 @@
 """evsam: the EfficientViT-SAM toolkit (distill, finetune, export, bench, eval)."""
 
-from .allocator import tune_cpu_allocator
+from .accel.allocator import tune_cpu_allocator
 
 __version__ = "0.1.0"
 

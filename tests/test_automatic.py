@@ -10,7 +10,10 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-from evsam_cli.amg_utils import (
+from evsam_cli.accel.streaming import stream_transformer
+from evsam_cli.data.synthetic import synth_image
+from evsam_cli.errors import DataError, EvsamError
+from evsam_cli.predictor.amg_utils import (
     build_point_grid,
     generate_crop_boxes,
     mask_to_box,
@@ -21,10 +24,7 @@ from evsam_cli.amg_utils import (
     rle_to_mask,
     stability_score,
 )
-from evsam_cli.automatic import AmgConfigError, AutomaticMaskGenerator
-from evsam_cli.data.synthetic import synth_image
-from evsam_cli.errors import DataError, EvsamError
-from evsam_cli.models.streaming import stream_transformer
+from evsam_cli.predictor.automatic import AmgConfigError, AutomaticMaskGenerator
 
 
 def tune(model: torch.nn.Module) -> torch.nn.Module:
@@ -304,7 +304,7 @@ def _unreordered(model, image, points_per_side, pred_iou_thresh, stability_thres
     upscaled to full size, then filtered by IoU, stability, and NMS."""
     from torchvision.ops import batched_nms
 
-    from evsam_cli.predictor import SamPredictor
+    from evsam_cli.predictor.sam_predictor import SamPredictor
 
     pred = SamPredictor(model)
     pred.set_image(image)
@@ -429,7 +429,7 @@ def test_bad_image(small_model):
 
 
 def test_lazy_reexport_from_predictor():
-    from evsam_cli.predictor import AutomaticMaskGenerator as reexported
+    from evsam_cli.predictor.sam_predictor import AutomaticMaskGenerator as reexported
 
     assert reexported is AutomaticMaskGenerator
 

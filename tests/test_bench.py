@@ -8,7 +8,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from evsam_cli.bench import (
+from evsam_cli.cli.app import app
+from evsam_cli.throughput import (
     GPUS,
     PAPER,
     BenchError,
@@ -19,7 +20,6 @@ from evsam_cli.bench import (
     reference_for,
     run_bench,
 )
-from evsam_cli.cli.app import app
 
 runner = CliRunner()
 FAST = ["--input-size", "64", "--warmup", "1", "--iters", "1", "--prompts", "2", "--device", "cpu"]
@@ -81,8 +81,8 @@ def test_run_bench_torch_schema():
 def test_compile_engine_uses_cuda_graphs_on_gpus_only(monkeypatch):
     """``--engine compile`` compiles the encoder and the decode function, with CUDA graphs
     (``mode="reduce-overhead"``) on CUDA; on the CPU in the default mode, with no graph steps."""
-    from evsam_cli.bench.engines import TorchEngine, compile_options
     from evsam_cli.models import create_model
+    from evsam_cli.throughput.engines import TorchEngine, compile_options
 
     assert compile_options(torch.device("cuda")) == {"mode": "reduce-overhead"}
     assert compile_options(torch.device("cpu")) == {}
@@ -108,8 +108,8 @@ def test_torch_engine_decodes_as_the_predictor_does(monkeypatch):
     path), and the halves come back in order."""
     import threading
 
-    from evsam_cli.bench.engines import TorchEngine
     from evsam_cli.models import create_model
+    from evsam_cli.throughput.engines import TorchEngine
 
     before = torch.get_num_threads()
     torch.set_num_threads(2)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from evsam_cli.errors import CheckpointError
-from evsam_cli.models import create_model, export_state_dict, hub_dir, read_state_dict, registry, save_weights
+from evsam_cli.models import create_model, export_state_dict, hub_dir, read_state_dict, save_weights, zoo
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +145,7 @@ def test_hub_offline_error_names_file_and_place(tmp_path, monkeypatch):
         create_model("l0", checkpoint="hub")
     msg = str(info.value)
     assert "efficientvit_sam_l0.pt" in msg and str(tmp_path / "cache" / "efficientvit_sam_l0.pt") in msg
-    assert registry.EFFICIENTVIT_HUB in msg
+    assert zoo.EFFICIENTVIT_HUB in msg
     assert not list((tmp_path / "cache").glob("*.part"))
 
 
@@ -159,7 +159,7 @@ def test_hub_uses_cached_file_and_downloads_atomically(tmp_path, monkeypatch, l0
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
     model = create_model("l0", checkpoint="hub", input_size=64)
-    assert calls == [registry.EFFICIENTVIT_HUB + "efficientvit_sam_l0.pt"]
+    assert calls == [zoo.EFFICIENTVIT_HUB + "efficientvit_sam_l0.pt"]
     assert (hub_dir() / "efficientvit_sam_l0.pt").is_file()
     create_model("l0", checkpoint="hub", input_size=64)  # cached: no second download
     assert len(calls) == 1

@@ -183,7 +183,7 @@ def test_debug_shows_traceback(tmp_path):
 def test_atomic_writes_keep_usual_permissions_and_leave_no_temp(tmp_path):
     import os
 
-    from evsam_cli.io import atomic_path, write_json_atomic
+    from evsam_cli.utils.io import atomic_path, write_json_atomic
 
     target = write_json_atomic(tmp_path / "a.json", {"x": 1})
     mask = os.umask(0)

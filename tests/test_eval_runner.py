@@ -16,7 +16,7 @@ from evsam_cli.evaluation.clicker import Clicker
 from evsam_cli.evaluation.datasets import annotation_to_mask, bbox_xywh_to_xyxy, load_dataset
 from evsam_cli.evaluation.metrics import mask_iou, miou_summary
 from evsam_cli.models import create_model, save_weights
-from evsam_cli.predictor import SamPredictor
+from evsam_cli.predictor.sam_predictor import SamPredictor
 
 METRIC_KEYS = {
     "dataset", "prompt", "detector", "model", "checkpoint", "num_images", "num_prompts", "miou", "segm",

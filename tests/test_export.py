@@ -14,13 +14,13 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from evsam_cli.cli.app import app
+from evsam_cli.data.frames import preprocess_shape
 from evsam_cli.export import ExportError, OnnxSamPredictor, bilinear_matrix, postprocess_matrices
 from evsam_cli.export.onnx import FP32_TAG, export_onnx, tag_fp32_nodes
 from evsam_cli.export.parity import ParityRecorder, Tolerance, synthetic_image
 from evsam_cli.export.runtime import postprocess_bands, upscale_masks
-from evsam_cli.frames import preprocess_shape
 from evsam_cli.models import create_model
-from evsam_cli.predictor import SamPredictor
+from evsam_cli.predictor.sam_predictor import SamPredictor
 
 runner = CliRunner()
 

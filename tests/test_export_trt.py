@@ -168,7 +168,7 @@ def test_trt_predictor_matches_onnx_predictor(trt_export):
 @pytest.mark.gpu
 @pytest.mark.trt
 def test_trt_bench_json(trt_export):
-    from evsam_cli.bench import run_bench
+    from evsam_cli.throughput import run_bench
 
     out, _ = trt_export
     rec, _ = run_bench(

@@ -7,9 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from evsam_cli.models import create_model, streaming
-from evsam_cli.models.layers import ConvNormAct, LayerNorm2d, Upsample
-from evsam_cli.models.optimize import (
+from evsam_cli.accel.encoder import (
     FusedConvAct,
     MatmulResize,
     bicubic_matrix,
@@ -18,10 +16,13 @@ from evsam_cli.models.optimize import (
     optimize_encoder,
     winograd_pays,
 )
-from evsam_cli.models.streaming import can_stream, stream_decode, stream_transformer
+from evsam_cli.accel.streaming import can_stream, stream_decode, stream_transformer
+from evsam_cli.accel.winograd import WinogradConv2d, transform_filters, winograd_conv3x3
+from evsam_cli.accel import streaming
+from evsam_cli.models import create_model
+from evsam_cli.models.layers import ConvNormAct, LayerNorm2d, Upsample
 from evsam_cli.models.transformer import Attention
-from evsam_cli.models.winograd import WinogradConv2d, transform_filters, winograd_conv3x3
-from evsam_cli.predictor import SamPredictor
+from evsam_cli.predictor.sam_predictor import SamPredictor
 
 
 def _randomize_bn(model: nn.Module) -> None:

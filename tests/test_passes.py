@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from evsam_cli.accel.passes import MIN_PROMPTS_PER_THREAD, chunks, map_passes
 from evsam_cli.models import create_model
-from evsam_cli.passes import MIN_PROMPTS_PER_THREAD, chunks, map_passes
-from evsam_cli.predictor import SamPredictor
+from evsam_cli.predictor.sam_predictor import SamPredictor
 
 
 @pytest.fixture

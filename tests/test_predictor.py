@@ -9,7 +9,7 @@ from PIL import Image
 from evsam_cli.data.images import load_image, to_rgb_uint8
 from evsam_cli.errors import DataError
 from evsam_cli.models.sam import preprocess_shape
-from evsam_cli.predictor import SamPredictor
+from evsam_cli.predictor.sam_predictor import SamPredictor
 
 
 def test_predict_shapes_and_types(small_model, scene):
@@ -159,11 +159,11 @@ def test_load_image_errors(tmp_path):
 
 
 def test_frames_module_is_the_one_conversion():
-    """Predictor, ONNX runtime and evaluation share evsam_cli.frames (and it needs no torch)."""
+    """Predictor, ONNX runtime and evaluation share evsam_cli.data.frames (and it needs no torch)."""
     import subprocess
     import sys
 
-    from evsam_cli.frames import boxes_to_frame, coords_to_frame
+    from evsam_cli.data.frames import boxes_to_frame, coords_to_frame
 
     np.testing.assert_allclose(
         coords_to_frame(np.array([[400.0, 300.0]]), (300, 400), (768, 1024)), [[1024, 768]]
@@ -171,6 +171,6 @@ def test_frames_module_is_the_one_conversion():
     np.testing.assert_allclose(
         boxes_to_frame(np.array([[0, 0, 200, 150]]), (300, 400), (768, 1024)), [[0, 0, 512, 384]]
     )
-    code = "import sys, evsam_cli.frames, evsam_cli.export.runtime; print('torch' in sys.modules)"
+    code = "import sys, evsam_cli.data.frames, evsam_cli.export.runtime; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from evsam_cli.models import create_model
-from evsam_cli.predictor import SamPredictor
+from evsam_cli.predictor.sam_predictor import SamPredictor
 
 efficientsam = pytest.importorskip("efficientsam")
 pytestmark = pytest.mark.reference

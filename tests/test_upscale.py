@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from evsam_cli.frames import bilinear_matrix, preprocess_shape, upscale_matrices
-from evsam_cli.models import create_model, upscale
-from evsam_cli.models.upscale import upscale_binary, upscale_logits
+from evsam_cli.accel.upscale import upscale_binary, upscale_logits
+from evsam_cli.data.frames import bilinear_matrix, preprocess_shape, upscale_matrices
+from evsam_cli.accel import upscale
+from evsam_cli.models import create_model
 
 
 def _blobs(n: int, m: int, seed: int = 0) -> torch.Tensor:
@@ -90,7 +91,7 @@ def test_axis_taps_compose_the_two_resizes():
 
 
 def test_model_threshold_and_predictor_use_the_binary_path(small_model, scene):
-    from evsam_cli.predictor import SamPredictor
+    from evsam_cli.predictor.sam_predictor import SamPredictor
 
     image, _ = scene
     predictor = SamPredictor(small_model)

@@ -12,7 +12,7 @@ import typer
 from typer.core import TyperGroup
 
 from .. import __version__
-from ..allocator import tune_cpu_allocator
+from ..accel.allocator import tune_cpu_allocator
 from . import bench, data, distill, export, finetune, models_cmd, predict
 from . import eval as eval_cmd
 from .common import error, set_debug

@@ -90,9 +90,9 @@ def bench_cli(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from ..bench import bench_zoo, plot_throughput, read_metrics, run_bench
-    from ..io import write_json_atomic
     from ..models import list_models, resolve_name
+    from ..throughput import bench_zoo, plot_throughput, read_metrics, run_bench
+    from ..utils.io import write_json_atomic
 
     settings: dict[str, Any] = dict(
         engine=engine.value,
@@ -116,7 +116,7 @@ def bench_cli(
             "--exported and --checkpoint hold one model's files; with --all use --models NAME"
         )
 
-    from ..bench.run import preflight
+    from ..throughput.run import preflight
 
     _, _, warmup, iters = preflight(
         engine=engine.value,
@@ -224,8 +224,8 @@ def _zoo_table(records: list[dict[str, Any]]) -> None:
     from rich import box
     from rich.table import Table
 
-    from ..bench import paper_figures
     from ..models.profile import profile_model
+    from ..throughput import paper_figures
 
     first = records[0]
     table = Table(

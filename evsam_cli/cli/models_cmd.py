@@ -22,9 +22,9 @@ def models_cli(
     """
     from rich.table import Table
 
-    from ..io import write_json_atomic
     from ..models import get_spec, list_models
     from ..models.profile import profile_model
+    from ..utils.io import write_json_atomic
 
     table = Table(title="evsam model zoo", caption="paper: EfficientViT-SAM (arXiv 2402.05008), Table 1")
     table.add_column("model")

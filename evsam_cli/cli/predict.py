@@ -110,7 +110,7 @@ def predict_cli(
         flag = "--" + given[0].replace("_", "-")
         raise typer.BadParameter(f"{flag} applies to --everything only", param_hint=flag)
 
-    from ..predict import predict_image
+    from ..predictor.segment import predict_image
 
     boxes = [parse_floats(b, 4, "--box") for b in box or []]
     points = [_parse_point(p) for p in point or []]
@@ -155,7 +155,7 @@ def _predict_everything(
 ) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from ..predict import predict_everything
+    from ..predictor.segment import predict_everything
 
     settings = {k: v for k, v in options.items() if v is not None}
     with Progress(

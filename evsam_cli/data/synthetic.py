@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from ..io import atomic_path, write_json_atomic
+from ..utils.io import atomic_path, write_json_atomic
 
 # A few real COCO categories (real ids) with the shape used to draw them.
 CATEGORIES: list[dict[str, Any]] = [

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..frames import preprocess_shape, resize_longest
+from ..data.frames import preprocess_shape, resize_longest
 from ..models.sam import PIXEL_MEAN, PIXEL_STD
 
 

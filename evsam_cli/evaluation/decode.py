@@ -13,9 +13,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..frames import boxes_to_frame, coords_to_frame
+from ..accel.passes import map_passes
+from ..data.frames import boxes_to_frame, coords_to_frame
 from ..models.sam import Sam
-from ..passes import map_passes
 
 
 @torch.inference_mode()

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, DataError, MissingDependencyError
-from ..io import write_json_atomic
+from ..utils.io import write_json_atomic
 from .datasets import read_json
 
 log = logging.getLogger(__name__)

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..data.frames import resize_longest
 from ..data.images import load_image
 from ..errors import DataError
-from ..frames import resize_longest
 from .datasets import EvalImage, annotation_to_mask, bbox_xywh_to_xyxy
 
 

@@ -28,13 +28,13 @@ from pycocotools import mask as mask_utils
 from torch.utils.data import DataLoader
 
 from .. import distributed as dist_utils
-from ..devices import resolve_device
+from ..accel.encoder import optimize_encoder
 from ..errors import DataError
-from ..io import write_json_atomic
 from ..models import create_model
-from ..models.optimize import optimize_encoder
 from ..models.sam import Sam
-from ..predictor import default_prompts_per_pass
+from ..predictor.sam_predictor import default_prompts_per_pass
+from ..utils.devices import resolve_device
+from ..utils.io import write_json_atomic
 from . import detectors as det
 from .datasets import EvalDataset, bbox_xywh_to_xyxy, load_dataset
 from .decode import best_masks

@@ -10,7 +10,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-from ..frames import bilinear_matrix
+from ..data.frames import bilinear_matrix
 from .errors import ExportError
 from .runtime import ExportedSamPredictor, OnnxSamPredictor, postprocess_matrices
 

@@ -31,10 +31,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..io import atomic_path
+from ..accel.encoder import use_matmul_resize_
 from ..models.layers import LayerNorm2d, LiteMLA, Upsample
-from ..models.optimize import use_matmul_resize_
 from ..models.sam import PIXEL_MEAN, PIXEL_STD, Sam
+from ..utils.io import atomic_path
 from .errors import ExportError
 
 DEFAULT_OPSET = 17  # TensorRT 10's parser covers it; LayerNormalization exists from 17 on

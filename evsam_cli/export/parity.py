@@ -97,7 +97,7 @@ def measure_parity(
     Returns ``{"random": {...}, "image": {...}, "tolerance": {...}, "checked_shapes": {...}}``
     where each group holds the max abs differences of embeddings, logits and IoU predictions.
     """
-    from ..predictor import SamPredictor
+    from ..predictor.sam_predictor import SamPredictor
 
     tol = tolerance or Tolerance()
     model = model.float().eval()

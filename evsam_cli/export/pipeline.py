@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..io import write_json_atomic
+from ..utils.io import write_json_atomic
 from .errors import ExportError
 from .parity import Tolerance
 
@@ -243,7 +243,7 @@ def measure_engine_parity(net: Any, out: Path, *, tolerance: Tolerance) -> dict[
     """TrtSamPredictor vs SamPredictor on the synthetic image (embeddings, logits, IoU)."""
     import numpy as np
 
-    from ..predictor import SamPredictor
+    from ..predictor.sam_predictor import SamPredictor
     from .parity import ParityRecorder, synthetic_image
     from .tensorrt import TrtSamPredictor
 

@@ -18,9 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ..data.images import to_rgb_uint8
-from ..errors import DataError, MissingDependencyError
-from ..frames import (
+from ..data.frames import (
     boxes_to_frame,
     coords_to_frame,
     preprocess_shape,
@@ -28,6 +26,8 @@ from ..frames import (
     upscale_bands,
     upscale_matrices,
 )
+from ..data.images import to_rgb_uint8
+from ..errors import DataError, MissingDependencyError
 from .errors import ExportError
 
 # Defaults of every zoo model; exported graphs carry their own values in metadata.

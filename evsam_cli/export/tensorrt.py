@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DeviceError, MissingDependencyError
-from ..io import write_bytes_atomic
+from ..utils.io import write_bytes_atomic
 from .errors import ExportError
 from .onnx import FP32_TAG
 from .runtime import LOW_RES_SIZE, PIXEL_MEAN, PIXEL_STD, PROMPT_SIZE, ExportedSamPredictor

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..accel.streaming import can_stream, stream_decode
 from .layers import LayerNorm2d
-from .streaming import can_stream, stream_decode
 
 
 class MLP(nn.Module):

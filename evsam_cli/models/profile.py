@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .registry import get_spec
+from .zoo import get_spec
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..frames import preprocess_shape, resize_longest
+from ..accel.upscale import upscale_binary, upscale_logits
+from ..data.frames import preprocess_shape, resize_longest
 from .mask_decoder import MaskDecoder
 from .prompt_encoder import PromptEncoder
 from .transformer import TwoWayTransformer
-from .upscale import upscale_binary, upscale_logits
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
@@ -125,7 +125,7 @@ class Sam(nn.Module):
         self, masks: Tensor, input_size: tuple[int, int], original_size: tuple[int, int]
     ) -> Tensor:
         """``postprocess_masks(...) > mask_threshold`` as bool (N, M, H, W); on CPU without the
-        1024-frame intermediate (banded products or the low-res sign rule, ``models/upscale.py``).
+        1024-frame intermediate (banded products or the low-res sign rule, ``accel/upscale.py``).
         Every upscaled pixel is a convex combination of low-res logits (weights summing to 1), so
         the threshold is subtracted from the low-res logits first and the rest compares with 0."""
         if self.mask_threshold != 0.0:

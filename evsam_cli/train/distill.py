@@ -28,7 +28,8 @@ from ..data.sa1b import Sa1bRecord, open_sa1b
 from ..data.transforms import normalize_padded, resize_longest_padded
 from ..errors import CheckpointError
 from ..models import create_model, get_spec, save_weights
-from ..models.registry import describe_mismatch, guess_model, read_state_dict, to_model_layout
+from ..models.checkpoints import describe_mismatch, read_state_dict, to_model_layout
+from ..models.zoo import guess_model
 from .config import DistillConfig, to_dict
 from .loop import (
     TrainingError,

@@ -35,9 +35,9 @@ from torch import Tensor, nn
 
 from .. import distributed as dist_utils
 from ..data.sa1b import BatchStream, Collate, Sa1bStream, Transform, count_train_images
-from ..devices import resolve_device
 from ..errors import CheckpointError, EvsamError
-from ..io import atomic_path, write_json_atomic
+from ..utils.devices import resolve_device
+from ..utils.io import atomic_path, write_json_atomic
 from .config import DataConfig, DistillConfig, FinetuneConfig, LoopConfig, OptimConfig, from_dict
 
 log = logging.getLogger("evsam.train")

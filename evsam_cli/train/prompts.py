@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..frames import boxes_to_frame, coords_to_frame, preprocess_shape
+from ..data.frames import boxes_to_frame, coords_to_frame, preprocess_shape
 
 MAX_POINTS = 10
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..io import atomic_path, write_json_atomic
+from ..utils.io import atomic_path, write_json_atomic
 
 EMBEDDING_SHAPE = (256, 64, 64)
 

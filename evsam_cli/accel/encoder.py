@@ -11,7 +11,7 @@ Applied to a *copy*: the model itself (its training path and saved weights) is n
   took a quarter of the exported encoder's time.
 * CPU kernels (float32 on CPU only; ``cpu_kernels``):
   - the wide dense 3x3 convolutions (the SAM neck's and most fused MBConvs') run by
-    Winograd's F(4x4, 3x3) (``models/winograd.py``), a quarter of the multiplications;
+    Winograd's F(4x4, 3x3) (``accel/winograd.py``), a quarter of the multiplications;
   - every other conv runs as one oneDNN call with its activation fused in (GELU, exact or
     tanh) and its weight reordered once to oneDNN's blocked layout, instead of a conv, a
     weight reorder and a separate full pass for the activation.
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .layers import ConvNormAct, Upsample
+from ..models.layers import ConvNormAct, Upsample
 from .winograd import WinogradConv2d, is_winograd_compatible
 
 # Winograd pays for its transforms once convolutions are wide enough. Measured against oneDNN's

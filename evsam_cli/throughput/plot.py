@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError, MissingDependencyError
-from ..io import atomic_path
+from ..utils.io import atomic_path
 from .reference import paper_figures
 
 

@@ -55,7 +55,7 @@ def preflight(
     gpu: str | None,
 ) -> tuple[Any, str, int, int]:
     """Every check that needs no model: (torch device, dtype, warmup, iters) or an ``EvsamError``."""
-    from ..devices import resolve_device
+    from ..utils.devices import resolve_device
 
     dev = resolve_device(device)
     dtype = dtype or default_dtype(engine, dev.type)
@@ -117,8 +117,8 @@ def run_bench(
     Returns:
       the bench record (DESIGN.md's JSON) and human-readable warnings.
     """
-    from ..devices import device_name
     from ..models import create_model
+    from ..utils.devices import device_name
 
     dev, dtype, warmup, iters = preflight(
         engine=engine,

@@ -12,7 +12,7 @@ The result is the same convolution up to float rounding (the transforms' constan
 8 ... make it a little larger than direct convolution's: about 1e-5 of the output scale in
 fp32). oneDNN has no fp32 Winograd on x86, and on a CPU the encoder's wide 3x3 convolutions
 (the SAM neck's 256-channel fused MBConvs at 64x64) are its most expensive operations, so
-``models/optimize.py`` swaps them for this module in the CPU inference copy of the encoder.
+``accel/encoder.py`` swaps them for this module in the CPU inference copy of the encoder.
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from ..accel.passes import map_passes
 from ..errors import DeviceError, EvsamError
-from ..passes import map_passes
 
 ENGINES = ("torch", "compile", "onnxruntime", "trt")
 DTYPES = ("fp32", "fp16", "bf16")
@@ -100,7 +100,7 @@ class TorchEngine(Engine):
         size = model.input_size
         self.images = torch.randn(batch_size, 3, size, size, generator=gen).to(device)
         self.boxes = torch.from_numpy(random_boxes(prompts)).to(device)
-        from ..models.optimize import optimize_encoder
+        from ..accel.encoder import optimize_encoder
 
         # The inference encoder SamPredictor uses (BatchNorm folded, channels-last, and in eager
         # mode its CPU kernels and matmul resizes): same outputs. Under torch.compile inductor

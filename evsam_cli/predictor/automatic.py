@@ -7,7 +7,7 @@ the same weights and settings (up to float rounding in the decoder, ~1e-6 relati
 is ordered so that little of it is done at full resolution, without changing any result:
 
 1. On CPU the decoder's transformer streams over tiles of image tokens, as the predictor's
-   decoder does (``models/streaming.py``: projections moved to the prompt-token side, same
+   decoder does (``accel/streaming.py``: projections moved to the prompt-token side, same
    algebra, a fraction of the memory traffic).
 2. The decoder runs in two halves. The two-way transformer gives every prompt's IoU
    predictions; the mask head (output upscaling + hypernetwork product) then runs only for the
@@ -32,6 +32,10 @@ import torch
 from torch import Tensor
 from torchvision.ops import batched_nms
 
+from ..accel.streaming import StreamedTokens, can_stream, shared_image, stream_transformer, upscale_tiles
+from ..data.images import to_rgb_uint8
+from ..errors import EvsamError
+from ..models.sam import Sam
 from .amg_utils import (
     box_near_crop_edge,
     build_layer_point_grids,
@@ -44,11 +48,7 @@ from .amg_utils import (
     stability_score,
     xyxy_to_xywh,
 )
-from .data.images import to_rgb_uint8
-from .errors import EvsamError
-from .models.sam import Sam
-from .models.streaming import StreamedTokens, can_stream, shared_image, stream_transformer, upscale_tiles
-from .predictor import SamPredictor
+from .sam_predictor import SamPredictor
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 # Full-resolution logits upscaled at once are bounded to about this many float32 values.
@@ -329,7 +329,7 @@ class AutomaticMaskGenerator:
         image tokens (``StreamedTokens``) and the three multimask output tokens (N, 3, C).
 
         This is ``MaskDecoder.predict_masks`` up to the transformer (streamed on CPU, see
-        ``models/streaming.py``); the mask head is deferred to ``_mask_logits`` so that it runs
+        ``accel/streaming.py``); the mask head is deferred to ``_mask_logits`` so that it runs
         only for the masks the IoU filter keeps.
         """
         model, dec = self.model, self.model.mask_decoder

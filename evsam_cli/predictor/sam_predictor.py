@@ -11,15 +11,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .data.images import to_rgb_uint8
-from .frames import boxes_to_frame, coords_to_frame
-from .models.sam import Sam
-from .passes import map_passes
+from ..accel.passes import map_passes
+from ..data.frames import boxes_to_frame, coords_to_frame
+from ..data.images import to_rgb_uint8
+from ..models.sam import Sam
 
 
 def default_prompts_per_pass(device: torch.device) -> int:
     """Prompts per decoder pass: 256 on a GPU; 16 on CPU, where the streamed decoder
-    (``models/streaming.py``) already works in cache-sized tiles: 16 and 32 were about 5%
+    (``accel/streaming.py``) already works in cache-sized tiles: 16 and 32 were about 5%
     faster than 8 for 64 or 100 boxes on a 2-core CPU, and 16 no slower for a 2000x1500 image,
     whose full-size masks make larger passes heavier."""
     return 256 if device.type == "cuda" else 16
@@ -36,7 +36,7 @@ class SamPredictor:
             channels-last layout (same outputs up to float rounding; the model is untouched).
             The copy is taken now: weights changed later are not seen by this predictor.
         """
-        from .models.optimize import optimize_encoder
+        from ..accel.encoder import optimize_encoder
 
         self.model = model
         if max_prompts_per_pass is None:
@@ -212,12 +212,3 @@ class SamPredictor:
         else:
             masks = self.model.postprocess_binary(low_res.float(), self.input_size, self.original_size)
         return masks, scores, low_res
-
-
-def __getattr__(name: str) -> object:
-    """Lazy re-export of ``AutomaticMaskGenerator`` (its module imports this one)."""
-    if name == "AutomaticMaskGenerator":
-        from .automatic import AutomaticMaskGenerator
-
-        return AutomaticMaskGenerator
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .data.images import load_image
-from .devices import resolve_device
-from .io import atomic_path, write_json_atomic
+from ..data.images import load_image
+from ..utils.devices import resolve_device
+from ..utils.io import atomic_path, write_json_atomic
 from .visualize import overlay_masks
 
 
@@ -47,8 +47,8 @@ def predict_image(
     form a single prompt. ``multimask_output=None`` means multimask only for a lone point.
     Returns the content of ``scores.json``.
     """
-    from .models import create_model
-    from .predictor import SamPredictor
+    from ..models import create_model
+    from .sam_predictor import SamPredictor
 
     output = Path(output)
     image = load_image(image_path)
@@ -147,8 +147,8 @@ def predict_everything(
     ``settings``, ``num_masks``, ``mean_predicted_iou`` and ``seconds``. Settings are checked
     before the image and the model are loaded. Returns the content of ``masks.json``.
     """
+    from ..models import create_model
     from .automatic import AutomaticMaskGenerator, validate_settings
-    from .models import create_model
 
     settings = {
         "points_per_side": points_per_side,

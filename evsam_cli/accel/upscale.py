@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..frames import upscale_bands, upscale_matrix
+from ..data.frames import upscale_bands, upscale_matrix
 
 # A logit above this is positive after any convex combination, without underflow to 0.
 _POSITIVE = 1e-30

@@ -1,0 +1,1 @@
+"""Process-level helpers shared by the commands: devices, torch.distributed, atomic file output."""
