@@ -428,10 +428,10 @@ def test_bad_image(small_model):
         gen.generate(np.zeros((4, 4, 5), dtype=np.uint8))
 
 
-def test_lazy_reexport_from_predictor():
-    from evsam_cli.predictor.sam_predictor import AutomaticMaskGenerator as reexported
+def test_exported_from_the_predictor_package():
+    from evsam_cli.predictor import AutomaticMaskGenerator as exported
 
-    assert reexported is AutomaticMaskGenerator
+    assert exported is AutomaticMaskGenerator
 
 
 # ---------------------------------------------------------------------------- official generator
