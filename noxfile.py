@@ -22,10 +22,11 @@ def tests(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
-    """ruff lint and format check."""
-    session.install("ruff>=0.5")
+    """ruff lint and format check, then mypy (configured in pyproject.toml) on the package."""
+    session.install("-e", ".[dev]")
     session.run("ruff", "check", "evsam_cli", "tests", "benchmarks", "noxfile.py", *session.posargs)
     session.run("ruff", "format", "--check", "evsam_cli", "tests", "benchmarks", "noxfile.py")
+    session.run("mypy")
 
 
 @nox.session(python=PYTHON)

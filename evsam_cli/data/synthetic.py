@@ -94,7 +94,7 @@ def _texture(rng: np.random.Generator, h: int, w: int, base: np.ndarray, amplitu
     """Smooth random texture around an RGB ``base`` colour: (h, w, 3) float."""
     small = rng.normal(0, 1, (max(2, h // 16), max(2, w // 16), 3)).astype(np.float32)
     up = np.asarray(
-        Image.fromarray(((small * 40) + 128).clip(0, 255).astype(np.uint8)).resize((w, h), Image.BICUBIC)
+        Image.fromarray(((small * 40) + 128).clip(0, 255).astype(np.uint8)).resize((w, h), Image.Resampling.BICUBIC)
     )
     noise = (up.astype(np.float32) - 128) / 40 + rng.normal(0, 0.25, (h, w, 3))
     return base[None, None, :] + amplitude * noise
@@ -177,7 +177,10 @@ def write_coco(
     """
     root = Path(output)
     rng = np.random.default_rng(seed)
-    images, annotations, lvis_annotations, detections = [], [], [], []
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
+    lvis_annotations: list[dict[str, Any]] = []
+    detections: list[dict[str, Any]] = []
     ann_id = 1
     for i, (h, w) in enumerate(_image_sizes(rng, num_images, image_size)):
         image_id = 100 + 7 * i  # ids are not 0..n-1, as in the real sets
@@ -185,12 +188,12 @@ def write_coco(
         image, objects, visible = synth_image(rng, h, w, int(rng.integers(*objects_per_image, endpoint=True)))
         _save_jpeg(root / "val2017" / file_name, image)
         images.append({"id": image_id, "file_name": file_name, "height": h, "width": w, "license": 1})
-        present = set()
+        present: set[int] = set()
         for obj, vis in zip(objects, visible, strict=True):
             if vis.sum() < 1:
                 continue
             seg = _segmentation(obj, vis, ann_id)
-            ann = {
+            ann: dict[str, Any] = {
                 "id": ann_id,
                 "image_id": image_id,
                 "category_id": obj.category_id,

@@ -73,8 +73,16 @@ def resolve_paths(
         raise DataError(
             f"data root is not a folder: {root} (give --data-root, or --images and --annotations)"
         )
-    image_dir = Path(images) if images is not None else (root / "val2017" if name == "coco" else root)  # type: ignore[operator]
-    ann_file = Path(annotations) if annotations is not None else root / STANDARD_ANNOTATIONS[name]  # type: ignore[operator]
+    if images is not None:
+        image_dir = Path(images)
+    else:
+        assert root is not None  # checked above: one of the two is given
+        image_dir = root / "val2017" if name == "coco" else root
+    if annotations is not None:
+        ann_file = Path(annotations)
+    else:
+        assert root is not None
+        ann_file = root / STANDARD_ANNOTATIONS[name]
     if not image_dir.is_dir():
         raise DataError(f"image folder not found: {image_dir}")
     if not ann_file.is_file():

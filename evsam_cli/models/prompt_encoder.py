@@ -92,6 +92,7 @@ class PromptEncoder(nn.Module):
         labels = labels[..., None]
         embedding = torch.where(labels == -1, self.not_a_point_embed.weight, embedding)
         for label, point_embed in enumerate(self.point_embeddings):
+            assert isinstance(point_embed, nn.Embedding)
             embedding = embedding + (labels == label).to(embedding.dtype) * point_embed.weight
         return embedding
 

@@ -54,7 +54,8 @@ def build_sam_vit(kind: str, img_size: int = 1024) -> SamViTImageEncoder:
         use_rel_pos=True,
         mlp_ratio=4.0,
         qkv_bias=True,
-        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        # timm annotates a layer type, but calls it as a factory (as its own SAM configs do)
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),  # type: ignore[arg-type]
         act_layer=nn.GELU,
         neck_chans=256,
         num_classes=0,
