@@ -229,3 +229,10 @@ def test_truncated_and_foreign_files_say_so(env, tmp_path):
     result = runner.invoke(app, ["finetune", "--output", str(run), "--resume"])
     _assert_one_error_line(result, TRUNCATED, truncated, "resume truncated")
     assert not (tmp_path / "files" / "sentinel").exists()
+
+
+def test_resume_wants_an_evsam_training_checkpoint(tmp_path):
+    path = tmp_path / "last.pt"
+    torch.save({"w": torch.zeros(2)}, path)  # readable, but a weights file
+    with pytest.raises(CheckpointError, match="not an evsam training checkpoint"):
+        loop.load_checkpoint_file(path)

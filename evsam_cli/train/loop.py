@@ -267,7 +267,8 @@ def load_checkpoint_file(path: Path) -> dict[str, Any]:
     """A training checkpoint, read with the safe loader like every other file (it holds only
     tensors, numbers, strings and containers: see ``_rng_state``)."""
     ckpt = load_file(path, what="training checkpoint")
-    if not isinstance(ckpt, dict) or ckpt.get("evsam", {}).get("format") != "evsam-train-checkpoint":
+    meta = ckpt.get("evsam") if isinstance(ckpt, dict) else None
+    if not isinstance(meta, dict) or meta.get("format") != "evsam-train-checkpoint":
         raise CheckpointError(f"{path} is not an evsam training checkpoint")
     return ckpt
 
