@@ -347,10 +347,13 @@ class GroundingDinoDetector:
 
     @staticmethod
     def _load(model: torch.nn.Module, path: Path) -> None:
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc:  # pickle/zip errors of a file that is not a checkpoint
-            raise CheckpointError(f"cannot read GroundingDINO weights {path}: {exc}") from None
+        import argparse
+
+        from ..models.checkpoints import load_file
+
+        # The release file may carry its training arguments next to "model" as an
+        # argparse.Namespace (a plain attribute holder): the one class allowed beyond weights.
+        ckpt = load_file(path, what="GroundingDINO weights", allow=[argparse.Namespace])
         state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
         if not isinstance(state, dict):
             raise CheckpointError(f"{path} holds no GroundingDINO state dict")

@@ -33,9 +33,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..utils import distributed as dist_utils
 from ..data.sa1b import BatchStream, Collate, Sa1bStream, Transform, count_train_images
 from ..errors import CheckpointError, EvsamError
+from ..models.checkpoints import load_file
+from ..utils import distributed as dist_utils
 from ..utils.devices import resolve_device
 from ..utils.io import atomic_path, write_json_atomic
 from .config import DataConfig, DistillConfig, FinetuneConfig, LoopConfig, OptimConfig, from_dict
@@ -160,15 +161,35 @@ def seed_everything(seed: int) -> None:
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as tensors and plain numbers (what ``weights_only=True`` reads back)."""
+    version, mt_state, gauss_next = random.getstate()
+    bit_generator, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {
+        "python": {
+            "version": version,
+            "state": torch.tensor(mt_state, dtype=torch.int64),
+            "gauss": gauss_next,
+        },
+        "numpy": {
+            "bit_generator": bit_generator,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
+    npy = state["numpy"]
+    keys = npy["keys"].numpy().astype(np.uint32)
+    np.random.set_state((npy["bit_generator"], keys, npy["pos"], npy["has_gauss"], npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -243,12 +264,13 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 
 def load_checkpoint_file(path: Path) -> dict[str, Any]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # a truncated or foreign file: say which
-        raise CheckpointError(
-            f"cannot read training checkpoint {path}: {type(exc).__name__}: {exc}"
-        ) from None
+    """A training checkpoint, read with the safe loader like every other file (it holds only
+    tensors, numbers, strings and containers: see ``_rng_state``)."""
+    ckpt = load_file(path, what="training checkpoint")
+    meta = ckpt.get("evsam") if isinstance(ckpt, dict) else None
+    if not isinstance(meta, dict) or meta.get("format") != "evsam-train-checkpoint":
+        raise CheckpointError(f"{path} is not an evsam training checkpoint")
+    return ckpt
 
 
 # ---------------------------------------------------------------------------- the loop
