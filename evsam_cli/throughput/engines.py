@@ -118,7 +118,7 @@ class TorchEngine(Engine):
 
             decode = torch.compile(one_pass, **compile_options(device))
         else:
-            backend = select_backend(model)
+            backend = self.backend = select_backend(model)
             context = self._context  # inference mode and autocast are per thread
             encoder = backend.encode
 
