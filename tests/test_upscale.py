@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from evsam_cli.accel import upscale
 from evsam_cli.accel.upscale import upscale_binary, upscale_logits
 from evsam_cli.data.frames import bilinear_matrix, preprocess_shape, upscale_matrices
-from evsam_cli.accel import upscale
 from evsam_cli.models import create_model
 
 
