@@ -31,13 +31,10 @@ from torch import nn
 from ..models.layers import ConvNormAct, Upsample
 from .winograd import WinogradConv2d, is_winograd_compatible
 
-# Winograd pays for its transforms once convolutions are wide enough. Measured against oneDNN's
-# direct convolution (GELU fused into both) on the 2-core AVX-512 CPU of docs/benchmarks.md, alone:
-# 1.2x at 128 -> 256 and 192 -> 192, 1.5x at 128 -> 512 and 256 -> 256, 2x at the neck's
-# 256 -> 1024; 1.0-1.2x at 128 -> 128 and 64 -> 256, slower at 64 -> 64. Inside the encoder the
-# 64-channel ones lost (L0 1-3% slower with them), so those and 128 -> 128 stay direct
-# convolutions: the transforms' cost grows with the channels, not their product, and their
-# memory traffic competes with the neighbouring layers'.
+# Winograd pays for its transforms once convolutions are wide enough: the transforms' cost grows
+# with the channels, not their product, and their memory traffic competes with the neighbouring
+# layers'. Convolutions with 64 input channels, and 128 -> 128, stay direct oneDNN convolutions
+# (measured per shape and inside the encoder: docs/benchmarks.md).
 WINOGRAD_MIN_IN_CHANNELS = 128
 WINOGRAD_MIN_CHANNEL_SUM = 384
 

@@ -74,9 +74,7 @@ def transform_filters(weight: Tensor) -> Tensor:
 # ``tune_cpu_allocator``), whose page faults cost more than the work they hold, and a chunk's
 # intermediates are still in cache when the next step reads them. Each chunk reads all the
 # transformed filters, so ``WinogradConv2d`` never makes chunks smaller than those (the neck's
-# 256 -> 1024 has 38 MB of them and runs in one piece). Measured on the machine of
-# docs/benchmarks.md, against no chunking: 128 -> 512 at 128x128 pixels 80 -> 53 ms,
-# 64 -> 256 at 256x256 135 -> 80 ms.
+# 256 -> 1024 has 38 MB of them and runs in one piece).
 CHUNK_BYTES = 32 << 20
 
 

@@ -6,16 +6,15 @@ box NMS and returns SA-1B-style records. The results are those of the official g
 the same weights and settings (up to float rounding in the decoder, ~1e-6 relative); the work
 is ordered so that little of it is done at full resolution, without changing any result:
 
-1. On CPU the decoder's transformer streams over tiles of image tokens, as the predictor's
-   decoder does (``accel/streaming.py``: projections moved to the prompt-token side, same
-   algebra, a fraction of the memory traffic).
-2. The decoder runs in two halves. The two-way transformer gives every prompt's IoU
-   predictions; the mask head (output upscaling + hypernetwork product) then runs only for the
-   prompts with at least one mask above ``pred_iou_thresh``, and only for those masks.
-3. Only masks passing the IoU filter are upscaled to full resolution (in bounded chunks), where
+1. Decoding goes through the predictor's decode backend (``accel/backend.py``; on CPU the
+   streamed decoder), in two halves: the two-way transformer gives every prompt's IoU
+   predictions (``decode_tokens``); the mask head (output upscaling + hypernetwork product)
+   then runs only for the prompts with at least one mask above ``pred_iou_thresh``, and only
+   for those masks (``mask_logits``).
+2. Only masks passing the IoU filter are upscaled to full resolution (in bounded chunks), where
    the stability score is computed on the upscaled logits exactly as the official generator
    does, and boxes are taken.
-4. Surviving masks are kept cropped to their box; box NMS runs on the boxes, and only the masks
+3. Surviving masks are kept cropped to their box; box NMS runs on the boxes, and only the masks
    NMS keeps are ever assembled at full size or run-length encoded.
 """
 
@@ -32,7 +31,6 @@ import torch
 from torch import Tensor
 from torchvision.ops import batched_nms
 
-from ..accel.streaming import StreamedTokens, can_stream, shared_image, stream_transformer, upscale_tiles
 from ..data.images import to_rgb_uint8
 from ..errors import EvsamError
 from ..models.sam import Sam
@@ -275,10 +273,11 @@ class AutomaticMaskGenerator:
     ) -> None:
         """Decode one batch of (N, 2) points (crop pixels) and append the masks that survive."""
         dev = self.model.device
+        backend = self.predictor.backend
         # Float64 prompt coordinates, as the official generator passes them.
         coords = torch.as_tensor(self.predictor.apply_coords(points), device=dev)[:, None, :]
         labels = torch.ones(coords.shape[0], 1, dtype=torch.int64, device=dev)
-        iou, image_tokens, mask_tokens = self._decode_tokens(coords, labels)  # iou (N, 3)
+        iou, tokens = backend.decode_tokens(coords, labels)  # iou (N, 3): the multimask outputs
 
         keep = (
             iou > self.pred_iou_thresh
@@ -289,7 +288,7 @@ class AutomaticMaskGenerator:
         if flat.numel() == 0:
             return
         prompt_idx, token_idx = flat // 3, flat % 3
-        low_res = self._mask_logits(image_tokens, mask_tokens, prompt_idx, token_idx)  # (K, 256, 256)
+        low_res = backend.mask_logits(tokens, prompt_idx, token_idx)  # (K, 256, 256)
         iou_kept = iou.flatten()[flat]
         points_kept = points[prompt_idx.cpu().numpy()]
 
@@ -300,7 +299,7 @@ class AutomaticMaskGenerator:
         threshold = self.model.mask_threshold
         for start in range(0, low_res.shape[0], chunk):
             sl = slice(start, start + chunk)
-            logits = self.model.postprocess_masks(low_res[sl, None].float(), pred.input_size, (h, w))[:, 0]
+            logits = backend.upscale(low_res[sl, None].float(), pred.input_size, (h, w), binary=False)[:, 0]
             stab = stability_score(logits, threshold, self.stability_score_offset)
             if self.stability_score_thresh > 0.0:
                 ok = stab >= self.stability_score_thresh
@@ -322,51 +321,6 @@ class AutomaticMaskGenerator:
             for m, (bx0, by0, bx1, by1) in zip(masks, boxes.tolist(), strict=True):
                 data.pieces.append(m[by0 : by1 + 1, bx0 : bx1 + 1].cpu().numpy())
                 data.offsets.append((by0, bx0))
-
-    # ------------------------------------------------------------------ the decoder in two halves
-    def _decode_tokens(self, coords: Tensor, labels: Tensor) -> tuple[Tensor, StreamedTokens, Tensor]:
-        """Prompt-frame points (N, 1, 2) -> multimask IoU predictions (N, 3), the transformer's
-        image tokens (``StreamedTokens``) and the three multimask output tokens (N, 3, C).
-
-        This is ``MaskDecoder.predict_masks`` up to the transformer (streamed on CPU, see
-        ``accel/streaming.py``); the mask head is deferred to ``_mask_logits`` so that it runs
-        only for the masks the IoU filter keeps.
-        """
-        model, dec = self.model, self.model.mask_decoder
-        sparse, dense = model.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
-        n = sparse.shape[0]
-        output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
-        output_tokens = output_tokens.to(sparse.dtype).unsqueeze(0).expand(n, -1, -1)
-        tokens = torch.cat([output_tokens, sparse], dim=1)
-        image = self.predictor.get_image_embedding() + dense
-        pe = model.prompt_encoder.get_dense_pe()
-        read_out = [0, 2, 3, 4]  # the IoU token and the three multimask tokens
-        if can_stream(dec, image, dense):
-            shared = shared_image(dec, image, pe)  # kept across this image's point batches
-            hs, image_tokens = stream_transformer(dec.transformer, image, pe, tokens, read_out, shared)
-        else:
-            hs, keys = dec.transformer(image, pe, tokens)
-            hs, image_tokens = hs[:, read_out], StreamedTokens([keys])
-        iou = dec.iou_prediction_head(hs[:, 0, :])[:, 1:]
-        return iou, image_tokens, hs[:, 1:4, :]
-
-    def _mask_logits(
-        self, image_tokens: StreamedTokens, mask_tokens: Tensor, prompt_idx: Tensor, token_idx: Tensor
-    ) -> Tensor:
-        """Low-res logits (K, 256, 256) of the multimask outputs ``token_idx`` of ``prompt_idx``."""
-        dec = self.model.mask_decoder
-        needed, inverse = torch.unique(prompt_idx, return_inverse=True)
-        side = self.model.prompt_encoder.image_embedding_size
-        out = []
-        step = 32  # prompts upscaled at once
-        for start in range(0, needed.numel(), step):
-            ids = needed[start : start + step]
-            hyper = torch.stack(
-                [dec.output_hypernetworks_mlps[i + 1](mask_tokens[ids, i, :]) for i in range(3)], dim=1
-            )
-            out.append(upscale_tiles(dec, image_tokens.select(ids), hyper, side))
-        masks = torch.cat(out)  # (len(needed), 3, 256, 256)
-        return masks[inverse, token_idx]
 
     # ------------------------------------------------------------------ post-processing
     def _remove_small_regions(self, data: _Candidates, size: tuple[int, int]) -> _Candidates:
