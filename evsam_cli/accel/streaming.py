@@ -38,10 +38,14 @@ decides).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..models.mask_decoder import MaskDecoder
+from ..models.transformer import Attention, TwoWayAttentionBlock, TwoWayTransformer
 
 # Elements per tile across all prompts of a pass (1 MiB of float32, rounded to whole rows of the
 # token grid), so a tile's intermediates stay in the CPU's L2/L3 caches.
@@ -57,7 +61,7 @@ class _TokenAttention:
     over all image tokens and mixes the tiles' values.
     """
 
-    def __init__(self, attn: nn.Module, queries: Tensor) -> None:
+    def __init__(self, attn: Attention, queries: Tensor) -> None:
         n, t, c = queries.shape
         h = attn.num_heads
         d = attn.internal_dim // h
@@ -99,7 +103,7 @@ class _ImageAttention:
     (``shared_q``), and after the first layer the logits come from the low-rank form.
     """
 
-    attn: nn.Module
+    attn: Attention
     norm: nn.LayerNorm
     keys: Tensor  # (N, h, T, d) projected, scaled prompt-token keys
     weights: Tensor | None
@@ -108,7 +112,7 @@ class _ImageAttention:
 
     @classmethod
     def start(
-        cls, attn: nn.Module, norm: nn.LayerNorm, k: Tensor, v: Tensor, *, fold_queries: bool
+        cls, attn: Attention, norm: nn.LayerNorm, k: Tensor, v: Tensor, *, fold_queries: bool
     ) -> _ImageAttention:
         n, t, c = k.shape
         h = attn.num_heads
@@ -145,6 +149,7 @@ class _ImageAttention:
         elif shared_q is not None:  # (h, R, d) query projection shared by all prompts
             logits = (self.keys @ shared_q.transpose(1, 2)).reshape(n, h, t, -1)  # (N, h, T, R)
         else:
+            assert self.bias is not None and self.weights is not None and keys is not None
             logits = torch.baddbmm(self.bias, self.weights, keys.transpose(1, 2)).reshape(n, h, t, -1)
         p = torch.softmax(logits, dim=2).reshape(n, h * t, -1)
         out = torch.baddbmm(residual, p.transpose(1, 2), self.values)
@@ -233,7 +238,7 @@ class _AfterShared:
         scaled = torch.baddbmm(shared[:, :, :hw], coupling, self.p)
         return torch.addcmul(shared[:, :, hw:], scaled, self.r)
 
-    def attend(self, attn: nn.Module, queries: Tensor) -> Tensor:
+    def attend(self, attn: Attention, queries: Tensor) -> Tensor:
         """The token->image attention ``attn`` of queries (N, T, C) over the image tokens x1
         (keys x1 + pe, values x1) -> (N, T, C)."""
         n, t, _ = queries.shape
@@ -264,7 +269,11 @@ class _Upscaler:
     """
 
     def __init__(self, upscaling: nn.Sequential) -> None:
-        conv1, norm, self.act1, conv2, self.act2 = upscaling
+        conv1, conv2 = cast(nn.ConvTranspose2d, upscaling[0]), cast(nn.ConvTranspose2d, upscaling[3])
+        norm = cast(nn.LayerNorm, upscaling[1])  # LayerNorm2d: weight, bias, eps over channels
+        self.act1, self.act2 = upscaling[2], upscaling[4]
+        if conv1.bias is None or conv2.bias is None:
+            raise ValueError("the streamed mask head needs the upscaling convolutions' biases (SAM's)")
         self.c1 = conv1.out_channels
         self.c2 = conv2.out_channels
         # (C_in, C_out, 2, 2) -> (C_in, 2*2*C_out): output columns ordered (a, b, channel).
@@ -372,12 +381,12 @@ class SharedImage:
     derived: dict[str, Tensor] = field(default_factory=dict)  # ``_AfterShared``'s, likewise
 
     @classmethod
-    def compute(cls, transformer: nn.Module, image: Tensor, image_pe: Tensor) -> SharedImage:
+    def compute(cls, transformer: TwoWayTransformer, image: Tensor, image_pe: Tensor) -> SharedImage:
         """image: (1, C, H, W) embedding with the dense prompt embedding added; image_pe alike."""
         _, c, h, w = image.shape
         src = image.reshape(1, c, h * w).transpose(1, 2).contiguous()
         pe = image_pe.reshape(1, c, h * w).transpose(1, 2).contiguous()
-        first = transformer.layers[0]
+        first = cast(TwoWayAttentionBlock, transformer.layers[0])
         t2i, i2t = first.cross_attn_token_to_image, first.cross_attn_image_to_token
         src_pe = src + pe
         return cls(
@@ -388,7 +397,7 @@ class SharedImage:
             i2t.q_proj(src_pe[0]).reshape(h * w, i2t.num_heads, -1).transpose(0, 1),
         )
 
-    def attend(self, attn: nn.Module, queries: Tensor) -> Tensor:
+    def attend(self, attn: Attention, queries: Tensor) -> Tensor:
         """The first token->image attention (``attn``) of queries (N, T, C) -> (N, T, C)."""
         q = attn._separate_heads(attn.q_proj(queries))
         n = q.shape[0]
@@ -398,7 +407,7 @@ class SharedImage:
         return attn.out_proj(attn._recombine_heads(out))
 
 
-def _token_self_attention(layer: nn.Module, queries: Tensor, query_pe: Tensor) -> Tensor:
+def _token_self_attention(layer: TwoWayAttentionBlock, queries: Tensor, query_pe: Tensor) -> Tensor:
     """A two-way block's first step, on the prompt tokens only: self-attention (+ residual
     unless it is the first layer), norm1 (``TwoWayAttentionBlock.forward``)."""
     if layer.skip_first_layer_pe:
@@ -407,13 +416,13 @@ def _token_self_attention(layer: nn.Module, queries: Tensor, query_pe: Tensor) -
     return layer.norm1(queries + layer.self_attn(q, q, queries))
 
 
-def _token_update(layer: nn.Module, queries: Tensor, token_to_image: Tensor) -> Tensor:
+def _token_update(layer: TwoWayAttentionBlock, queries: Tensor, token_to_image: Tensor) -> Tensor:
     """A two-way block's norm2 and MLP steps, given its token->image attention's output."""
     queries = layer.norm2(queries + token_to_image)
     return layer.norm3(queries + layer.mlp(queries))
 
 
-def can_stream(decoder: nn.Module, image_embeddings: Tensor, dense: Tensor) -> bool:
+def can_stream(decoder: MaskDecoder, image_embeddings: Tensor, dense: Tensor) -> bool:
     """Whether ``stream_decode`` applies to these inputs: inference (no autograd, no tracing,
     ONNX export or ``torch.compile``), one image shared by all prompts and no per-prompt dense
     (mask) embedding. Compilers fuse the module path themselves, and the per-image state would
@@ -456,7 +465,7 @@ def decoder_streamable(decoder: nn.Module) -> bool:
 
 
 def stream_transformer(
-    transformer: nn.Module,
+    transformer: TwoWayTransformer,
     image: Tensor,
     image_pe: Tensor,
     tokens: Tensor,
@@ -484,7 +493,7 @@ def stream_transformer(
     tiles = [slice(i, min(i + rows, hw)) for i in range(0, hw, rows)]
 
     query_pe = tokens
-    layers = list(transformer.layers)
+    layers = [cast(TwoWayAttentionBlock, layer) for layer in transformer.layers]
     first = layers[0]
     queries = _token_self_attention(first, tokens, query_pe)
     queries = _token_update(
@@ -521,6 +530,7 @@ def stream_transformer(
         out, out_pe = [], []
         for k, sl in enumerate(tiles):
             if x is None:
+                assert shared_q is not None
                 tile, p, rstd = i2t.apply(src[:, sl], None, shared_q[:, sl])
             elif logits is not None:
                 tile, p, rstd = i2t.apply(x[k], None, logits=logits[:, :, sl])
@@ -548,7 +558,7 @@ def stream_transformer(
 
 
 def stream_decode(
-    decoder: nn.Module,
+    decoder: MaskDecoder,
     image_embeddings: Tensor,
     image_pe: Tensor,
     sparse_prompt_embeddings: Tensor,
@@ -571,16 +581,21 @@ def stream_decode(
     mask_ids = list(range(decoder.num_mask_tokens))[mask_slice]
     read_out = [0] + [1 + i for i in mask_ids]  # the IoU token and the decoded mask tokens
     image = image_embeddings + dense_prompt_embeddings
-    queries, image_tokens = stream_transformer(decoder.transformer, image, image_pe, tokens, read_out, shared)
+    queries, image_tokens = stream_transformer(
+        cast(TwoWayTransformer, decoder.transformer), image, image_pe, tokens, read_out, shared
+    )
 
     iou_pred = decoder.iou_prediction_head(queries[:, 0])[:, mask_slice]
     hyper = torch.stack(
         [decoder.output_hypernetworks_mlps[j](queries[:, 1 + k]) for k, j in enumerate(mask_ids)], dim=1
     )  # (N, M, C2)
-    return upscale_tiles(decoder, image_tokens, hyper, image_embeddings.shape[-2:]), iou_pred
+    grid = (image_embeddings.shape[-2], image_embeddings.shape[-1])
+    return upscale_tiles(decoder, image_tokens, hyper, grid), iou_pred
 
 
-def upscale_tiles(decoder: nn.Module, tokens: StreamedTokens, hyper: Tensor, grid: tuple[int, int]) -> Tensor:
+def upscale_tiles(
+    decoder: MaskDecoder, tokens: StreamedTokens, hyper: Tensor, grid: tuple[int, int]
+) -> Tensor:
     """The mask head on streamed image tokens covering the (H, W) token grid row by row, with
     hypernetwork vectors (N, M, C2) -> mask logits (N, M, 4H, 4W)."""
     h, w = grid
