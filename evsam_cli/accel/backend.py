@@ -23,11 +23,12 @@ import copy
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from torch import Tensor, nn
 
+from ..models.mask_decoder import MaskDecoder
 from .passes import chunks, map_passes
 from .streaming import (
     SharedImage,
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
     from ..models.sam import Sam
 
 T = TypeVar("T")
+M = TypeVar("M", bound=nn.Module)
 BACKENDS = ("auto", "reference", "cpu")
 # Prompts whose masks go through the mask head at once in ``mask_logits``.
 _MASK_HEAD_PROMPTS = 32
@@ -281,7 +283,7 @@ class CpuBackend(ReferenceBackend):
         return map_passes(fn, n, step, torch.device("cpu"))
 
 
-def _streamed_mask_head(decoder: nn.Module, tokens: DecodedTokens, ids: Tensor) -> Tensor:
+def _streamed_mask_head(decoder: MaskDecoder, tokens: DecodedTokens, ids: Tensor) -> Tensor:
     from .streaming import upscale_tiles
 
     assert tokens.streamed is not None
@@ -291,7 +293,7 @@ def _streamed_mask_head(decoder: nn.Module, tokens: DecodedTokens, ids: Tensor) 
     return upscale_tiles(decoder, tokens.streamed.select(ids), hyper, tokens.grid)
 
 
-def _inference_copy(module: nn.Module) -> Any:
+def _inference_copy(module: M) -> M:
     out = copy.deepcopy(module).eval()
     for p in out.parameters():
         p.requires_grad_(False)

@@ -51,17 +51,19 @@ def winograd_pays(conv: nn.Conv2d) -> bool:
 @torch.no_grad()
 def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     """A conv equal to ``bn(conv(x))`` in eval mode."""
+    assert bn.running_var is not None and bn.running_mean is not None  # eval-mode statistics
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
     fused = nn.Conv2d(
         conv.in_channels,
         conv.out_channels,
-        conv.kernel_size,
-        stride=conv.stride,
-        padding=conv.padding,
-        dilation=conv.dilation,
+        conv.kernel_size,  # type: ignore[arg-type]  # a 2-tuple for Conv2d, typed as any length
+        stride=conv.stride,  # type: ignore[arg-type]
+        padding=conv.padding,  # type: ignore[arg-type]
+        dilation=conv.dilation,  # type: ignore[arg-type]
         groups=conv.groups,
         bias=True,
     ).to(device=conv.weight.device, dtype=conv.weight.dtype)
+    assert fused.bias is not None
     fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
     bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
     fused.bias.copy_((bias - bn.running_mean) * scale + bn.bias)

@@ -138,6 +138,9 @@ class WinogradConv2d(nn.Module):
     """An inference-only replacement for a dense, stride-1, 3x3 ``nn.Conv2d`` (padding 1),
     optionally followed by an activation (applied in place to the fresh output)."""
 
+    filters: Tensor
+    bias: Tensor | None
+
     def __init__(self, conv: nn.Conv2d, act: nn.Module | None = None) -> None:
         super().__init__()
         if not is_winograd_compatible(conv):
@@ -151,6 +154,7 @@ class WinogradConv2d(nn.Module):
         self.chunk_bytes = max(CHUNK_BYTES, self.filters.numel() * self.filters.element_size())
 
     def forward(self, x: Tensor) -> Tensor:
+        assert isinstance(self.filters, Tensor)
         y = winograd_conv3x3(x, self.filters, self.bias, epilogue=self.epilogue, chunk_bytes=self.chunk_bytes)
         if self.act is None or self.epilogue is not None:
             return y

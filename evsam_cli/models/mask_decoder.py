@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layers import LayerNorm2d
+from .transformer import TwoWayTransformer
 
 
 class MLP(nn.Module):
@@ -41,7 +42,7 @@ class MaskDecoder(nn.Module):
         self,
         *,
         transformer_dim: int,
-        transformer: nn.Module,
+        transformer: TwoWayTransformer,
         num_multimask_outputs: int = 3,
         act_layer: type[nn.Module] = nn.GELU,
         iou_head_depth: int = 3,

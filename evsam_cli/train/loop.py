@@ -163,7 +163,7 @@ def seed_everything(seed: int) -> None:
 def _rng_state() -> dict[str, Any]:
     """Every generator's state as tensors and plain numbers (what ``weights_only=True`` reads back)."""
     version, mt_state, gauss_next = random.getstate()
-    bit_generator, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    bit_generator, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
     state = {
         "python": {
             "version": version,
@@ -172,7 +172,7 @@ def _rng_state() -> dict[str, Any]:
         },
         "numpy": {
             "bit_generator": bit_generator,
-            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
             "pos": int(pos),
             "has_gauss": int(has_gauss),
             "cached_gaussian": float(cached_gaussian),
@@ -436,7 +436,8 @@ def train(
         lr = lr_at(step, loop.steps, optim)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        data_wait, step_loss, step_images, extra = 0.0, 0.0, 0, {}
+        data_wait, step_loss, step_images = 0.0, 0.0, 0
+        extra: dict[str, float] = {}
         for micro in range(loop.grad_accum):
             t_data = time.perf_counter()
             batch = next(stream)
@@ -444,7 +445,7 @@ def train(
             step_images += len(batch["image_id"])
             batch["step"] = step
             sync = micro == loop.grad_accum - 1 or not info.distributed
-            with nullcontext() if sync else model.no_sync():
+            with nullcontext() if sync else model.no_sync():  # type: ignore[operator]  # DDP when not sync
                 with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                     loss, parts = loss_fn(model, batch)
                 _check_finite(loss, step, info.distributed)
