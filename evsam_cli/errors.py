@@ -37,3 +37,15 @@ class MissingDependencyError(EvsamError):
 
 class DeviceError(EvsamError):
     """The requested device or engine is not available (e.g. TensorRT without an NVIDIA GPU)."""
+
+
+class SettingError(EvsamError, ValueError):
+    """A setting is out of range or contradicts another.
+
+    The message speaks the library's parameter names (``lr must be positive``); ``params`` lists
+    the names it mentions, so that the command line can show each as the flag that sets it.
+    """
+
+    def __init__(self, message: str, *params: str) -> None:
+        super().__init__(message)
+        self.params = params

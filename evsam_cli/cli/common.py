@@ -2,7 +2,9 @@
 
 Library code raises ``EvsamError`` subclasses; ``command`` turns them (and the OS errors a
 user can cause, such as a missing or unwritable path) into one ``Error: ...`` line on stderr
-and exit code 1. ``--debug`` or ``EVSAM_DEBUG=1`` lets the traceback through instead.
+and exit code 1. ``--debug`` or ``EVSAM_DEBUG=1`` lets the traceback through instead. Library
+messages speak parameter names (``lr must be positive``); a ``SettingError`` lists the names it
+mentions and the edge shows each as the command's flag for it (``--lr must be positive``).
 
 Options that several commands declare alike are ``Annotated`` aliases here (flag names and help);
 each command keeps its own default, e.g. ``steps: StepsOption = 10000``.
@@ -11,9 +13,11 @@ each command keeps its own default, e.g. ``steps: StepsOption = 10000``.
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
@@ -22,7 +26,7 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
-from ..errors import EvsamError
+from ..errors import EvsamError, SettingError
 
 console = Console()
 err_console = Console(stderr=True)
@@ -53,6 +57,7 @@ def escape(text: str) -> str:
 
 def command(fn: F) -> F:
     """Decorator for command bodies: user errors -> ``Error:`` line and exit code 1."""
+    flags: dict[str, str] | None = None
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -66,7 +71,10 @@ def command(fn: F) -> F:
         except EvsamError as exc:
             if debug_enabled():
                 raise
-            error(str(exc))
+            nonlocal flags
+            if flags is None:
+                flags = option_flags(fn)
+            error(as_flags(exc, flags))
             raise typer.Exit(1) from None
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
             if debug_enabled():
@@ -83,6 +91,29 @@ def command(fn: F) -> F:
             _leave_process_group()
 
     return wrapper  # type: ignore[return-value]
+
+
+def option_flags(fn: Callable[..., Any]) -> dict[str, str]:
+    """Parameter name -> how the user writes it, for a typer command function: ``lr`` -> ``--lr``,
+    ``amp`` -> ``--amp``, ``image`` (an argument) -> ``IMAGE``."""
+    flags = {}
+    for name, param in inspect.signature(fn, eval_str=True).parameters.items():
+        for meta in getattr(param.annotation, "__metadata__", ()):
+            if isinstance(meta, typer.models.ArgumentInfo):
+                flags[name] = name.upper()
+            elif isinstance(meta, typer.models.OptionInfo):
+                longs = [d.split("/")[0] for d in meta.param_decls or () if d.startswith("--")]
+                flags[name] = longs[0] if longs else "--" + name.replace("_", "-")
+    return flags
+
+
+def as_flags(exc: EvsamError, flags: dict[str, str]) -> str:
+    """``exc``'s message with the parameter names a ``SettingError`` mentions shown as flags."""
+    message = str(exc)
+    for name in exc.params if isinstance(exc, SettingError) else ():
+        if name in flags:
+            message = re.sub(rf"(?<![\w-]){re.escape(name)}(?!\w)", flags[name], message)
+    return message
 
 
 def _leave_process_group() -> None:

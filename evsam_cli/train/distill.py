@@ -23,13 +23,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..utils import distributed as dist_utils
 from ..data.sa1b import Sa1bRecord, open_sa1b
 from ..data.transforms import normalize_padded, resize_longest_padded
 from ..errors import CheckpointError
 from ..models import create_model, get_spec, save_weights
 from ..models.checkpoints import describe_mismatch, read_state_dict, to_model_layout
 from ..models.zoo import guess_model
+from ..utils import distributed as dist_utils
 from .config import DistillConfig, to_dict
 from .loop import (
     TrainingError,
