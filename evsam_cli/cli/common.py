@@ -3,11 +3,11 @@
 Library code raises ``EvsamError`` subclasses; ``command`` turns them (and the OS errors a
 user can cause, such as a missing or unwritable path) into one ``Error: ...`` line on stderr
 and exit code 1. ``--debug`` or ``EVSAM_DEBUG=1`` lets the traceback through instead. Library
-messages speak parameter names (``lr must be positive``); a ``SettingError`` lists the names it
-mentions and the edge shows each as the command's flag for it (``--lr must be positive``).
+messages speak parameter names (``lr must be positive``); an error lists the names it mentions
+(``params``) and the edge shows each as the command's flag for it (``--lr must be positive``).
 
 Options that several commands declare alike are ``Annotated`` aliases here (flag names and help);
-each command keeps its own default, e.g. ``steps: StepsOption = 10000``.
+their defaults are the library's, e.g. ``steps: StepsOption = defaults(DistillConfig)["steps"]``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
-from ..errors import EvsamError, SettingError
+from ..errors import EvsamError
 
 console = Console()
 err_console = Console(stderr=True)
@@ -108,9 +108,9 @@ def option_flags(fn: Callable[..., Any]) -> dict[str, str]:
 
 
 def as_flags(exc: EvsamError, flags: dict[str, str]) -> str:
-    """``exc``'s message with the parameter names a ``SettingError`` mentions shown as flags."""
+    """``exc``'s message with the parameter names it mentions (``exc.params``) shown as flags."""
     message = str(exc)
-    for name in exc.params if isinstance(exc, SettingError) else ():
+    for name in exc.params:
         if name in flags:
             message = re.sub(rf"(?<![\w-]){re.escape(name)}(?!\w)", flags[name], message)
     return message
@@ -173,11 +173,26 @@ TrainBatchSizeOption = Annotated[int, typer.Option(min=1, help="Images per micro
 GradAccumOption = Annotated[int, typer.Option(min=1, help="Micro-batches per optimizer step.")]
 LrOption = Annotated[float, typer.Option(help="Peak learning rate (AdamW, warmup then cosine).")]
 WeightDecayOption = Annotated[float, typer.Option(help="AdamW weight decay (not on norms/biases).")]
-WarmupStepsOption = Annotated[int, typer.Option(min=0, help="Linear warmup steps.")]
+WarmupStepsOption = Annotated[
+    int | None, typer.Option(min=0, help="Linear warmup steps. Default: a tenth of the run, at most 250.")
+]
 GradClipOption = Annotated[float, typer.Option(min=0.0, help="Max gradient norm (0: off).")]
 SaveEveryOption = Annotated[int, typer.Option(min=1, help="Write checkpoints/last.pt every N steps.")]
 LogEveryOption = Annotated[int, typer.Option(min=1, help="Write a metrics.jsonl record every N steps.")]
-TrainWorkersOption = Annotated[int, typer.Option(min=0, help="Data-loader worker processes per rank.")]
+TrainWorkersOption = Annotated[
+    int | None,
+    typer.Option(min=0, help="Data-loader processes per rank. Default: its CPU cores less one, at most 4."),
+]
+ValImagesOption = Annotated[
+    int | None,
+    typer.Option(
+        min=0,
+        help="Images held out for validation. Default: a tenth, at most 16, at least 1 of 2 or more.",
+    ),
+]
+ValEveryOption = Annotated[
+    int, typer.Option(min=0, help="Validate every N steps, at step 0 and at the end (0: only those).")
+]
 TrainDeviceOption = Annotated[
     str, typer.Option(help="auto, cpu, cuda (under torchrun: each rank its LOCAL_RANK GPU).")
 ]
@@ -187,6 +202,36 @@ ResumeOption = Annotated[
 ]
 OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Replace a run already in --output.")]
 ProgressOption = Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bar on rank 0.")]
+
+
+# The training options above, as the library names them (``train.config.defaults``).
+_TRAIN_OPTIONS = (
+    "steps",
+    "epochs",
+    "batch_size",
+    "grad_accum",
+    "lr",
+    "weight_decay",
+    "warmup_steps",
+    "grad_clip",
+    "val_images",
+    "val_every",
+    "save_every",
+    "log_every",
+    "workers",
+    "seed",
+    "device",
+    "amp",
+)
+
+
+def train_settings(args: dict[str, Any]) -> dict[str, Any]:
+    """The training options among a train command's arguments (its ``locals()``), as flat library
+    settings for ``train.config.from_flat``; ``--output`` and ``--data`` included."""
+    settings = {name: args[name] for name in _TRAIN_OPTIONS}
+    settings["output"] = str(args["output"])
+    settings["path"] = str(args["data"] or "")
+    return settings
 
 
 def check_resume(resume: bool, overwrite: bool) -> None:
