@@ -55,8 +55,14 @@ def escape(text: str) -> str:
     return _escape(str(text))
 
 
-def command(fn: F) -> F:
-    """Decorator for command bodies: user errors -> ``Error:`` line and exit code 1."""
+def command(fn: F | None = None, *, aliases: dict[str, str] | None = None) -> Any:
+    """Decorator for command bodies: user errors -> ``Error:`` line and exit code 1.
+
+    ``aliases`` maps library parameter names to the command's own where they differ (e.g.
+    ``{"weights": "detector_weights"}``), so that errors show the right flag.
+    """
+    if fn is None:
+        return functools.partial(command, aliases=aliases)
     flags: dict[str, str] | None = None
 
     @functools.wraps(fn)
@@ -74,6 +80,7 @@ def command(fn: F) -> F:
             nonlocal flags
             if flags is None:
                 flags = option_flags(fn)
+                flags.update({lib: flags[own] for lib, own in (aliases or {}).items() if own in flags})
             error(as_flags(exc, flags))
             raise typer.Exit(1) from None
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
