@@ -14,9 +14,10 @@ from .common import CheckpointOption, ModelOption, command, console, parse_float
 def _amg_option(name: str) -> Any:
     """A ``--everything`` option: help and default are ``AmgSettings``'s own."""
     default = AmgSettings.default(name)
+    shown = f"{default:g}" if isinstance(default, float) else str(default)
     return typer.Option(
-        help=AmgSettings.help(name),
-        show_default=f"{default:g}" if isinstance(default, float) else str(default),
+        help=f"{AmgSettings.help(name)}  [default: {shown}]",  # None here means "not given"
+        show_default=False,
         rich_help_panel="Segment everything (--everything)",
     )
 

@@ -450,8 +450,8 @@ class BatchStream:
         if len(state["positions"]) != self.dataset.num_workers:
             raise DataError(
                 f"the checkpoint was written with {len(state['positions'])} data-loader workers; "
-                f"resume with --workers {len(state['positions'])}"
-            )
+                f"resume with workers={len(state['positions'])}"
+            ).naming("workers")
         self.epoch = int(state["epoch"])
         self.positions = list(state["positions"])
         self.next_worker = int(state["next_worker"])
