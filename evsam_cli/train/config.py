@@ -213,9 +213,11 @@ _SECTIONS = {"loop": LoopConfig, "optim": OptimConfig, "data": DataConfig}
 
 
 def _fill_sections(config: DistillConfig | FinetuneConfig) -> None:
-    """Give the section settings left at None the command's own default."""
+    """Give the section settings left at None the command's own default (in copies: a section
+    object the caller passed in stays as it was)."""
     for name in _SECTIONS:
-        section = getattr(config, name)
+        section = dataclasses.replace(getattr(config, name))
+        setattr(config, name, section)
         for key, value in config.section_defaults.items():
             if hasattr(section, key) and getattr(section, key) is None:
                 setattr(section, key, value)
