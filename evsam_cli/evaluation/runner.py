@@ -27,7 +27,7 @@ import torch
 from pycocotools import mask as mask_utils
 from torch.utils.data import DataLoader
 
-from ..errors import DataError
+from ..errors import DataError, SettingError
 from ..models import create_model
 from ..models.sam import Sam
 from ..predictor.sam_predictor import SamPredictor, default_prompts_per_pass
@@ -36,6 +36,7 @@ from ..utils.devices import resolve_device
 from ..utils.io import write_json_atomic
 from . import detectors as det
 from .datasets import EvalDataset, bbox_xywh_to_xyxy, load_dataset
+from .detectors import DetectorOptions
 from .loader import EvalImages, EvalItem, collate
 from .metrics import coco_segm_metrics, lvis_segm_metrics, mask_iou, miou_summary
 
@@ -43,29 +44,6 @@ log = logging.getLogger(__name__)
 
 PROMPTS = ("box", "point", "detector")
 Progress = Callable[[int, int], None]
-
-
-@dataclass(frozen=True)
-class DetectorOptions:
-    """Where detector-prompt boxes come from.
-
-    detections: a COCO-results JSON: the boxes for ``vitdet``; the cache for yolov8 and
-      groundingdino (read when it exists, written after detecting otherwise; default
-      ``OUTPUT/detections_<detector>.json``).
-    weights: YOLOv8 or GroundingDINO weights; config: GroundingDINO's config file;
-    text_encoder: a local BERT folder for GroundingDINO.
-    image_size: the detector's input size (YOLO's imgsz, default 640; GroundingDINO's shorter
-      side, default 800, longer side at most 1333/800 of it).
-    max_det: boxes kept per image by a live detector (default 100 for COCO, 300 for LVIS).
-    """
-
-    name: str = "vitdet"
-    detections: Path | None = None
-    weights: Path | None = None
-    config: Path | None = None
-    text_encoder: Path | None = None
-    image_size: int | None = None
-    max_det: int | None = None
 
 
 @dataclass
@@ -120,10 +98,10 @@ def evaluate(
     if prompt not in PROMPTS:
         raise DataError(f"unknown prompt type {prompt!r}; choose one of {', '.join(PROMPTS)}")
     if prompt == "point" and clicks < 1:
-        raise DataError(f"--clicks must be at least 1, got {clicks}")
+        raise SettingError(f"clicks must be at least 1, got {clicks}", "clicks")
     detector = detector or DetectorOptions()
-    if prompt == "detector" and detector.name not in det.DETECTORS:
-        raise DataError(f"unknown detector {detector.name!r}; choose one of {', '.join(det.DETECTORS)}")
+    if prompt == "detector":
+        det.get_detector(detector.name)  # an unknown name fails before anything is loaded
     output = Path(output)
     dev = resolve_device(device)
     info = dist_utils.init_distributed(dev)
@@ -305,41 +283,30 @@ def _detector_boxes(
 ) -> tuple[dict[int, list[dict[str, Any]]], Callable[[torch.device], det.Detector] | None]:
     """Boxes from a file (ViTDet's, or a detector's cache), or a factory for a live detector."""
     name = options.name
-    if name == "vitdet":
+    source = det.get_detector(name)
+    if not source.live:
         if options.detections is None:
-            raise DataError(
-                "--detector vitdet needs --detections: a COCO-results JSON of boxes (e.g. ViTDet's)"
+            raise SettingError(
+                f"detector {name} needs detections: a COCO-results JSON of boxes (e.g. ViTDet's)",
+                "detector",
+                "detections",
             )
         return _read_boxes(data, options.detections), None
     cache = options.detections or output / f"detections_{name}.json"
     if Path(cache).is_file():
         log.info("reusing cached %s detections from %s (delete it to detect again)", name, cache)
         return _read_boxes(data, Path(cache)), None
-    if options.weights is None:
-        raise DataError(f"--detector {name} needs --detector-weights (or a cached --detections JSON)")
+    if options.weights is None and source.default_weights is None:
+        raise SettingError(
+            f"detector {name} needs weights (or a cached detections JSON)",
+            "detector",
+            "weights",
+            "detections",
+        )
 
     def build(device: torch.device) -> det.Detector:
-        if name == "yolov8":
-            return det.YoloDetector(
-                weights=options.weights,  # type: ignore[arg-type]
-                categories=data.categories,
-                device=device,
-                max_det=options.max_det or (300 if data.name == "lvis" else 100),
-                image_size=options.image_size or 640,
-            )
-        if options.config is None or options.text_encoder is None:
-            raise DataError(
-                "--detector groundingdino needs --detector-config and --text-encoder (a local BERT folder)"
-            )
-        return det.GroundingDinoDetector(
-            config=options.config,
-            weights=options.weights,  # type: ignore[arg-type]
-            text_encoder=options.text_encoder,
-            categories=data.categories,
-            device=device,
-            max_det=options.max_det or (300 if data.name == "lvis" else 100),
-            image_size=options.image_size or 800,
-            max_size=round((options.image_size or 800) * 1333 / 800),
+        return source.from_options(
+            options, categories=data.categories, device=device, lvis=data.name == "lvis"
         )
 
     return {}, build

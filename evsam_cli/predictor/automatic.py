@@ -20,9 +20,9 @@ is ordered so that little of it is done at full resolution, without changing any
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,11 +32,10 @@ from torch import Tensor
 from torchvision.ops import batched_nms
 
 from ..data.images import to_rgb_uint8
-from ..errors import EvsamError
 from ..models.sam import Sam
+from .amg_settings import OUTPUT_MODES, AmgConfigError, AmgSettings
 from .amg_utils import (
     box_near_crop_edge,
-    build_layer_point_grids,
     generate_crop_boxes,
     mask_to_box,
     mask_to_coco_rle,
@@ -48,13 +47,10 @@ from .amg_utils import (
 )
 from .sam_predictor import SamPredictor
 
-OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
+__all__ = ["OUTPUT_MODES", "AmgConfigError", "AmgSettings", "AutomaticMaskGenerator", "validate_settings"]
+
 # Full-resolution logits upscaled at once are bounded to about this many float32 values.
 _FULL_RES_BUDGET = 2**26
-
-
-class AmgConfigError(EvsamError, ValueError):
-    """An automatic-mask-generator setting is missing, contradictory or out of range."""
 
 
 @dataclass
@@ -115,78 +111,33 @@ class _Candidates:
 
 
 class AutomaticMaskGenerator:
-    def __init__(
-        self,
-        model: Sam,
-        *,
-        points_per_side: int | None = 32,
-        points_per_batch: int = 128,
-        pred_iou_thresh: float = 0.88,
-        stability_score_thresh: float = 0.95,
-        stability_score_offset: float = 1.0,
-        box_nms_thresh: float = 0.7,
-        crop_n_layers: int = 0,
-        crop_nms_thresh: float = 0.7,
-        crop_overlap_ratio: float = 512 / 1500,
-        crop_n_points_downscale_factor: int = 1,
-        point_grids: Sequence[np.ndarray] | None = None,
-        min_mask_region_area: int = 0,
-        output_mode: str = "binary_mask",
-    ) -> None:
+    def __init__(self, model: Sam, settings: AmgSettings | None = None, **overrides: Any) -> None:
         """
         Args:
           model: any zoo model (``create_model``); its device is used.
-          points_per_side: the grid has points_per_side**2 points (on the whole image and on
-            every crop, divided by ``crop_n_points_downscale_factor**layer`` in crop layer i).
-            Exactly one of this and ``point_grids``.
-          points_per_batch: prompts decoded per decoder pass (memory grows ~20 MB per prompt).
-          pred_iou_thresh: keep masks whose predicted IoU is above this (0 disables), in [0, 1].
-          stability_score_thresh: keep masks whose stability score is at least this (0
-            disables), in [0, 1].
-          stability_score_offset: logit offset used by the stability score (>= 0).
-          box_nms_thresh: box IoU above which the lower-scored duplicate within a crop is removed.
-          crop_n_layers: extra crop layers; layer i cuts the image into (2**i)**2 crops.
-          crop_nms_thresh: box IoU for removing duplicates between crops (smaller crops win).
-          crop_overlap_ratio: overlap of layer-1 crops as a fraction of the short side, in [0, 1).
-          crop_n_points_downscale_factor: >= 1, see ``points_per_side``.
-          point_grids: explicit grids, one (K, 2) array of x, y in [0, 1] per crop layer.
-          min_mask_region_area: when > 0, fill holes and drop islands smaller than this many
-            pixels, then re-run NMS (scipy.ndimage connected components).
-          output_mode: "binary_mask" (HxW bool array), "coco_rle" (compressed, JSON-ready) or
-            "uncompressed_rle".
+          settings: an ``AmgSettings`` (default: segment-anything's defaults).
+          **overrides: any ``AmgSettings`` field by name, e.g. ``points_per_side=16``; they
+            replace the same fields of ``settings``. See ``AmgSettings`` for each setting.
         Raises:
           AmgConfigError: a setting is missing, contradictory or out of range.
+          TypeError: an override is not an ``AmgSettings`` field.
         """
-        grids = validate_settings(
-            points_per_side=points_per_side,
-            points_per_batch=points_per_batch,
-            pred_iou_thresh=pred_iou_thresh,
-            stability_score_thresh=stability_score_thresh,
-            stability_score_offset=stability_score_offset,
-            box_nms_thresh=box_nms_thresh,
-            crop_n_layers=crop_n_layers,
-            crop_nms_thresh=crop_nms_thresh,
-            crop_overlap_ratio=crop_overlap_ratio,
-            crop_n_points_downscale_factor=crop_n_points_downscale_factor,
-            point_grids=point_grids,
-            min_mask_region_area=min_mask_region_area,
-            output_mode=output_mode,
-        )
-
+        settings = dataclasses.replace(settings or AmgSettings(), **overrides)
+        self.settings = settings
         self.model = model
         self.predictor = SamPredictor(model)
-        self.point_grids = grids
-        self.points_per_batch = points_per_batch
-        self.pred_iou_thresh = float(pred_iou_thresh)
-        self.stability_score_thresh = float(stability_score_thresh)
-        self.stability_score_offset = float(stability_score_offset)
-        self.box_nms_thresh = float(box_nms_thresh)
-        self.crop_n_layers = crop_n_layers
-        self.crop_nms_thresh = float(crop_nms_thresh)
-        self.crop_overlap_ratio = float(crop_overlap_ratio)
-        self.crop_n_points_downscale_factor = crop_n_points_downscale_factor
-        self.min_mask_region_area = min_mask_region_area
-        self.output_mode = output_mode
+        self.point_grids = settings.layer_grids()
+        self.points_per_batch = settings.points_per_batch
+        self.pred_iou_thresh = settings.pred_iou_thresh
+        self.stability_score_thresh = settings.stability_score_thresh
+        self.stability_score_offset = settings.stability_score_offset
+        self.box_nms_thresh = settings.box_nms_thresh
+        self.crop_n_layers = settings.crop_n_layers
+        self.crop_nms_thresh = settings.crop_nms_thresh
+        self.crop_overlap_ratio = settings.crop_overlap_ratio
+        self.crop_n_points_downscale_factor = settings.crop_n_points_downscale_factor
+        self.min_mask_region_area = settings.min_mask_region_area
+        self.output_mode = settings.output_mode
         self.timings: dict[str, float] = {}
 
     # ------------------------------------------------------------------ public API
@@ -375,91 +326,15 @@ class AutomaticMaskGenerator:
         return records
 
 
-def validate_settings(
-    *,
-    points_per_side: int | None = 32,
-    points_per_batch: int = 128,
-    pred_iou_thresh: float = 0.88,
-    stability_score_thresh: float = 0.95,
-    stability_score_offset: float = 1.0,
-    box_nms_thresh: float = 0.7,
-    crop_n_layers: int = 0,
-    crop_nms_thresh: float = 0.7,
-    crop_overlap_ratio: float = 512 / 1500,
-    crop_n_points_downscale_factor: int = 1,
-    point_grids: Sequence[np.ndarray] | None = None,
-    min_mask_region_area: int = 0,
-    output_mode: str = "binary_mask",
-) -> list[np.ndarray]:
-    """Check ``AutomaticMaskGenerator``'s settings (same names and defaults) without a model.
+def validate_settings(**settings: Any) -> list[np.ndarray]:
+    """Check ``AmgSettings(**settings)`` without a model; the point grid of every crop layer.
 
-    Returns the point grid of every crop layer, (K, 2) x, y in [0, 1]; raises ``AmgConfigError``.
+    Raises ``AmgConfigError``.
     """
-    if (points_per_side is None) == (point_grids is None):
-        raise AmgConfigError("give exactly one of points_per_side and point_grids")
-    _check_int("points_per_batch", points_per_batch, 1)
-    _check_int("crop_n_layers", crop_n_layers, 0)
-    _check_int("crop_n_points_downscale_factor", crop_n_points_downscale_factor, 1)
-    _check_int("min_mask_region_area", min_mask_region_area, 0)
-    for name, value in (
-        ("pred_iou_thresh", pred_iou_thresh),
-        ("stability_score_thresh", stability_score_thresh),
-        ("box_nms_thresh", box_nms_thresh),
-        ("crop_nms_thresh", crop_nms_thresh),
-    ):
-        _check_range(name, value, 0.0, 1.0)
-    _check_range("stability_score_offset", stability_score_offset, 0.0, math.inf)
-    _check_range("crop_overlap_ratio", crop_overlap_ratio, 0.0, 1.0, high_open=True)
-    if output_mode not in OUTPUT_MODES:
-        raise AmgConfigError(f"output_mode must be one of {', '.join(OUTPUT_MODES)}; got {output_mode!r}")
-    if points_per_side is not None:
-        _check_int("points_per_side", points_per_side, 1)
-        deepest = int(points_per_side / crop_n_points_downscale_factor**crop_n_layers)
-        if deepest < 1:
-            raise AmgConfigError(
-                f"points_per_side={points_per_side} leaves no points in crop layer {crop_n_layers} "
-                f"after dividing by crop_n_points_downscale_factor={crop_n_points_downscale_factor}"
-                f"**{crop_n_layers}"
-            )
-        grids = build_layer_point_grids(points_per_side, crop_n_layers, crop_n_points_downscale_factor)
-    else:
-        assert point_grids is not None
-        grids = [_check_grid(i, g) for i, g in enumerate(point_grids)]
-        if len(grids) < crop_n_layers + 1:
-            raise AmgConfigError(
-                f"point_grids has {len(grids)} grid(s) but crop_n_layers={crop_n_layers} needs "
-                f"{crop_n_layers + 1} (one per layer, the whole image first)"
-            )
-    return grids
+    return AmgSettings(**settings).layer_grids()
 
 
 def _nms(boxes: Tensor, scores: Tensor, threshold: float) -> Tensor:
     """Indices kept by box NMS, best score first (one class: torchvision's batched_nms)."""
     boxes = boxes.float()
     return batched_nms(boxes, scores.to(boxes.device), torch.zeros_like(boxes[:, 0]), iou_threshold=threshold)
-
-
-def _check_int(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise AmgConfigError(f"{name} must be an integer >= {low}; got {value!r}")
-
-
-def _check_range(name: str, value: Any, low: float, high: float, *, high_open: bool = False) -> None:
-    ok = isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
-    if ok:
-        v = float(value)
-        ok = math.isfinite(v) and low <= v and (v < high if high_open else v <= high)
-    if not ok:
-        bound = f"[{low:g}, {high:g})" if high_open else f"[{low:g}, {high:g}]"
-        raise AmgConfigError(f"{name} must be a number in {bound}; got {value!r}")
-
-
-def _check_grid(i: int, grid: Any) -> np.ndarray:
-    arr = np.asarray(grid, dtype=np.float64)
-    if arr.ndim != 2 or arr.shape[1] != 2 or len(arr) == 0:
-        raise AmgConfigError(
-            f"point_grids[{i}] must be a non-empty (K, 2) array of x, y; got shape {arr.shape}"
-        )
-    if not np.all(np.isfinite(arr)) or arr.min() < 0.0 or arr.max() > 1.0:
-        raise AmgConfigError(f"point_grids[{i}] must hold coordinates normalised to [0, 1]")
-    return arr

@@ -127,9 +127,9 @@ def batch_stream(
         seed=seed,
         rank=info.rank,
         world_size=info.world_size,
-        num_workers=data.workers,
+        num_workers=data.worker_count(),
     )
-    return BatchStream(dataset, num_workers=data.workers, pin_memory=device.type == "cuda")
+    return BatchStream(dataset, num_workers=data.worker_count(), pin_memory=device.type == "cuda")
 
 
 # ---------------------------------------------------------------------------- optimisation
@@ -146,10 +146,11 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
 
 def lr_at(step: int, total: int, cfg: OptimConfig) -> float:
     """Linear warmup over ``warmup_steps``, then cosine from ``lr`` down to ``min_lr_ratio * lr``."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(1, total - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    warmup = cfg.warmup_for(total)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    span = max(1, total - warmup)
+    progress = min(1.0, (step - warmup) / span)
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
 
