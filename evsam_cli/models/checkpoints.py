@@ -220,7 +220,7 @@ def load_checkpoint(model: Sam, checkpoint: str | os.PathLike[str]) -> dict[str,
 
         saved = meta.get("model") or guess_model(state)
         if saved and saved != model.name:
-            problem += f". The file looks like {saved}: pass --model {saved} / create_model({saved!r}, ...)"
+            problem += f". The file looks like {saved}: build it with create_model({saved!r}, ...)"
         raise CheckpointError(problem)
     model.load_state_dict(state, strict=True)
     return meta

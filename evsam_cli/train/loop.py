@@ -67,8 +67,8 @@ def prepare_output(output: Path, *, resume: bool, overwrite: bool) -> None:
     holds_run = any((output / name).exists() for name in RUN_FILES)
     if holds_run and not overwrite:
         raise TrainingError(
-            f"{output} already holds a training run; pass --resume to continue it or --overwrite to replace it"
-        )
+            f"{output} already holds a training run; set resume to continue it or overwrite to replace it"
+        ).naming("resume", "overwrite")
     if holds_run and dist_utils.is_main():
         for name in RUN_FILES:
             path = output / name
@@ -507,8 +507,8 @@ def _check_finite(loss: Tensor, step: int, distributed: bool) -> None:
     if bad.item() > 0:
         raise TrainingError(
             f"the loss became non-finite ({float(loss.detach())}) at step {step + 1}; "
-            "lower --lr, raise --warmup-steps or check the data (the last checkpoint is intact)"
-        )
+            "lower lr, raise warmup_steps or check the data (the last checkpoint is intact)"
+        ).naming("lr", "warmup_steps")
 
 
 def _log_record(window: _Window, step: int, epoch: int, lr: float, device: torch.device) -> dict[str, Any]:
