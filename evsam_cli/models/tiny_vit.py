@@ -198,9 +198,7 @@ class TinyViTBlock(nn.Module):
 class ConvStage(nn.Module):
     """Stage 0: MBConv blocks, then an optional patch merging."""
 
-    def __init__(
-        self, dim: int, *, depth: int, expand_ratio: float, downsample: PatchMerging | None
-    ) -> None:
+    def __init__(self, dim: int, *, depth: int, expand_ratio: float, downsample: PatchMerging | None) -> None:
         super().__init__()
         self.blocks = nn.ModuleList([MBConv(dim, expand_ratio=expand_ratio) for _ in range(depth)])
         self.downsample = downsample
@@ -307,9 +305,10 @@ class TinyViTSamImageEncoder(nn.Module):
         return self.neck(x)
 
 
-def build_tiny_vit_sam(*, patch_kernel_size: int, patch_stride: int, num_classes: int = 0) -> TinyViTSamImageEncoder:
+def build_tiny_vit_sam(
+    *, patch_kernel_size: int, patch_stride: int, num_classes: int = 0
+) -> TinyViTSamImageEncoder:
     """TinyViT-5M with SAM's neck (MobileSAM: 3/2 with the 1000-class head; LiteMedSAM: 1/1)."""
     return TinyViTSamImageEncoder(
         TINY_VIT_5M, patch_kernel_size=patch_kernel_size, patch_stride=patch_stride, num_classes=num_classes
     )
-
