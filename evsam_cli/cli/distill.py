@@ -16,6 +16,8 @@ class TeacherName(str, Enum):
     vit_b = "vit_b"
     vit_l = "vit_l"
     vit_h = "vit_h"
+    mobile_sam = "mobile_sam"
+    lite_medsam = "lite_medsam"
 
 
 @command
@@ -24,10 +26,13 @@ def distill_cli(
         Path, typer.Option("--output", "-o", help="Run folder (metrics, checkpoints, student.pt).")
     ],
     teacher: Annotated[
-        TeacherName, typer.Option(help="SAM image encoder to learn from.")
+        TeacherName, typer.Option(help="SAM image encoder to learn from (SAM ViTs, MobileSAM or LiteMedSAM).")
     ] = TeacherName.vit_h,
     teacher_checkpoint: Annotated[
-        Path | None, typer.Option(help="Meta's sam_vit_*.pth for the teacher (required unless --resume).")
+        Path | None,
+        typer.Option(
+            help="The teacher's official file (sam_vit_*.pth, mobile_sam.pt, lite_medsam.pth); required unless --resume."
+        ),
     ] = None,
     student: Annotated[
         str, typer.Option(help="EfficientViT-SAM variant to train (l0 ... xl1).")
@@ -86,9 +91,9 @@ def distill_cli(
 
       evsam distill --output runs/l0 --resume
     """
-    from .. import distributed as dist_utils
     from ..train.config import DataConfig, DistillConfig, LoopConfig, OptimConfig
     from ..train.distill import distill
+    from ..utils import distributed as dist_utils
 
     check_resume(resume, overwrite)
     if not resume and teacher_checkpoint is None:

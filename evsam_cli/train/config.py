@@ -99,9 +99,9 @@ class DistillConfig:
     data: DataConfig = field(default_factory=DataConfig)
 
     def __post_init__(self) -> None:
+        teachers = ("vit_b", "vit_l", "vit_h", "mobile_sam", "lite_medsam")  # train.distill.TEACHER_MODELS
         _check(
-            self.teacher in ("vit_b", "vit_l", "vit_h"),
-            f"--teacher must be vit_b, vit_l or vit_h, not {self.teacher!r}",
+            self.teacher in teachers, f"--teacher must be one of {', '.join(teachers)}, not {self.teacher!r}"
         )
         _check(bool(self.teacher_checkpoint), "--teacher-checkpoint is required")
 

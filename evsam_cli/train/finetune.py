@@ -25,12 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import distributed as dist_utils
 from ..data.coco_train import open_coco
 from ..data.sa1b import Sa1bRecord, collate_stack, decode_mask, open_sa1b
 from ..data.transforms import normalize_padded, resize_longest_padded, resize_mask_padded
 from ..errors import CheckpointError
 from ..models import Sam, create_model, get_spec, read_state_dict, save_weights
+from ..utils import distributed as dist_utils
 from .config import FinetuneConfig, to_dict
 from .loop import (
     TrainingError,
