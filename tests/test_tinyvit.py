@@ -154,3 +154,41 @@ def test_mobile_sam_equals_official_predictor(tmp_path):
     assert _rel(torch.from_numpy(low), torch.from_numpy(ref_low)) < 1e-4
     np.testing.assert_allclose(scores, ref_scores, rtol=1e-4, atol=1e-5)
     assert (masks != ref_masks).mean() < 1e-4
+
+
+def test_lite_medsam_teaches_through_evsam_distill(tmp_path, lite_medsam_file):
+    """``evsam distill --teacher lite_medsam``: targets are the teacher's 256 px min-max embeddings
+    (cached), the student trains at its own size and ``student.pt`` carries LiteMedSAM's head."""
+    from evsam_cli.data.synthetic import write_sa1b
+    from evsam_cli.train.config import DataConfig, DistillConfig, LoopConfig, OptimConfig
+    from evsam_cli.train.distill import distill
+
+    write_sa1b(tmp_path / "sa1b", num_images=2, image_size=64, seed=0)
+    cfg = DistillConfig(
+        teacher="lite_medsam",
+        teacher_checkpoint=str(lite_medsam_file),
+        student="l0",
+        image_size=64,
+        teacher_cache=str(tmp_path / "cache"),
+        loop=LoopConfig(
+            output=str(tmp_path / "run"), steps=1, log_every=1, save_every=1, val_every=0, device="cpu"
+        ),
+        optim=OptimConfig(lr=1e-3, warmup_steps=1),
+        data=DataConfig(path=str(tmp_path / "sa1b"), batch_size=1, workers=0, val_images=0),
+    )
+    summary = distill(cfg)
+    assert summary["teacher"] == "lite_medsam" and summary["teacher_forwards"] == 1
+
+    from evsam_cli.data.images import load_image
+    from evsam_cli.data.transforms import normalize_padded, resize_longest_padded
+
+    (cache_file,) = (tmp_path / "cache").rglob("*.npy")
+    cached = np.load(cache_file)
+    image = load_image(tmp_path / "sa1b" / f"sa_{cache_file.stem}.jpg")
+    pixels, hw = resize_longest_padded(image, 256, "area")
+    teacher = create_model("lite_medsam", checkpoint=lite_medsam_file)
+    with torch.no_grad():
+        expected = teacher.image_encoder(normalize_padded(pixels[None], torch.tensor([hw]), "minmax-area"))
+    torch.testing.assert_close(torch.from_numpy(cached).float(), expected[0].half().float())
+    student = create_model("l0", checkpoint=tmp_path / "run" / "student.pt", input_size=64)
+    torch.testing.assert_close(student.mask_decoder.state_dict(), teacher.mask_decoder.state_dict())
