@@ -49,7 +49,7 @@ class Sam(nn.Module):
           prompt_encoder, mask_decoder: SAM's.
           input_size: side of the square, padded encoder input.
           name: registry name (saved with checkpoints).
-          family: "efficientvit-sam" or "sam"; decides the checkpoint key layout.
+          family: "efficientvit-sam", "sam" or "tiny-vit-sam"; decides the checkpoint key layout.
           prompt_size: side of the frame prompts and upscaled masks are expressed in.
           preprocessing: "sam" (bilinear resize, pixel mean/std) or "minmax-area" (LiteMedSAM:
             area resize, min-max to [0, 1] per image); see ``data.frames.PREPROCESSING``.
