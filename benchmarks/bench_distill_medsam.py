@@ -9,7 +9,7 @@ embedding goes through the teacher's own prompt encoder and mask decoder, as ``e
 
 Reported before and after training: the embedding MSE to the teacher on the held-out photos and
 the box-prompt mIoU against the real masks (best of three masks by predicted IoU, the eval
-protocol), next to the teacher's mIoU. This is a smoke-scale experiment (about 20 images, a
+protocol), next to the teacher's mIoU. This is a smoke-scale experiment (25 images, a
 few hundred single-image steps on one CPU thread): it shows the distillation path moving real
 knowledge from a real teacher, nothing about the quality a real run on SA-1B reaches.
 
