@@ -52,6 +52,8 @@ def models_cli(
                 "paper_macs_g": spec.paper_macs_g,
                 "checkpoint_file": spec.filename,
                 "checkpoint_url": spec.url,
+                "checkpoint_source": spec.source or spec.url,
+                "licence": spec.licence,
             }
         )
         table.add_row(

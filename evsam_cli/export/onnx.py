@@ -337,6 +337,7 @@ def export_onnx(
         "model": model.name,
         "input_size": size,
         "prompt_size": model.prompt_size,
+        "preprocessing": model.preprocessing,
         "pixel_mean": list(PIXEL_MEAN),
         "pixel_std": list(PIXEL_STD),
         "opset": opset,

@@ -135,6 +135,7 @@ def export_model(
         "dtype": "float32",  # I/O dtype of every graph and engine
         "input_size": net.input_size,
         "prompt_size": net.prompt_size,
+        "preprocessing": net.preprocessing,
         "pixel_mean": list(PIXEL_MEAN),
         "pixel_std": list(PIXEL_STD),
         "opset": onnx_export.opset,

@@ -27,7 +27,7 @@ from ..errors import SettingError
 
 log = logging.getLogger("evsam.train")
 
-TEACHERS = ("vit_b", "vit_l", "vit_h")
+TEACHERS = ("vit_b", "vit_l", "vit_h", "mobile_sam", "lite_medsam")  # train.distill.TEACHER_MODELS
 
 
 class ConfigError(SettingError):

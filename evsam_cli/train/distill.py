@@ -1,8 +1,9 @@
-"""Knowledge distillation: an EfficientViT-SAM image encoder learns SAM-ViT's image embedding.
+"""Knowledge distillation: an EfficientViT-SAM image encoder learns a SAM teacher's image embedding.
 
 As in the paper, the loss is the mean squared error between the student's and the frozen
 teacher's (256, 64, 64) embeddings of SA-1B images, each model seeing the image at its own
-input size. The teacher's forward pass is the dominant cost (ViT-H is ~3 TFLOPs per image), so
+input size and with its own preprocessing. Teachers are SAM's ViTs (the paper's) or the
+cheaper TinyViT SAMs: MobileSAM (1024 px) and LiteMedSAM (256 px, min-max normalised). The teacher's forward pass is the dominant cost (ViT-H is ~3 TFLOPs per image), so
 its embeddings go through a ``TeacherCache``: computed once per image, reused across epochs and
 runs, and the teacher is not even built while every image it is asked for is cached.
 
@@ -47,13 +48,35 @@ from .teacher_cache import TeacherCache, file_sha256
 
 log = logging.getLogger("evsam.distill")
 
-TEACHER_SIZE = 1024
-TEACHER_MODELS = {"vit_b": "sam-vit-b", "vit_l": "sam-vit-l", "vit_h": "sam-vit-h"}
+# --teacher choices -> zoo models (train/config.py and cli/distill.py list the same names).
+TEACHER_MODELS = {
+    "vit_b": "sam-vit-b",
+    "vit_l": "sam-vit-l",
+    "vit_h": "sam-vit-h",
+    "mobile_sam": "mobile-sam",
+    "lite_medsam": "lite-medsam",
+}
+
+
+@dataclass(frozen=True)
+class TeacherFrame:
+    """How the teacher sees an image: its input side and its preprocessing."""
+
+    size: int
+    interpolation: str
+    preprocessing: str
+
+
+def teacher_frame(teacher: str) -> TeacherFrame:
+    """The input frame of ``--teacher`` (read off its zoo model, built on the meta device)."""
+    with torch.device("meta"):
+        model = get_spec(TEACHER_MODELS[teacher]).build()
+    return TeacherFrame(model.input_size, model.interpolation, model.preprocessing)
 
 
 # ---------------------------------------------------------------------------- teacher
 def read_teacher_head(teacher: str, checkpoint: str | os.PathLike[str]) -> dict[str, Tensor]:
-    """Check that ``checkpoint`` is a SAM ``teacher`` file and return its prompt encoder + mask decoder.
+    """Check that ``checkpoint`` is a ``teacher`` file and return its prompt encoder + mask decoder.
 
     Only tensor names and shapes are compared (the file is memory-mapped), so a wrong file fails
     in a second, before any training starts. Raises ``CheckpointError`` naming the file, the
@@ -71,10 +94,11 @@ def read_teacher_head(teacher: str, checkpoint: str | os.PathLike[str]) -> dict[
     if problem is not None:
         found = guess_model(state)
         hint = ""
-        if found in TEACHER_MODELS.values():
-            hint = f"; it is a {found} checkpoint: use teacher {found.removeprefix('sam-').replace('-', '_')}"
+        by_model = {model: choice for choice, model in TEACHER_MODELS.items()}
+        if found in by_model:
+            hint = f"; it is a {found} checkpoint: use teacher {by_model[found]}"
         elif found:
-            hint = f"; it is a {found} checkpoint, not a SAM ViT"
+            hint = f"; it is a {found} checkpoint, which is not a teacher model"
         raise CheckpointError(f"teacher_checkpoint does not fit teacher {teacher}: {problem}{hint}").naming(
             "teacher_checkpoint", "teacher"
         )
@@ -82,10 +106,12 @@ def read_teacher_head(teacher: str, checkpoint: str | os.PathLike[str]) -> dict[
 
 
 class Teacher:
-    """SAM ViT image encoder, frozen and in eval mode, built on first use (a warm cache never builds it)."""
+    """The teacher's image encoder, frozen and in eval mode, built on first use (a warm cache never
+    builds it)."""
 
     def __init__(self, teacher: str, checkpoint: str, device: torch.device, *, amp: bool) -> None:
         self.name = TEACHER_MODELS[teacher]
+        self.frame = teacher_frame(teacher)
         self.checkpoint = checkpoint
         self.device = device
         self.dtype = amp_dtype(device, amp)
@@ -102,12 +128,13 @@ class Teacher:
 
     @torch.no_grad()
     def __call__(self, images: Tensor, sizes: Tensor) -> Tensor:
-        """(M, 3, 1024, 1024) uint8 padded + (M, 2) sizes -> (M, 256, 64, 64) embeddings, fp16-rounded.
+        """(M, 3, S, S) uint8 padded (S: the teacher's input size) + (M, 2) sizes -> (M, 256, 64, 64)
+        embeddings, fp16-rounded.
 
         Rounded to float16 whether or not a cache stores them, so a cold and a warm run train on
         identical targets.
         """
-        x = normalize_padded(images.to(self.device), sizes)
+        x = normalize_padded(images.to(self.device), sizes, self.frame.preprocessing)
         with torch.autocast(
             self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None
         ):
@@ -123,12 +150,15 @@ class DistillTransform:
 
     student_size: int
     cache: TeacherCache | None
+    teacher: TeacherFrame = TeacherFrame(1024, "bilinear", "sam")
 
     def __call__(self, record: Sa1bRecord, rng: np.random.Generator) -> dict[str, Any]:
         student, student_hw = resize_longest_padded(record.image, self.student_size)
         target = self.cache.load(record.image_id) if self.cache is not None else None
         teacher, teacher_hw = (
-            (None, None) if target is not None else resize_longest_padded(record.image, TEACHER_SIZE)
+            (None, None)
+            if target is not None
+            else resize_longest_padded(record.image, self.teacher.size, self.teacher.interpolation)
         )
         return {
             "image_id": record.image_id,
@@ -261,7 +291,7 @@ def distill(
     student = create_model(spec.name, input_size=image_size, device=device)
     encoder = student.image_encoder.train()
 
-    transform = DistillTransform(image_size, cache)
+    transform = DistillTransform(image_size, cache, teacher_frame(cfg.teacher))
     stream = batch_stream(
         source,
         transform=transform,
