@@ -90,7 +90,7 @@ def _leave_process_group() -> None:
     exit can abort the process: "terminate called without an active exception", exit code -6).
     Commands that never imported torch.distributed skip this without importing torch."""
     if "torch.distributed" in sys.modules:
-        from .. import distributed
+        from ..utils import distributed
 
         distributed.cleanup()
 

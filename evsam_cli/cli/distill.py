@@ -86,7 +86,7 @@ def distill_cli(
 
       evsam distill --output runs/l0 --resume
     """
-    from .. import distributed as dist_utils
+    from ..utils import distributed as dist_utils
     from ..train.config import DataConfig, DistillConfig, LoopConfig, OptimConfig
     from ..train.distill import distill
 

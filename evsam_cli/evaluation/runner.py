@@ -27,7 +27,7 @@ import torch
 from pycocotools import mask as mask_utils
 from torch.utils.data import DataLoader
 
-from .. import distributed as dist_utils
+from ..utils import distributed as dist_utils
 from ..accel.encoder import optimize_encoder
 from ..errors import DataError
 from ..models import create_model

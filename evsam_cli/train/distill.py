@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .. import distributed as dist_utils
+from ..utils import distributed as dist_utils
 from ..data.sa1b import Sa1bRecord, open_sa1b
 from ..data.transforms import normalize_padded, resize_longest_padded
 from ..errors import CheckpointError

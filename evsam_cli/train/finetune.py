@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import distributed as dist_utils
+from ..utils import distributed as dist_utils
 from ..data.coco_train import open_coco
 from ..data.sa1b import Sa1bRecord, collate_stack, decode_mask, open_sa1b
 from ..data.transforms import normalize_padded, resize_longest_padded, resize_mask_padded

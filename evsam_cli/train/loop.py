@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .. import distributed as dist_utils
+from ..utils import distributed as dist_utils
 from ..data.sa1b import BatchStream, Collate, Sa1bStream, Transform, count_train_images
 from ..errors import CheckpointError, EvsamError
 from ..utils.devices import resolve_device
