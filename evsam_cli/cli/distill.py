@@ -86,9 +86,9 @@ def distill_cli(
 
       evsam distill --output runs/l0 --resume
     """
-    from ..utils import distributed as dist_utils
     from ..train.config import DataConfig, DistillConfig, LoopConfig, OptimConfig
     from ..train.distill import distill
+    from ..utils import distributed as dist_utils
 
     check_resume(resume, overwrite)
     if not resume and teacher_checkpoint is None:

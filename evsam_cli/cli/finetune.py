@@ -54,6 +54,18 @@ def finetune_cli(
             "--freeze-bn/--train-bn", help="Keep the encoder's BatchNorm statistics fixed while training."
         ),
     ] = False,
+    freeze_encoder: Annotated[
+        bool,
+        typer.Option(
+            help="Freeze the image encoder; train the prompt encoder and mask decoder on cached embeddings."
+        ),
+    ] = False,
+    embedding_cache: Annotated[
+        Path | None,
+        typer.Option(
+            help="With --freeze-encoder: embedding cache to share between runs (default: in --output)."
+        ),
+    ] = None,
     lr: opt.LrOption = 1e-4,
     weight_decay: opt.WeightDecayOption = 0.05,
     warmup_steps: opt.WarmupStepsOption = 250,
@@ -84,6 +96,8 @@ def finetune_cli(
 
       evsam finetune --model l0 --init efficientvit_sam_l0.pt --data my/images --annotations my/instances.json --output runs/mine
 
+      evsam finetune --model l0 --init efficientvit_sam_l0.pt --data my/images --annotations my/instances.json --freeze-encoder --embedding-cache cache/ --output runs/mine_frozen
+
       torchrun --nproc-per-node 8 -m evsam_cli finetune --model l0 --init runs/l0/student.pt --data SA1B_DIR --output runs/l0_ft
     """
     from ..train.config import DataConfig, FinetuneConfig, LoopConfig, OptimConfig
@@ -105,6 +119,8 @@ def finetune_cli(
         masks_per_image=masks_per_image,
         annotations=str(annotations) if annotations else None,
         freeze_bn=freeze_bn,
+        freeze_encoder=freeze_encoder,
+        embedding_cache=str(embedding_cache) if embedding_cache else None,
         loop=LoopConfig(
             output=str(output),
             steps=steps,
@@ -133,10 +149,16 @@ def finetune_cli(
         ("steps", str(summary["steps"])),
         ("images", str(summary["images"])),
         ("images/s", f"{summary['images_per_s']:.2f}"),
+        ("steps/s", f"{summary['steps_per_s']:.3g}"),
         ("final loss", "-" if summary["final_loss"] is None else f"{summary['final_loss']:.4g}"),
         ("val IoU (%)", "-" if summary["val_iou"] is None else f"{summary['val_iou']:.2f}"),
         ("best val IoU (%)", f"{best['val_iou']:.2f} @ {best['step']}" if best else "-"),
         ("skipped images", str(len(summary["skipped_images"]))),
+        *(
+            [("embedding cache hits / misses", f"{cache['hits']} / {cache['misses']}")]
+            if (cache := summary["embedding_cache"])
+            else []
+        ),
         ("weights", summary["weights"]),
     ):
         table.add_row(name, value)

@@ -27,12 +27,12 @@ import torch
 from pycocotools import mask as mask_utils
 from torch.utils.data import DataLoader
 
-from ..utils import distributed as dist_utils
 from ..accel.encoder import optimize_encoder
 from ..errors import DataError
 from ..models import create_model
 from ..models.sam import Sam
 from ..predictor.sam_predictor import default_prompts_per_pass
+from ..utils import distributed as dist_utils
 from ..utils.devices import resolve_device
 from ..utils.io import write_json_atomic
 from . import detectors as det

@@ -117,6 +117,8 @@ class FinetuneConfig:
     masks_per_image: int = 16
     annotations: str | None = None  # COCO-format data: the instances JSON (``data.path`` is the image folder)
     freeze_bn: bool = False  # keep BatchNorm statistics fixed (BN layers in eval mode) while training
+    freeze_encoder: bool = False  # train the prompt encoder and mask decoder on cached image embeddings
+    embedding_cache: str | None = None  # with freeze_encoder; None: OUTPUT/embedding_cache
     focal_weight: float = 20.0
     dice_weight: float = 1.0
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(output="runs/finetune"))
@@ -126,6 +128,9 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         _check(self.masks_per_image >= 1, f"--masks-per-image must be >= 1, got {self.masks_per_image}")
         _check(self.focal_weight >= 0 and self.dice_weight >= 0, "loss weights must be >= 0")
+        _check(
+            self.freeze_encoder or self.embedding_cache is None, "--embedding-cache needs --freeze-encoder"
+        )
 
 
 C = TypeVar("C")

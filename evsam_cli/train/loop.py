@@ -33,9 +33,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..utils import distributed as dist_utils
 from ..data.sa1b import BatchStream, Collate, Sa1bStream, Transform, count_train_images
 from ..errors import CheckpointError, EvsamError
+from ..utils import distributed as dist_utils
 from ..utils.devices import resolve_device
 from ..utils.io import atomic_path, write_json_atomic
 from .config import DataConfig, DistillConfig, FinetuneConfig, LoopConfig, OptimConfig, from_dict
