@@ -57,7 +57,8 @@ def finetune_cli(
     freeze_encoder: Annotated[
         bool,
         typer.Option(
-            help="Freeze the image encoder; train the prompt encoder and mask decoder on cached embeddings."
+            "--freeze-encoder",
+            help="Freeze the image encoder; train the prompt encoder and mask decoder on cached embeddings.",
         ),
     ] = False,
     embedding_cache: Annotated[
