@@ -179,6 +179,8 @@ class FinetuneConfig:
     masks_per_image: int = 16
     annotations: str | None = None  # COCO-format data: the instances JSON (``data.path`` is the image folder)
     freeze_bn: bool = False  # keep BatchNorm statistics fixed (BN layers in eval mode) while training
+    freeze_encoder: bool = False  # train the prompt encoder and mask decoder on cached image embeddings
+    embedding_cache: str | None = None  # with freeze_encoder; None: OUTPUT/embedding_cache
     focal_weight: float = 20.0
     dice_weight: float = 1.0
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(output="runs/finetune"))
@@ -205,6 +207,12 @@ class FinetuneConfig:
             "focal_weight and dice_weight must be >= 0",
             "focal_weight",
             "dice_weight",
+        )
+        _check(
+            self.freeze_encoder or self.embedding_cache is None,
+            "embedding_cache needs freeze_encoder",
+            "embedding_cache",
+            "freeze_encoder",
         )
 
 
