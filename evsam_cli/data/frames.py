@@ -76,7 +76,7 @@ def resize_longest(image: np.ndarray, long_side: int, interpolation: str = "bili
         return resize_area(image, new_h, new_w)
     if interpolation != "bilinear":
         raise ValueError(f"unknown interpolation {interpolation!r}; known: bilinear, area")
-    return np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
+    return np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BILINEAR))
 
 
 def preprocess_image(

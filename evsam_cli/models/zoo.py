@@ -154,11 +154,12 @@ def _sam_vit(name: str, kind: str) -> Callable[[], Sam]:
     return build
 
 
-for _kind, _file, _params, _macs in (
+_sam_vits: tuple[tuple[str, str, float | None, float | None], ...] = (
     ("vit_b", "sam_vit_b_01ec64.pth", None, None),
     ("vit_l", "sam_vit_l_0b3195.pth", None, None),
     ("vit_h", "sam_vit_h_4b8939.pth", 641.1, 2973.0),
-):
+)
+for _kind, _file, _params, _macs in _sam_vits:
     _name = "sam-" + _kind.replace("_", "-")
     register(
         ModelSpec(

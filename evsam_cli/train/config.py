@@ -240,7 +240,7 @@ def defaults(cls: type[Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         if f.name in _SECTIONS:
-            section = f.default_factory()  # type: ignore[misc]
+            section = f.default_factory()  # type: ignore[operator]  # sections have one
             out.update({s.name: getattr(section, s.name) for s in dataclasses.fields(section)})
         elif f.default is not dataclasses.MISSING:
             out[f.name] = f.default
@@ -256,7 +256,8 @@ def from_flat(cls: type[C], **settings: Any) -> C:
         own = {f.name for f in dataclasses.fields(section_cls)}
         given = {k: settings.pop(k) for k in list(settings) if k in own}
         if name in top:
-            base = next(f for f in dataclasses.fields(cls) if f.name == name).default_factory()  # type: ignore[arg-type,misc]
+            field = next(f for f in dataclasses.fields(cls) if f.name == name)  # type: ignore[arg-type]
+            base = field.default_factory()  # type: ignore[operator]  # sections have one
             kwargs[name] = dataclasses.replace(base, **given)
     unknown = set(settings) - top
     if unknown:

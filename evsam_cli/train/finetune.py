@@ -26,7 +26,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -305,7 +305,7 @@ class BoxValidation:
         ]
 
     def __call__(self, model: nn.Module) -> dict[str, float]:
-        sam: Sam = model.sam
+        sam = cast(Sam, model.sam)
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         for record, masks in zip(self.records, self.masks, strict=True):
             if not masks:
@@ -489,7 +489,7 @@ def finetune(
             input_size=image_size,
             interpolation=sam.interpolation,
             batch_size=cfg.data.batch_size,
-            workers=cfg.data.workers,
+            workers=cfg.data.worker_count(),
             progress=progress,
         )
     stream = batch_stream(
@@ -519,7 +519,7 @@ def finetune(
     )
 
     def save_model(m: nn.Module, path: Path) -> None:
-        save_weights(m.sam, path, input_size=image_size, finetuned=True)
+        save_weights(cast(Sam, m.sam), path, input_size=image_size, finetuned=True)
 
     result = train(
         model=model,
@@ -542,6 +542,7 @@ def finetune(
     if embed is not None:
         counts = dist_utils.all_gather_objects((embed.hits, embed.misses))
         hits, misses = sum(h for h, _ in counts), sum(m for _, m in counts)
+        assert embed.cache is not None
         cache_stats = {"folder": str(embed.cache.folder), "hits": hits, "misses": misses}
     summary = {
         "model": spec.name,
