@@ -185,14 +185,19 @@ def test_lite_medsam_teaches_through_evsam_distill(tmp_path, lite_medsam_file, l
 
     from evsam_cli.data.images import load_image
     from evsam_cli.data.transforms import normalize_padded, resize_longest_padded
+    from evsam_cli.train.embedding_cache import image_key
 
-    (cache_file,) = (tmp_path / "cache").rglob("*.npy")
-    cached = np.load(cache_file)
-    image = load_image(tmp_path / "sa1b" / f"sa_{cache_file.stem}.jpg")
+    (cache_file,) = (tmp_path / "cache").rglob("*.pt")
+    assert "-256-" in cache_file.parent.parent.name  # keyed by the teacher's own input size
+    images = [load_image(f) for f in sorted((tmp_path / "sa1b").glob("sa_*.jpg"))]
+    (image,) = [im for im in images if image_key(im) == cache_file.stem]  # keyed by content
+    entry = torch.load(cache_file, weights_only=True)
+    assert entry["key"] == cache_file.stem
+    cached = entry["embedding"]
     pixels, hw = resize_longest_padded(image, 256, "area")
     teacher = lite_medsam
     with torch.no_grad():
         expected = teacher.image_encoder(normalize_padded(pixels[None], torch.tensor([hw]), "minmax-area"))
-    torch.testing.assert_close(torch.from_numpy(cached).float(), expected[0].half().float())
+    torch.testing.assert_close(cached.float(), expected[0].half().float())
     student = create_model("l0", checkpoint=tmp_path / "run" / "student.pt", input_size=64)
     torch.testing.assert_close(student.mask_decoder.state_dict(), teacher.mask_decoder.state_dict())

@@ -124,6 +124,8 @@ def finetune_cli(
         masks_per_image=masks_per_image,
         annotations=str(annotations) if annotations else None,
         freeze_bn=freeze_bn,
+        freeze_encoder=freeze_encoder,
+        embedding_cache=str(embedding_cache) if embedding_cache else None,
         **opt.train_settings(locals()),
     )
     summary = finetune(cfg, resume=resume, overwrite=overwrite, progress=progress)
