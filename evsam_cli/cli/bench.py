@@ -8,10 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
-from .common import command, console, err_console
-
-
 from ..throughput.names import engine_names
+from .common import command, console, err_console
 
 # torch, compile and every registered export runtime (``export.runtimes``)
 EngineName = Enum("EngineName", {name: name for name in engine_names()}, type=str)  # type: ignore[misc]

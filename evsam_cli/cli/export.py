@@ -8,10 +8,8 @@ from typing import Annotated
 
 import typer
 
-from .common import command, console
-
-
 from ..export.runtimes import RUNTIMES, export_formats
+from .common import command, console
 
 # one format per registered export runtime (``export.runtimes``)
 Format = Enum("Format", {fmt: fmt for fmt in export_formats()}, type=str)  # type: ignore[misc]

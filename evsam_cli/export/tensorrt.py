@@ -442,6 +442,7 @@ def measure_engine_parity(net: Any, out: Path, *, tolerance: Tolerance) -> dict[
 
     from ..predictor.sam_predictor import SamPredictor
     from .parity import ParityRecorder, synthetic_image
+
     image = synthetic_image()
     ref = SamPredictor(net)
     ours = TrtSamPredictor(out / "encoder.engine", out / "decoder.engine")

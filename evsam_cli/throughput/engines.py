@@ -18,7 +18,6 @@ import numpy as np
 
 from ..errors import EvsamError
 from ..export.errors import ExportError
-
 from ..export.runtimes import RUNTIMES, get_runtime
 from .names import TORCH_ENGINES, engine_names
 
