@@ -14,6 +14,12 @@ Both models load that same state dict (the official one is saved with torch.save
 Usage:
   python benchmarks/bench_amg.py                       # L0, 32x32 points, 768x1024 image
   python benchmarks/bench_amg.py --points-per-side 16 --box-nms-thresh 1.0 --json out.json
+  python benchmarks/bench_amg.py --peak-rss 375x500 1500x1500   # evsam's peak memory only
+
+``--peak-rss HxW ...`` runs evsam's generator (the settings above, same weights) once per image
+size, each in a fresh Python process, and reports the process's peak resident set size
+(``ru_maxrss``: the model, PyTorch and everything the generation allocated), as ``evsam predict
+--everything`` would use it.
 Needs ``efficientsam==1.0.0`` (pip install 'evsam[dev]').
 """
 
@@ -93,6 +99,72 @@ def machine() -> dict:
     }
 
 
+def peak_rss_child(args: argparse.Namespace) -> None:
+    """In a fresh process: build the model, generate masks for one image, print the peak RSS."""
+    import resource
+
+    from evsam_cli.data.synthetic import synth_image
+    from evsam_cli.models import create_model
+    from evsam_cli.predictor.automatic import AutomaticMaskGenerator
+
+    h, w = (int(v) for v in args.rss_child.split("x"))
+    torch.manual_seed(args.seed)
+    model = create_model(args.model).eval()
+    with torch.no_grad():  # the official_model shifts, so that masks pass the thresholds
+        model.mask_decoder.iou_prediction_head.layers[-1].bias += 0.9
+        for mlp in model.mask_decoder.output_hypernetworks_mlps:
+            mlp.layers[-1].weight *= 100
+    image, _, _ = synth_image(np.random.default_rng(args.seed), h, w, 12)
+    gen = AutomaticMaskGenerator(
+        model,
+        points_per_side=args.points_per_side,
+        points_per_batch=args.points_per_batch,
+        pred_iou_thresh=args.pred_iou_thresh,
+        stability_score_thresh=args.stability_score_thresh,
+        box_nms_thresh=args.box_nms_thresh,
+        crop_n_layers=args.crop_n_layers,
+    )
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t0 = time.perf_counter()
+    masks = gen.generate(image)
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(
+        json.dumps(
+            {
+                "size": [h, w],
+                "masks": len(masks),
+                "seconds": seconds,
+                "rss_before_mb": before,
+                "peak_rss_mb": peak,
+            }
+        )
+    )
+
+
+def peak_rss(args: argparse.Namespace) -> None:
+    """``peak_rss_child`` for every ``--peak-rss`` size, each in its own process."""
+    import sys
+
+    rows = []
+    passed = [
+        f"--{k.replace('_', '-')}={v}"
+        for k, v in vars(args).items()
+        if k not in ("peak_rss", "rss_child", "json") and v is not None
+    ]
+    for size in args.peak_rss:
+        out = subprocess.run(
+            [sys.executable, __file__, *passed, "--rss-child", size],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"peak_rss": rows, "machine": machine()}, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="efficientvit-sam-l0")
@@ -106,9 +178,17 @@ def main() -> None:
     parser.add_argument("--points-per-batch", type=int, default=128, help="ours (official: its default 64)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--peak-rss", nargs="+", metavar="HxW", default=None, help="evsam's peak RSS per image size"
+    )
+    parser.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     # As the evsam command does at start; it applies to both implementations in this process.
     tune_cpu_allocator()
+    if args.rss_child:
+        return peak_rss_child(args)
+    if args.peak_rss:
+        return peak_rss(args)
 
     from efficientsam.models.efficientvit.sam import EfficientViTSamAutomaticMaskGenerator
 

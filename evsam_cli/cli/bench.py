@@ -8,14 +8,11 @@ from typing import Annotated, Any
 
 import typer
 
+from ..throughput.names import engine_names
 from .common import command, console, err_console
 
-
-class EngineName(str, Enum):
-    torch = "torch"
-    compile = "compile"
-    onnxruntime = "onnxruntime"
-    trt = "trt"
+# torch, compile and every registered export runtime (``export.runtimes``)
+EngineName = Enum("EngineName", {name: name for name in engine_names()}, type=str)  # type: ignore[misc]
 
 
 class DType(str, Enum):
@@ -29,7 +26,10 @@ def bench_cli(
     model: Annotated[
         str, typer.Option(help="Model name or alias (see `evsam models`).")
     ] = "efficientvit-sam-l0",
-    engine: Annotated[EngineName, typer.Option(help="What runs the model.")] = EngineName.torch,
+    engine: Annotated[
+        EngineName,  # type: ignore[valid-type]
+        typer.Option(help="What runs the model: the model in PyTorch, or an exported runtime."),
+    ] = EngineName.torch,  # type: ignore[attr-defined]
     checkpoint: Annotated[
         Path | None, typer.Option(help="Weights to load; random weights if omitted.")
     ] = None,

@@ -8,12 +8,11 @@ from typing import Annotated
 
 import typer
 
+from ..export.runtimes import RUNTIMES, export_formats
 from .common import command, console
 
-
-class Format(str, Enum):
-    onnx = "onnx"
-    trt = "trt"
+# one format per registered export runtime (``export.runtimes``)
+Format = Enum("Format", {fmt: fmt for fmt in export_formats()}, type=str)  # type: ignore[misc]
 
 
 class Exporter(str, Enum):
@@ -30,8 +29,12 @@ def export_cli(
         Path | None, typer.Option(help="Weights to load (official or evsam file); random weights if omitted.")
     ] = None,
     fmt: Annotated[
-        Format, typer.Option("--format", help="onnx, or trt (ONNX + TensorRT engines).")
-    ] = Format.onnx,
+        Format,  # type: ignore[valid-type]
+        typer.Option(
+            "--format",
+            help="; ".join(f"{r.format}: {r.description}" for r in RUNTIMES.values()) + ".",
+        ),
+    ] = Format.onnx,  # type: ignore[attr-defined]
     fp16: Annotated[
         bool, typer.Option("--fp16", help="TensorRT fp16 engines (normalisation kept in fp32).")
     ] = False,
@@ -80,6 +83,12 @@ def export_cli(
         error("--fp16 and --bf16 exclude each other")
         raise typer.Exit(1)
     precision = "fp16" if fp16 else "bf16" if bf16 else "fp32"
+    from ..export.runtimes import runtime_for_format
+
+    if precision not in runtime_for_format(fmt.value).precisions:
+        takes = [f"--format {r.format}" for r in RUNTIMES.values() if precision in r.precisions]
+        error(f"--{precision} applies to {' or '.join(takes)}; {fmt.value} files are float32")
+        raise typer.Exit(1)
     from ..export.pipeline import preflight
     from ..models import resolve_name
 

@@ -2,7 +2,8 @@
 
 ``OnnxSamPredictor`` needs only numpy, Pillow and onnxruntime; the exporters (which need torch)
 and the TensorRT pieces are imported on first use, so ``from evsam_cli.export import
-OnnxSamPredictor`` does not load PyTorch.
+OnnxSamPredictor`` does not load PyTorch. The runtimes (onnxruntime, TensorRT) are registered in
+``runtimes``, which imports nothing heavy (the CLI reads its choices there).
 """
 
 from __future__ import annotations
@@ -10,11 +11,14 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-from ..data.frames import bilinear_matrix
 from .errors import ExportError
-from .runtime import ExportedSamPredictor, OnnxSamPredictor, postprocess_matrices
+from .runtimes import RUNTIMES, ExportRuntime, get_runtime, register_runtime, runtime_for_format
 
 _LAZY = {
+    "bilinear_matrix": "..data.frames",
+    "ExportedSamPredictor": ".runtime",
+    "OnnxSamPredictor": ".runtime",
+    "postprocess_matrices": ".runtime",
     "export_onnx": ".onnx",
     "OnnxExport": ".onnx",
     "DecoderOnnxWrapper": ".onnx",
@@ -33,11 +37,12 @@ _LAZY = {
 }
 
 __all__ = [
+    "RUNTIMES",
     "ExportError",
-    "ExportedSamPredictor",
-    "OnnxSamPredictor",
-    "bilinear_matrix",
-    "postprocess_matrices",
+    "ExportRuntime",
+    "get_runtime",
+    "register_runtime",
+    "runtime_for_format",
     *_LAZY,
 ]
 

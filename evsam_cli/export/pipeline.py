@@ -17,15 +17,9 @@ from .. import __version__
 from ..utils.io import write_json_atomic
 from .errors import ExportError
 from .parity import Tolerance
+from .runtimes import runtime_for_format
 
-FORMATS = ("onnx", "trt")
 PRECISIONS = ("fp32", "fp16", "bf16")
-# TensorRT runs TF32 for fp32 by default and fp16 with fp32 islands: looser than onnxruntime's fp32.
-TRT_TOLERANCE = {
-    "fp32": Tolerance(atol=1e-2, rtol=1e-2),
-    "fp16": Tolerance(0.1, 0.1),
-    "bf16": Tolerance(0.1, 0.1),
-}
 
 
 def _versions() -> dict[str, str | None]:
@@ -54,21 +48,12 @@ def _versions() -> dict[str, str | None]:
 
 
 def preflight(*, fmt: str, precision: str) -> None:
-    """The checks that need no model (format, precision, TensorRT and a GPU for ``trt``)."""
-    if fmt not in FORMATS:
-        raise ExportError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
+    """The checks that need no model: a registered format, a precision it builds, its runtime
+    (and device) present."""
+    runtime = runtime_for_format(fmt)
     if precision not in PRECISIONS:
         raise ExportError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
-    if fmt == "onnx" and precision != "fp32":
-        raise ExportError(
-            "ONNX graphs are exported in float32; --fp16 applies to --format trt, where TensorRT builds "
-            "fp16 kernels and keeps the normalisation layers in float32"
-        )
-    if fmt == "trt":  # fail before the slow steps
-        from .tensorrt import import_tensorrt, require_cuda
-
-        require_cuda()
-        import_tensorrt()
+    runtime.check(precision=precision)
 
 
 def export_model(
@@ -94,7 +79,8 @@ def export_model(
 
     Args:
       model / checkpoint / input_size: as ``create_model`` (random weights without checkpoint).
-      fmt: "onnx" (encoder.onnx, decoder.onnx) or "trt" (also encoder.engine, decoder.engine).
+      fmt: a registered format (``export.runtimes``): "onnx" (encoder.onnx, decoder.onnx) or
+        "trt" (also encoder.engine, decoder.engine).
       precision: TensorRT precision ("fp32", "fp16", "bf16"); ONNX graphs are always float32.
       opset / exporter: ONNX opset (default: 20 for "onnx", where GELU is one op for
         onnxruntime; 17 for "trt", what TensorRT 10's parser covers) and exporter ("auto",
@@ -112,7 +98,7 @@ def export_model(
 
     from ..models import create_model
     from ..models.sam import PIXEL_MEAN, PIXEL_STD
-    from .onnx import DEFAULT_OPSET, ONNXRUNTIME_OPSET, export_onnx
+    from .onnx import export_onnx
     from .parity import measure_parity
 
     step = progress or (lambda _msg: None)
@@ -125,7 +111,7 @@ def export_model(
         raise ExportError(str(exc)) from None
     step("exporting ONNX graphs")
     if opset is None:
-        opset = ONNXRUNTIME_OPSET if fmt == "onnx" else DEFAULT_OPSET
+        opset = runtime_for_format(fmt).default_opset()
     onnx_export = export_onnx(net, out, opset=opset, exporter=exporter)
     record: dict[str, Any] = {
         "model": net.name,
@@ -160,18 +146,20 @@ def export_model(
         except ExportError as exc:
             failure = exc
             record["parity"]["onnxruntime"] = getattr(exc, "parity", {})
-    if failure is None and fmt == "trt":
-        failure = _export_trt(
+    if failure is None:
+        failure = runtime_for_format(fmt).build(
             net,
             out,
             record,
             onnx_export,
             precision=precision,
-            max_batch=max_batch,
-            max_prompts=max_prompts,
-            max_points=max_points,
-            opt_prompts=opt_prompts,
-            workspace_gb=workspace_gb,
+            settings=dict(
+                max_batch=max_batch,
+                max_prompts=max_prompts,
+                max_points=max_points,
+                opt_prompts=opt_prompts,
+                workspace_gb=workspace_gb,
+            ),
             check=check,
             step=step,
         )
@@ -182,85 +170,3 @@ def export_model(
     if failure is not None:
         raise failure
     return record
-
-
-def _export_trt(
-    net: Any,
-    out: Path,
-    record: dict[str, Any],
-    onnx_export: Any,
-    *,
-    precision: str,
-    max_batch: int,
-    max_prompts: int,
-    max_points: int,
-    opt_prompts: int | None,
-    workspace_gb: float,
-    check: bool,
-    step: Callable[[str], None],
-) -> ExportError | None:
-    from .tensorrt import build_engine, decoder_profile, encoder_profile
-
-    profiles = {
-        "encoder": encoder_profile(input_size=net.input_size, max_batch=max_batch),
-        "decoder": decoder_profile(
-            max_prompts=max_prompts,
-            max_points=max_points,
-            opt_prompts=opt_prompts,
-            mask_batch=onnx_export.mask_batch,
-        ),
-    }
-    fp32_layers = {}
-    for part, onnx_path in (("encoder", onnx_export.encoder_path), ("decoder", onnx_export.decoder_path)):
-        step(f"building the TensorRT {part} engine ({precision})")
-        built = build_engine(
-            onnx_path,
-            out / f"{part}.engine",
-            profile=profiles[part],
-            precision=precision,
-            workspace_gb=workspace_gb,
-        )
-        fp32_layers[part] = built.fp32_layers
-        record["files"][f"{part}_engine"] = built.path.name
-    record["tensorrt"] = {
-        "profiles": {part: {k: [list(s) for s in v] for k, v in p.items()} for part, p in profiles.items()},
-        "fp32_layers": fp32_layers,
-        "max_batch": max_batch,
-        "max_prompts": max_prompts,
-        "max_points": max_points,
-    }
-    if not check:
-        return None
-    step("checking TensorRT against PyTorch")
-    try:
-        record["parity"]["tensorrt"] = measure_engine_parity(net, out, tolerance=TRT_TOLERANCE[precision])
-    except ExportError as exc:
-        record["parity"]["tensorrt"] = getattr(exc, "parity", {})
-        return exc
-    return None
-
-
-def measure_engine_parity(net: Any, out: Path, *, tolerance: Tolerance) -> dict[str, Any]:
-    """TrtSamPredictor vs SamPredictor on the synthetic image (embeddings, logits, IoU)."""
-    import numpy as np
-
-    from ..predictor.sam_predictor import SamPredictor
-    from .parity import ParityRecorder, synthetic_image
-    from .tensorrt import TrtSamPredictor
-
-    image = synthetic_image()
-    ref = SamPredictor(net)
-    ours = TrtSamPredictor(out / "encoder.engine", out / "decoder.engine")
-    ref.set_image(image)
-    ours.set_image(image)
-    h, w = image.shape[:2]
-    boxes = np.array([[0.1 * w, 0.1 * h, 0.5 * w, 0.6 * h], [0.4 * w, 0.3 * h, 0.95 * w, 0.9 * h]])
-    pairs = [("embeddings", ours.get_image_embedding(), ref.get_image_embedding().cpu().numpy())]
-    _, ref_scores, ref_low = ref.predict_batch(boxes=boxes)
-    _, scores, low = ours.predict_batch(boxes=boxes)
-    pairs += [("logits", low, ref_low), ("iou", scores, ref_scores)]
-    rec = ParityRecorder(tolerance)
-    for name, a, b in pairs:
-        rec.check("image", name, a, b)
-    rec.raise_on_failure("TensorRT engines")
-    return {**rec.groups, "tolerance": {"atol": tolerance.atol, "rtol": tolerance.rtol}}

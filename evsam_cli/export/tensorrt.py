@@ -11,7 +11,7 @@ attention) are constrained to float32, where fp16 overflows.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from ..errors import DeviceError, MissingDependencyError
 from ..utils.io import write_bytes_atomic
 from .errors import ExportError
 from .onnx import FP32_TAG
+from .parity import Tolerance
 from .runtime import LOW_RES_SIZE, PIXEL_MEAN, PIXEL_STD, PROMPT_SIZE, ExportedSamPredictor
 
 Shape = tuple[int, ...]
@@ -368,3 +369,95 @@ def _export_json(engine_path: Path) -> dict[str, Any]:
     if candidate.is_file():
         return json.loads(candidate.read_text())
     return {}
+
+
+# ---------------------------------------------------------------------------- export step
+# TensorRT runs TF32 for fp32 by default and fp16 with fp32 islands: looser than onnxruntime's fp32.
+ENGINE_TOLERANCE = {
+    "fp32": Tolerance(atol=1e-2, rtol=1e-2),
+    "fp16": Tolerance(0.1, 0.1),
+    "bf16": Tolerance(0.1, 0.1),
+}
+
+
+def export_engines(
+    net: Any,
+    out: Path,
+    record: dict[str, Any],
+    onnx_export: Any,
+    *,
+    precision: str,
+    max_batch: int,
+    max_prompts: int,
+    max_points: int,
+    opt_prompts: int | None,
+    workspace_gb: float,
+    check: bool,
+    step: Callable[[str], None],
+) -> ExportError | None:
+    """TensorRT engines from the ONNX graphs of ``onnx_export`` into ``out`` and their profiles
+    into ``record``; with ``check`` their parity with PyTorch (the failure is returned, not raised,
+    so that ``export.json`` is written first)."""
+
+    profiles = {
+        "encoder": encoder_profile(input_size=net.input_size, max_batch=max_batch),
+        "decoder": decoder_profile(
+            max_prompts=max_prompts,
+            max_points=max_points,
+            opt_prompts=opt_prompts,
+            mask_batch=onnx_export.mask_batch,
+        ),
+    }
+    fp32_layers = {}
+    for part, onnx_path in (("encoder", onnx_export.encoder_path), ("decoder", onnx_export.decoder_path)):
+        step(f"building the TensorRT {part} engine ({precision})")
+        built = build_engine(
+            onnx_path,
+            out / f"{part}.engine",
+            profile=profiles[part],
+            precision=precision,
+            workspace_gb=workspace_gb,
+        )
+        fp32_layers[part] = built.fp32_layers
+        record["files"][f"{part}_engine"] = built.path.name
+    record["tensorrt"] = {
+        "profiles": {part: {k: [list(s) for s in v] for k, v in p.items()} for part, p in profiles.items()},
+        "fp32_layers": fp32_layers,
+        "max_batch": max_batch,
+        "max_prompts": max_prompts,
+        "max_points": max_points,
+    }
+    if not check:
+        return None
+    step("checking TensorRT against PyTorch")
+    try:
+        record["parity"]["tensorrt"] = measure_engine_parity(net, out, tolerance=ENGINE_TOLERANCE[precision])
+    except ExportError as exc:
+        record["parity"]["tensorrt"] = getattr(exc, "parity", {})
+        return exc
+    return None
+
+
+def measure_engine_parity(net: Any, out: Path, *, tolerance: Tolerance) -> dict[str, Any]:
+    """TrtSamPredictor vs SamPredictor on the synthetic image (embeddings, logits, IoU)."""
+    import numpy as np
+
+    from ..predictor.sam_predictor import SamPredictor
+    from .parity import ParityRecorder, synthetic_image
+
+    image = synthetic_image()
+    ref = SamPredictor(net)
+    ours = TrtSamPredictor(out / "encoder.engine", out / "decoder.engine")
+    ref.set_image(image)
+    ours.set_image(image)
+    h, w = image.shape[:2]
+    boxes = np.array([[0.1 * w, 0.1 * h, 0.5 * w, 0.6 * h], [0.4 * w, 0.3 * h, 0.95 * w, 0.9 * h]])
+    pairs = [("embeddings", ours.get_image_embedding(), ref.get_image_embedding().cpu().numpy())]
+    _, ref_scores, ref_low = ref.predict_batch(boxes=boxes)
+    _, scores, low = ours.predict_batch(boxes=boxes)
+    pairs += [("logits", low, ref_low), ("iou", scores, ref_scores)]
+    rec = ParityRecorder(tolerance)
+    for name, a, b in pairs:
+        rec.check("image", name, a, b)
+    rec.raise_on_failure("TensorRT engines")
+    return {**rec.groups, "tolerance": {"atol": tolerance.atol, "rtol": tolerance.rtol}}

@@ -37,7 +37,11 @@ class AmgSettings:
         "Grid points per side: points_per_side**2 prompts on the image and on every crop "
         "(divided by crop_n_points_downscale_factor**i in crop layer i).",
     )
-    points_per_batch: int = _setting(128, "Prompts decoded per decoder pass (memory grows with it).")
+    points_per_batch: int = _setting(
+        128,
+        "Points per batch between progress reports; the decoder takes them in passes of the "
+        "predictor's prompts per pass (16 on CPU), which bound the memory.",
+    )
     pred_iou_thresh: float = _setting(0.88, "Keep masks whose predicted IoU is above this (0: keep all).")
     stability_score_thresh: float = _setting(
         0.95, "Keep masks whose stability score is at least this (0: keep all)."

@@ -49,8 +49,9 @@ from .sam_predictor import SamPredictor
 
 __all__ = ["OUTPUT_MODES", "AmgConfigError", "AmgSettings", "AutomaticMaskGenerator", "validate_settings"]
 
-# Full-resolution logits upscaled at once are bounded to about this many float32 values.
-_FULL_RES_BUDGET = 2**26
+# Full-resolution logits upscaled at once are bounded to about this many float32 values (with
+# the stability score's comparisons and the masks, a few times this in bytes).
+_FULL_RES_BUDGET = 2**24
 
 
 @dataclass
@@ -222,7 +223,21 @@ class AutomaticMaskGenerator:
     def _process_batch(
         self, points: np.ndarray, crop_box: list[int], size: tuple[int, int], data: _Candidates
     ) -> None:
-        """Decode one batch of (N, 2) points (crop pixels) and append the masks that survive."""
+        """Decode one batch of (N, 2) points (crop pixels) and append the masks that survive.
+
+        The batch is decoded in passes of the predictor's ``max_prompts_per_pass`` prompts, each
+        carried through to its surviving masks before the next starts: the transformer's state
+        for a prompt (its image tokens, kept for the mask head) is megabytes, so the passes, not
+        ``points_per_batch``, bound the memory. Prompts are independent and their masks are
+        appended in prompt order, so the results do not depend on either size.
+        """
+        step = max(1, self.predictor.max_prompts_per_pass)
+        for start in range(0, len(points), step):
+            self._process_pass(points[start : start + step], crop_box, size, data)
+
+    def _process_pass(
+        self, points: np.ndarray, crop_box: list[int], size: tuple[int, int], data: _Candidates
+    ) -> None:
         dev = self.model.device
         backend = self.predictor.backend
         # Float64 prompt coordinates, as the official generator passes them.
@@ -240,6 +255,7 @@ class AutomaticMaskGenerator:
             return
         prompt_idx, token_idx = flat // 3, flat % 3
         low_res = backend.mask_logits(tokens, prompt_idx, token_idx)  # (K, 256, 256)
+        del tokens
         iou_kept = iou.flatten()[flat]
         points_kept = points[prompt_idx.cpu().numpy()]
 

@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import DeviceError, EvsamError
-
-ENGINES = ("torch", "compile", "onnxruntime", "trt")
-DTYPES = ("fp32", "fp16", "bf16")
+from ..errors import EvsamError
+from ..export.errors import ExportError
+from ..export.runtimes import RUNTIMES, get_runtime
+from .names import TORCH_ENGINES, engine_names
 
 
 class BenchError(EvsamError):
@@ -240,15 +240,6 @@ class TensorRTEngine(Engine):
         return self.decoder(feeds)
 
 
-def exported_files(folder: Path, suffix: str) -> tuple[Path, Path]:
-    """encoder/decoder files with ``suffix`` in ``folder``, or a ``BenchError`` naming what lacks."""
-    encoder, decoder = folder / f"encoder{suffix}", folder / f"decoder{suffix}"
-    missing = [str(p) for p in (encoder, decoder) if not p.is_file()]
-    if missing:
-        raise BenchError(f"exported files not found: {', '.join(missing)} (write them with `evsam export`)")
-    return encoder, decoder
-
-
 def make_engine(
     engine: str,
     *,
@@ -262,7 +253,7 @@ def make_engine(
     progress: Any = None,
 ) -> Engine:
     """Build the engine ``engine`` for ``model`` (a built ``Sam``), exporting to a temp folder if needed."""
-    if engine in ("torch", "compile"):
+    if engine in TORCH_ENGINES:
         return TorchEngine(
             model,
             device=device,
@@ -271,57 +262,35 @@ def make_engine(
             prompts=prompts,
             compile=engine == "compile",
         )
-    if engine == "onnxruntime":
-        if dtype != "fp32":
-            raise BenchError(
-                "onnxruntime runs the float32 graphs: use --dtype fp32 (fp16 is for torch, compile, trt)"
-            )
-        folder, tmp = _exported_folder(
-            exported,
-            model,
-            checkpoint,
-            fmt="onnx",
-            dtype=dtype,
-            batch_size=batch_size,
-            prompts=prompts,
-            progress=progress,
-        )
-        encoder, decoder = exported_files(folder, ".onnx")
-        eng = OnnxRuntimeEngine(encoder, decoder, device=device.type, batch_size=batch_size, prompts=prompts)
-        eng.close = tmp.cleanup if tmp else eng.close  # type: ignore[method-assign]
-        return eng
-    if engine == "trt":
-        if device.type != "cuda":
-            raise DeviceError("--engine trt needs an NVIDIA GPU (--device cuda); none is in use here")
-        from ..export.tensorrt import import_tensorrt, require_cuda
-
-        require_cuda()
-        import_tensorrt()
-        folder, tmp = _exported_folder(
-            exported,
-            model,
-            checkpoint,
-            fmt="trt",
-            dtype=dtype,
-            batch_size=batch_size,
-            prompts=prompts,
-            progress=progress,
-        )
-        encoder, decoder = exported_files(folder, ".engine")
-        mask_batch = _mask_batch(folder)
-        eng = TensorRTEngine(encoder, decoder, batch_size=batch_size, prompts=prompts, mask_batch=mask_batch)
-        eng.close = tmp.cleanup if tmp else eng.close  # type: ignore[method-assign]
-        return eng
-    raise BenchError(f"unknown engine {engine!r}: use one of {', '.join(ENGINES)}")
-
-
-def _mask_batch(folder: Path) -> str:
-    import json
-
-    meta = folder / "export.json"
-    if meta.is_file():
-        return json.loads(meta.read_text()).get("onnx", {}).get("mask_batch", "broadcast")
-    return "broadcast"
+    if engine not in RUNTIMES:
+        raise BenchError(f"unknown engine {engine!r}: use one of {', '.join(engine_names())}")
+    runtime = get_runtime(engine)
+    try:
+        runtime.check(precision=dtype, device_type=device.type)
+    except ExportError as exc:
+        raise BenchError(str(exc)) from None
+    folder, tmp = _exported_folder(
+        exported,
+        model,
+        checkpoint,
+        fmt=runtime.format,
+        dtype=dtype,
+        batch_size=batch_size,
+        prompts=prompts,
+        progress=progress,
+    )
+    try:
+        eng = runtime.bench_engine(folder, device=device, batch_size=batch_size, prompts=prompts)
+    except ExportError as exc:  # files missing from the user's folder
+        if tmp:
+            tmp.cleanup()
+        raise BenchError(str(exc)) from None
+    except BaseException:
+        if tmp:
+            tmp.cleanup()
+        raise
+    eng.close = tmp.cleanup if tmp else eng.close  # type: ignore[method-assign]
+    return eng
 
 
 def _exported_folder(
@@ -347,7 +316,7 @@ def _exported_folder(
             checkpoint=checkpoint,
             output_dir=tmp.name,
             fmt=fmt,
-            precision=dtype if fmt == "trt" else "fp32",
+            precision=dtype,
             input_size=model.input_size,
             max_batch=batch_size,
             max_prompts=max(prompts, 1),

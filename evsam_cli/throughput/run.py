@@ -7,7 +7,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .engines import DTYPES, ENGINES, BenchError, make_engine
+from .engines import BenchError, make_engine
+from .names import DTYPES, engine_names
 from .reference import GPUS, device_matches, known_gpus, reference_for
 from .timing import measure
 
@@ -28,8 +29,8 @@ def check_settings(
     *, engine: str, dtype: str, device_type: str, batch_size: int, prompts: int, warmup: int, iters: int
 ) -> None:
     """``BenchError`` for settings that cannot run, before anything slow happens."""
-    if engine not in ENGINES:
-        raise BenchError(f"unknown engine {engine!r}: use one of {', '.join(ENGINES)}")
+    if engine not in engine_names():
+        raise BenchError(f"unknown engine {engine!r}: use one of {', '.join(engine_names())}")
     if dtype not in DTYPES:
         raise BenchError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     if engine in ("torch", "compile") and dtype == "fp16" and device_type == "cpu":
@@ -73,14 +74,15 @@ def preflight(
     )
     if gpu is not None and gpu.lower() not in GPUS:
         raise BenchError(f"no paper figures for --gpu {gpu!r}: known GPUs are {', '.join(known_gpus())}")
-    if engine == "trt":
-        from ..errors import DeviceError
-        from ..export.tensorrt import import_tensorrt, require_cuda
+    from ..export.runtimes import RUNTIMES
 
-        if dev.type != "cuda":
-            raise DeviceError("--engine trt needs an NVIDIA GPU (--device cuda); none is in use here")
-        require_cuda()
-        import_tensorrt()
+    if engine in RUNTIMES:  # its precision, package and device, before a model is built
+        from ..export.errors import ExportError
+
+        try:
+            RUNTIMES[engine].check(precision=dtype, device_type=dev.type)
+        except ExportError as exc:
+            raise BenchError(str(exc)) from None
     return dev, dtype, warmup, iters
 
 
@@ -105,7 +107,8 @@ def run_bench(
     Args:
       model / checkpoint / input_size: as ``create_model`` (random weights without checkpoint:
         speed does not depend on the values).
-      engine: torch, compile (torch.compile), onnxruntime, trt.
+      engine: torch, compile (torch.compile) or a registered export runtime
+        (``export.runtimes``: onnxruntime, trt).
       device: cpu, cuda[:i] or auto; dtype: fp32, fp16, bf16 (default: fp16 for trt, else fp32).
       batch_size: images per encoder call; prompts: box prompts per decoder call (P).
       warmup / iters: untimed calls (at least 1) and timed calls per measurement; default
