@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import tarfile
 
 import numpy as np
@@ -222,3 +223,42 @@ def test_a_single_shard_cannot_be_held_out_whole(tmp_path):
     with pytest.raises(SettingError, match="val_images=3 holds out all 3 image"):
         open_sa1b(tmp_path, val_images=3)
     assert open_sa1b(tmp_path, val_images=2).val_images == 2
+
+
+def _pid_transform(record, rng):
+    return {**_ids_transform(record, rng), "pid": torch.tensor(os.getpid())}
+
+
+def test_workers_live_across_epochs_and_follow_the_epoch(datasets):
+    source = open_sa1b(datasets / "pairs", val_images=0)
+    ds = Sa1bStream(
+        source, transform=_pid_transform, collate=collate_stack, batch_size=1, seed=0, num_workers=2
+    )
+    stream = BatchStream(ds, num_workers=2)
+    epochs: dict[int, list] = {}
+    pids = set()
+    while stream.epoch < 3:
+        batch = next(stream)
+        epochs.setdefault(stream.epoch, []).append((batch["image_id"][0], float(batch["draw"][0])))
+        pids.add(int(batch["pid"][0]))
+    assert len(pids) == 2 and os.getpid() not in pids  # the same two worker processes, every epoch
+    # Each epoch is what a fresh in-process stream gives for it: its own shuffle and augmentation draws.
+    for epoch in (0, 1, 2):
+        ref = _stream(source, batch=1)
+        ref.epoch = epoch
+        ref._start_epoch()
+        expected = {b["image_id"][0]: float(b["draw"][0]) for b in ref._iter}
+        assert dict(epochs[epoch]) == expected, f"epoch {epoch}"
+    assert [i for i, _ in epochs[0]] != [i for i, _ in epochs[1]]
+
+
+def test_a_live_stream_restored_mid_epoch_continues_exactly(datasets):
+    source = open_sa1b(datasets / "tars", val_images=1)
+    reference = [tuple(next(s)["image_id"]) for s in [_stream(source, workers=2, batch=2)] for _ in range(9)]
+    stream = _stream(source, workers=2, batch=2)
+    got = [tuple(next(stream)["image_id"]) for _ in range(3)]
+    state = stream.state_dict()
+    [next(stream) for _ in range(4)]  # the same live workers run ahead, then are sent back
+    stream.load_state_dict(state)
+    got += [tuple(next(stream)["image_id"]) for _ in range(6)]
+    assert got == reference

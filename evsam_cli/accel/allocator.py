@@ -1,11 +1,12 @@
-"""Process-level tuning for CPU inference (torch-free, so the CLI can apply it at start)."""
+"""Process-level glibc malloc tuning for CPU inference and training (torch-free, so the CLI can apply it
+at start)."""
 
 from __future__ import annotations
 
 import functools
 
 # glibc mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -2, -3, -4
 
 
 @functools.cache
@@ -22,6 +23,34 @@ def tune_cpu_allocator() -> bool:
 
     The ``evsam`` command calls this at start; library users opt in by calling it once.
     """
+    settings = ((_M_MMAP_THRESHOLD, 32 << 20), (_M_TRIM_THRESHOLD, 1 << 30), (_M_TOP_PAD, 64 << 20))
+    return _mallopt(settings)
+
+
+@functools.cache
+def tune_cpu_allocator_for_training() -> bool:
+    """On top of ``tune_cpu_allocator``: serve every allocation from the heap and never shrink it.
+
+    A training step's largest tensors (the mask decoder's upscaling activations and their
+    gradients, the upsampled mask logits, the loss temporaries) are each larger than 32 MiB, the
+    highest mmap threshold glibc accepts. So even with ``tune_cpu_allocator`` each of them is a
+    fresh ``mmap`` on allocation and a ``munmap`` on free, and every step pays the kernel again to
+    fault in and zero-fill gigabytes of pages: most of a CPU training step's system time. Turning
+    mmap off (``M_MMAP_MAX`` 0) puts those blocks on the heap, where the next step finds them again
+    freed; trimming is turned off too (``M_TRIM_THRESHOLD`` -1), since the heap's top is where a
+    step's peak lives and handing it back would refault it on the next step. The process then holds
+    on to its peak step memory for its whole life, which a training run reaches every step anyway.
+    Process-wide and idempotent; a no-op (returning False) off glibc.
+
+    ``evsam distill`` and ``evsam finetune`` call this when they train on the CPU; inference
+    processes (``evsam predict``, ``eval``, ``bench``) keep mmap for their few large buffers, so
+    their memory goes back to the system when they free it.
+    """
+    tune_cpu_allocator()
+    return _mallopt(((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)))
+
+
+def _mallopt(settings: tuple[tuple[int, int], ...]) -> bool:
     import ctypes
     import platform
     import sys
@@ -32,5 +61,4 @@ def tune_cpu_allocator() -> bool:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False
-    settings = ((_M_MMAP_THRESHOLD, 32 << 20), (_M_TRIM_THRESHOLD, 1 << 30), (_M_TOP_PAD, 64 << 20))
     return all(mallopt(param, value) == 1 for param, value in settings)

@@ -334,15 +334,30 @@ class Sa1bStream(IterableDataset):
         self.world_size = world_size
         self.num_workers = max(1, num_workers)
         self.shuffle = shuffle
-        self.epoch = 0
-        self.positions = [0] * self.num_workers
-        self.rotation = 0
+        # [epoch, rotation, positions...] in shared memory: DataLoader workers that live across
+        # epochs hold their own copy of this object, and read where to start from here.
+        self._state = torch.zeros(2 + self.num_workers, dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._state[0])
+
+    @property
+    def rotation(self) -> int:
+        return int(self._state[1])
+
+    @property
+    def positions(self) -> list[int]:
+        return self._state[2:].tolist()
 
     def set_state(self, epoch: int, positions: list[int], rotation: int) -> None:
-        """Start ``epoch`` with each logical worker past ``positions[k]`` raw samples."""
-        self.epoch = epoch
-        self.positions = list(positions)
-        self.rotation = rotation
+        """Start ``epoch`` with each logical worker past ``positions[k]`` raw samples.
+
+        Takes effect at the next ``iter()``, in this process and in live DataLoader workers alike.
+        """
+        if len(positions) != self.num_workers:
+            raise ValueError(f"{len(positions)} positions for {self.num_workers} workers")
+        self._state.copy_(torch.tensor([epoch, rotation, *positions], dtype=torch.int64))
 
     def units_for_epoch(self, epoch: int) -> list[Unit]:
         units = list(self.source.train_units)
@@ -351,11 +366,11 @@ class Sa1bStream(IterableDataset):
             units = [units[i] for i in order]
         return units
 
-    def _raw_stream(self, worker: int) -> Iterator[_Raw | str]:
-        """This logical worker's raw samples for the current epoch (held-out ones excluded)."""
+    def _raw_stream(self, worker: int, epoch: int) -> Iterator[_Raw | str]:
+        """This logical worker's raw samples for ``epoch`` (held-out ones excluded)."""
         g = self.rank * self.num_workers + worker
         total = self.world_size * self.num_workers
-        units = self.units_for_epoch(self.epoch)
+        units = self.units_for_epoch(epoch)
         if len(units) >= total:
             for unit in units[g::total]:
                 yield from _skip_leading(unit)
@@ -372,12 +387,14 @@ class Sa1bStream(IterableDataset):
         physical = info.id if info is not None else 0
         if info is not None and info.num_workers != self.num_workers:
             raise RuntimeError(f"Sa1bStream built for {self.num_workers} workers runs in {info.num_workers}")
-        worker = (physical + self.rotation) % self.num_workers
-        start = self.positions[worker]
+        state = self._state.tolist()  # one read: the epoch, rotation and positions belong together
+        epoch, rotation, positions = state[0], state[1], state[2:]
+        worker = (physical + rotation) % self.num_workers
+        start = positions[worker]
         samples: list[dict[str, Any]] = []
         skipped: list[str] = []
         position = 0
-        for raw in self._raw_stream(worker):
+        for raw in self._raw_stream(worker, epoch):
             position += 1
             if position <= start:
                 continue  # consumed before the run was interrupted
@@ -389,7 +406,7 @@ class Sa1bStream(IterableDataset):
             except CorruptSample as exc:
                 skipped.append(str(exc))
                 continue
-            rng = np.random.default_rng([self.seed, self.epoch, record.image_id & 0x7FFFFFFF])
+            rng = np.random.default_rng([self.seed, epoch, record.image_id & 0x7FFFFFFF])
             sample = self.transform(record, rng)
             if sample is None:
                 skipped.append(f"{record.name}: no usable masks")
@@ -435,6 +452,7 @@ class BatchStream:
         self.skipped: list[str] = []  # every corrupt sample met so far, once each
         self.images = 0
         self._iter: Iterator[dict[str, Any]] | None = None
+        self._loader: DataLoader | None = None
         self._epoch_batches = 0
 
     def state_dict(self) -> dict[str, Any]:
@@ -461,14 +479,19 @@ class BatchStream:
 
     def _start_epoch(self) -> None:
         self.dataset.set_state(self.epoch, self.positions, self.next_worker)
-        loader = DataLoader(
-            self.dataset,
-            batch_size=None,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=False,
-        )
-        self._iter = iter(loader)
+        if self._loader is None:
+            # Workers live across epochs (and resumes): on a small data set an epoch lasts a few
+            # steps, and forking a process that holds a model and its optimizer every few steps
+            # costs page-table copies and copy-on-write faults. They read each epoch's start from
+            # the dataset's shared state when the next iter() resumes them.
+            self._loader = DataLoader(
+                self.dataset,
+                batch_size=None,
+                num_workers=self.num_workers,
+                pin_memory=self.pin_memory,
+                persistent_workers=self.num_workers > 0,
+            )
+        self._iter = iter(self._loader)
         self._epoch_batches = 0
 
     def __iter__(self) -> BatchStream:

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..accel.allocator import tune_cpu_allocator_for_training
 from ..data.sa1b import BatchStream, Collate, Sa1bStream, Transform, count_train_images
 from ..errors import CheckpointError, EvsamError
 from ..models.checkpoints import load_file
@@ -93,8 +94,13 @@ def run_config(config: RunConfig, *, resume: bool) -> RunConfig:
 
 
 def init_device(name: str) -> tuple[torch.device, dist_utils.DistInfo]:
-    """Resolve ``--device`` and join torchrun's process group; on CUDA each rank takes its LOCAL_RANK GPU."""
+    """Resolve ``--device`` and join torchrun's process group; on CUDA each rank takes its LOCAL_RANK GPU.
+
+    On the CPU, glibc's malloc is set to keep a step's large buffers for the next step
+    (``tune_cpu_allocator_for_training``)."""
     device = resolve_device(name)
+    if device.type == "cpu":
+        tune_cpu_allocator_for_training()
     info = dist_utils.init_distributed(device)
     if device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
