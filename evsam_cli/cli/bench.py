@@ -27,7 +27,7 @@ def bench_cli(
         str, typer.Option(help="Model name or alias (see `evsam models`).")
     ] = "efficientvit-sam-l0",
     engine: Annotated[
-        EngineName,  # type: ignore[valid-type]
+        EngineName,
         typer.Option(help="What runs the model: the model in PyTorch, or an exported runtime."),
     ] = EngineName.torch,  # type: ignore[attr-defined]
     checkpoint: Annotated[

@@ -29,7 +29,7 @@ def export_cli(
         Path | None, typer.Option(help="Weights to load (official or evsam file); random weights if omitted.")
     ] = None,
     fmt: Annotated[
-        Format,  # type: ignore[valid-type]
+        Format,
         typer.Option(
             "--format",
             help="; ".join(f"{r.format}: {r.description}" for r in RUNTIMES.values()) + ".",

@@ -64,7 +64,7 @@ def decoder_profile(
     m_opt = 1 if mask_batch == "broadcast" else n_opt
     low = (1, LOW_RES_SIZE, LOW_RES_SIZE)
     return {
-        "image_embeddings": ((1, 256, 64, 64),) * 3,  # type: ignore[dict-item]
+        "image_embeddings": ((1, 256, 64, 64),) * 3,
         "point_coords": ((1, 1, 2), (n_opt, k_opt, 2), (max_prompts, max_points, 2)),
         "point_labels": ((1, 1), (n_opt, k_opt), (max_prompts, max_points)),
         "mask_input": ((1, *low), (m_opt, *low), (max_prompts, *low)),

@@ -159,7 +159,7 @@ _sam_vits: tuple[tuple[str, str, float | None, float | None], ...] = (
     ("vit_l", "sam_vit_l_0b3195.pth", None, None),
     ("vit_h", "sam_vit_h_4b8939.pth", 641.1, 2973.0),
 )
-for _kind, _file, _params, _macs in _sam_vits:
+for _kind, _file, _vit_params, _vit_macs in _sam_vits:
     _name = "sam-" + _kind.replace("_", "-")
     register(
         ModelSpec(
@@ -169,8 +169,8 @@ for _kind, _file, _params, _macs in _sam_vits:
             build=_sam_vit(_name, _kind),
             filename=_file,
             url=META_HUB + _file,
-            paper_params_m=_params,
-            paper_macs_g=_macs,
+            paper_params_m=_vit_params,
+            paper_macs_g=_vit_macs,
             aliases=(_kind, _kind.replace("_", "-")),
         )
     )

@@ -71,7 +71,7 @@ class Engine:
         """Release temporary files (exported graphs, engines)."""
 
 
-def compile_options(device: Any) -> dict[str, str]:
+def compile_options(device: Any) -> dict[str, Any]:
     """``torch.compile`` keyword arguments for ``device``: on CUDA ``mode="reduce-overhead"``,
     which replays each compiled graph as one CUDA graph (one launch instead of hundreds of
     kernel launches, what bounds small batches and the decoder); on the CPU the default mode

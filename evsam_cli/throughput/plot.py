@@ -81,7 +81,7 @@ def plot_throughput(
         points.append((rec["end_to_end"]["images_per_s"], acc, model))
     if not points:
         raise DataError("nothing to plot: no benchmarked model has an accuracy figure (give --metrics files)")
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    figure, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for x, y, model in points:
         ax.scatter([x], [y], s=40)
         ax.annotate(
@@ -102,9 +102,9 @@ def plot_throughput(
         title += f" (no accuracy for: {', '.join(skipped)})"
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
+    figure.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+        figure.savefig(tmp, format="png")
+    plt.close(figure)
     return path

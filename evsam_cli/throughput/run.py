@@ -216,7 +216,8 @@ def bench_zoo(
     **kwargs: Any,
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """``run_bench`` for each of ``models`` with the same settings; (records, warnings)."""
-    records, warnings = [], []
+    records: list[dict[str, Any]] = []
+    warnings: list[str] = []
     for name in models:
         if on_model:
             on_model(name)
