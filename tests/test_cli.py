@@ -80,7 +80,7 @@ def test_models_table_and_json(tmp_path):
     for name in ("efficientvit-sam-l0", "efficientvit-sam-xl1", "sam-vit-h"):
         assert name in result.output
     rows = json.loads((tmp_path / "zoo.json").read_text())["models"]
-    assert len(rows) == 8
+    assert len(rows) == 10
     l0 = next(r for r in rows if r["model"] == "efficientvit-sam-l0")
     assert round(l0["params"] / 1e6, 1) == 34.8 and round(l0["encoder_macs"] / 1e9) == 35
     assert l0["input_size"] == 512

@@ -27,8 +27,8 @@ def models_cli(
     from ..utils.io import write_json_atomic
 
     table = Table(title="evsam model zoo", caption="paper: EfficientViT-SAM (arXiv 2402.05008), Table 1")
-    table.add_column("model")
-    table.add_column("alias")
+    table.add_column("model", no_wrap=True)  # whole names even at 80 columns
+    table.add_column("alias", overflow="fold", max_width=11)
     table.add_column("input", justify="right")
     table.add_column("params (M)", justify="right")
     table.add_column("paper", justify="right", style="dim")
