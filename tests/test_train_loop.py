@@ -155,7 +155,7 @@ def test_output_folder_rules(tmp_path):
     run.mkdir()
     (run / "metrics.jsonl").write_text("{}\n")
     (run / "notes.txt").write_text("mine")
-    with pytest.raises(TrainingError, match="--resume.*--overwrite"):
+    with pytest.raises(TrainingError, match="set resume to continue it or overwrite"):
         prepare_output(run, resume=False, overwrite=False)
     with pytest.raises(TrainingError, match="nothing to resume"):
         prepare_output(run, resume=True, overwrite=False)
