@@ -1,7 +1,8 @@
 """``export_model``: the whole ``evsam export`` as one keyword-only function.
 
-ONNX export -> parity with PyTorch under onnxruntime -> (``trt``) TensorRT engines -> parity of
-the engines -> ``export.json``. Every file is written atomically; ``export.json`` is written
+ONNX export -> parity with PyTorch under onnxruntime -> (``dtype="int8"``) static quantization
+of the encoder and its agreement with PyTorch -> (``trt``) TensorRT engines -> parity of the
+engines -> ``export.json``. Every file is written atomically; ``export.json`` is written
 even when a parity check fails (with ``"ok": false``) so that the numbers can be inspected.
 """
 
@@ -20,6 +21,7 @@ from .parity import Tolerance
 
 FORMATS = ("onnx", "trt")
 PRECISIONS = ("fp32", "fp16", "bf16")
+DTYPES = ("fp32", "int8")  # weights of the exported ONNX encoder
 # TensorRT runs TF32 for fp32 by default and fp16 with fp32 islands: looser than onnxruntime's fp32.
 TRT_TOLERANCE = {
     "fp32": Tolerance(atol=1e-2, rtol=1e-2),
@@ -53,8 +55,12 @@ def _versions() -> dict[str, str | None]:
     return out
 
 
-def preflight(*, fmt: str, precision: str) -> None:
-    """The checks that need no model (format, precision, TensorRT and a GPU for ``trt``)."""
+def preflight(*, fmt: str, precision: str, dtype: str = "fp32") -> None:
+    """The checks that need no model (format, precision, dtype, TensorRT and a GPU for ``trt``)."""
+    if dtype not in DTYPES:
+        raise ExportError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    if dtype == "int8" and fmt != "onnx":
+        raise ExportError("int8 is an onnxruntime quantization of encoder.onnx: use --format onnx")
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
     if precision not in PRECISIONS:
@@ -88,6 +94,8 @@ def export_model(
     workspace_gb: float = 4.0,
     tolerance: Tolerance | None = None,
     check: bool = True,
+    dtype: str = "fp32",
+    calibration: str | os.PathLike[str] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Export ``model`` to ``output_dir``; returns what is written to ``export.json``.
@@ -103,12 +111,18 @@ def export_model(
         kernels are tuned for max_batch, the decoder's for ``opt_prompts``, default min(16, max)).
       tolerance: allowed onnxruntime-vs-PyTorch difference (``Tolerance``).
       check: measure parity (off only for throwaway exports, e.g. inside ``evsam bench``).
+      dtype: "fp32", or "int8": ``encoder.onnx`` statically quantized (QDQ, ``quantize.py``)
+        beside the float32 ``decoder.onnx``, with an ``"agreement"`` object in export.json
+        (always measured: it is the only accuracy figure an int8 export has).
+      calibration: folder of calibration images for int8 (default: evsam's generated photos).
       progress: called with a short description before each step.
     Raises:
       ExportError when a graph cannot be produced or parity is outside tolerance;
       MissingDependencyError / DeviceError for ``trt`` without TensorRT or a GPU.
     """
-    preflight(fmt=fmt, precision=precision)
+    preflight(fmt=fmt, precision=precision, dtype=dtype)
+    if calibration is not None and dtype != "int8":
+        raise ExportError("--calibration applies to --dtype int8 only")
 
     from ..models import create_model
     from ..models.sam import PIXEL_MEAN, PIXEL_STD
@@ -133,6 +147,7 @@ def export_model(
         "format": fmt,
         "precision": precision,
         "dtype": "float32",  # I/O dtype of every graph and engine
+        "encoder_dtype": "float32",  # weights of encoder.onnx ("int8" when quantized)
         "input_size": net.input_size,
         "prompt_size": net.prompt_size,
         "pixel_mean": list(PIXEL_MEAN),
@@ -159,6 +174,8 @@ def export_model(
         except ExportError as exc:
             failure = exc
             record["parity"]["onnxruntime"] = getattr(exc, "parity", {})
+    if failure is None and dtype == "int8":
+        failure = _quantize(net, onnx_export, record, calibration=calibration, step=step)
     if failure is None and fmt == "trt":
         failure = _export_trt(
             net,
@@ -181,6 +198,36 @@ def export_model(
     if failure is not None:
         raise failure
     return record
+
+
+def _quantize(
+    net: Any,
+    onnx_export: Any,
+    record: dict[str, Any],
+    *,
+    calibration: str | os.PathLike[str] | None,
+    step: Callable[[str], None],
+) -> ExportError | None:
+    """Replace encoder.onnx by its int8 quantization and record how it agrees with PyTorch."""
+    from ..predictor.sam_predictor import SamPredictor
+    from .agreement import measure_agreement
+    from .quantize import calibration_images, quantize_encoder
+    from .runtime import OnnxSamPredictor
+
+    images = calibration_images(calibration)
+    step(f"quantizing the encoder to int8 ({len(images)} calibration images)")
+    try:
+        record["quantization"] = quantize_encoder(
+            onnx_export.encoder_path, onnx_export.encoder_path, images=images
+        )
+    except ExportError as exc:
+        return exc
+    record["encoder_dtype"] = "int8"
+    step("measuring the int8 encoder's agreement with PyTorch")
+    record["agreement"] = measure_agreement(
+        SamPredictor(net), OnnxSamPredictor(onnx_export.encoder_path, onnx_export.decoder_path)
+    )
+    return None
 
 
 def _export_trt(
