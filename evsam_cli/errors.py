@@ -6,9 +6,25 @@ else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
 
 class EvsamError(Exception):
-    """Base class: a problem with the user's input, files or environment."""
+    """Base class: a problem with the user's input, files or environment.
+
+    Messages speak the library's parameter names (``lr must be positive``); ``params`` lists the
+    names a message mentions, so that the command line can show each as the flag that sets it.
+    """
+
+    params: tuple[str, ...] = ()
+
+    def naming(self, *params: str) -> Self:
+        """This error, noting the parameter names its message mentions."""
+        self.params = params
+        return self
 
 
 class UnknownModelError(EvsamError, KeyError):
@@ -37,3 +53,11 @@ class MissingDependencyError(EvsamError):
 
 class DeviceError(EvsamError):
     """The requested device or engine is not available (e.g. TensorRT without an NVIDIA GPU)."""
+
+
+class SettingError(EvsamError, ValueError):
+    """A setting is out of range or contradicts another; ``params`` are the settings it names."""
+
+    def __init__(self, message: str, *params: str) -> None:
+        super().__init__(message)
+        self.params = params

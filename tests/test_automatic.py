@@ -160,14 +160,14 @@ def _fake_decoder(gen: AutomaticMaskGenerator, iou: torch.Tensor, low: torch.Ten
 
     def decode_tokens(coords, labels):
         assert coords.shape[0] == iou.shape[0]
-        return iou.clone(), None, None
+        return iou.clone(), None
 
-    def mask_logits(src, tokens, prompt_idx, token_idx):
+    def mask_logits(tokens, prompt_idx, token_idx):
         calls.append(prompt_idx.tolist())
         return low[prompt_idx, token_idx]
 
-    gen._decode_tokens = decode_tokens  # type: ignore[method-assign]
-    gen._mask_logits = mask_logits  # type: ignore[method-assign]
+    gen.predictor.backend.decode_tokens = decode_tokens  # type: ignore[method-assign]
+    gen.predictor.backend.mask_logits = mask_logits  # type: ignore[method-assign]
 
 
 def test_thresholds_stability_and_nms_on_hand_made_masks(small_model):
@@ -215,9 +215,9 @@ def test_crop_layer_edge_filter_and_uncropping(small_model):
     iou = torch.tensor([[0.95, 0.93, 0.1]])
 
     def decode_tokens(coords, labels):
-        return iou.clone(), None, None
+        return iou.clone(), None
 
-    def mask_logits(src, tokens, prompt_idx, token_idx):
+    def mask_logits(tokens, prompt_idx, token_idx):
         h, w = gen.predictor.original_size
         scale = 1024 / max(h, w) / 4  # low-res pixels per crop pixel
         low = torch.full((3, 256, 256), -20.0)
@@ -230,8 +230,8 @@ def test_crop_layer_edge_filter_and_uncropping(small_model):
         )
         return low[token_idx]
 
-    gen._decode_tokens = decode_tokens  # type: ignore[method-assign]
-    gen._mask_logits = mask_logits  # type: ignore[method-assign]
+    gen.predictor.backend.decode_tokens = decode_tokens  # type: ignore[method-assign]
+    gen.predictor.backend.mask_logits = mask_logits  # type: ignore[method-assign]
     records = gen.generate(np.zeros((200, 200, 3), dtype=np.uint8))
     crops = [tuple(r["crop_box"]) for r in records]
     all_crops = [(x0, y0, x1 - x0, y1 - y0) for x0, y0, x1, y1 in boxes]

@@ -118,17 +118,18 @@ def test_torch_engine_decodes_as_the_predictor_does(monkeypatch):
         engine = TorchEngine(
             model, device=torch.device("cpu"), dtype="fp32", batch_size=1, prompts=16, compile=False
         )
-        whole = model.decode
+        backend = engine.backend
+        whole = backend.decode
         seen = []
 
-        def decode(embedding, boxes, multimask_output):
+        def decode(boxes, multimask_output):
             seen.append((threading.current_thread().name, torch.is_inference_mode_enabled(), boxes.shape[0]))
-            return whole(embedding, boxes=boxes, multimask_output=multimask_output)
+            return whole(boxes=boxes, multimask_output=multimask_output)
 
-        monkeypatch.setattr(model, "decode", decode)
+        monkeypatch.setattr(backend, "decode", decode)
         masks, iou = engine.decode()
         with torch.inference_mode():
-            ref_masks, ref_iou = whole(engine.embedding, boxes=engine.boxes, multimask_output=True)
+            ref_masks, ref_iou = model.decode(engine.embedding, boxes=engine.boxes, multimask_output=True)
     finally:
         torch.set_num_threads(before)
     assert sorted(s[2] for s in seen) == [8, 8] and len({s[0] for s in seen}) == 2

@@ -41,6 +41,33 @@ def test_help_lists_every_command():
         assert "Usage" in sub.output
 
 
+def _commands():
+    """(words, click command) of every subcommand, ``data synth`` included."""
+    import typer
+
+    root = typer.main.get_command(app)
+    for name, cmd in root.commands.items():
+        if hasattr(cmd, "commands"):
+            yield from (([name, sub_name], sub) for sub_name, sub in cmd.commands.items())
+        else:
+            yield [name], cmd
+
+
+@pytest.mark.parametrize("words, cmd", list(_commands()), ids=[" ".join(w) for w, _ in _commands()])
+def test_help_shows_every_option_name_whole_at_80_columns(words, cmd):
+    import re
+
+    result = runner.invoke(app, [*words, "--help"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    assert "\u2026" not in result.output  # rich's ellipsis: something was cut
+    assert max(len(line) for line in result.output.splitlines()) <= 80
+    names = [n for p in cmd.params if not getattr(p, "hidden", False) for n in (*p.opts, *p.secondary_opts)]
+    assert names
+    for name in names:
+        if name.startswith("--"):
+            assert re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", result.output), (words, name)
+
+
 def test_help_is_fast_and_does_not_import_torch():
     code = "import sys; from evsam_cli.cli.app import app; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

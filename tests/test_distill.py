@@ -170,7 +170,11 @@ def _error_line(result) -> str:
 def test_bad_inputs_end_with_one_error_line(env, cold, tmp_path):
     cases = {
         "no SA-1B images": _args(env, tmp_path / "a") + ["--data", str(tmp_path)],
-        "wrong teacher checkpoint for --teacher vit_h": [*_args(env, tmp_path / "b"), "--teacher", "vit_h"],
+        "--teacher-checkpoint does not fit --teacher vit_h": [
+            *_args(env, tmp_path / "b"),
+            "--teacher",
+            "vit_h",
+        ],
         "unknown model 'l9'": [*_args(env, tmp_path / "c"), "--student", "l9"],
         "already holds a training run": _args(env, env / "cold"),
         "nothing to resume": ["distill", "--output", str(tmp_path / "d"), "--resume"],

@@ -59,7 +59,10 @@ def test_bad_inputs_give_one_error_line(data, tmp_path, monkeypatch):
     coco = str(root / "coco")
     # `evsam eval --detector yolov8 coco` parses; without a ./coco folder it says what is missing.
     monkeypatch.chdir(tmp_path)
-    assert "data root is not a folder: coco" in _error_line(_run("eval", "--detector", "yolov8", "coco"))
+    assert (
+        "--data-root is not a folder: coco (give --data-root, or --images and --annotations)"
+        in _error_line(_run("eval", "--detector", "yolov8", "coco"))
+    )
     malformed = tmp_path / "bad.json"
     malformed.write_text("{not json")
     line = _error_line(

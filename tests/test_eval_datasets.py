@@ -49,7 +49,7 @@ def test_malformed_segmentation_is_a_data_error():
 
 
 def test_missing_paths_and_wrong_files(root, tmp_path):
-    with pytest.raises(DataError, match="give --data-root"):
+    with pytest.raises(DataError, match="give data_root"):
         load_dataset("coco", images=root / "val2017")
     with pytest.raises(DataError, match="annotation file not found"):
         load_dataset("coco", images=root / "val2017", annotations=tmp_path / "x.json")

@@ -7,6 +7,8 @@ import pytest
 import torch
 from torch import nn
 
+from evsam_cli.accel import streaming
+from evsam_cli.accel.backend import CpuBackend, ReferenceBackend, cpu_backend_applies, select_backend
 from evsam_cli.accel.encoder import (
     FusedConvAct,
     MatmulResize,
@@ -16,12 +18,16 @@ from evsam_cli.accel.encoder import (
     optimize_encoder,
     winograd_pays,
 )
-from evsam_cli.accel.streaming import can_stream, stream_decode, stream_transformer
+from evsam_cli.accel.streaming import (
+    SharedImage,
+    can_stream,
+    decoder_streamable,
+    stream_decode,
+    stream_transformer,
+)
 from evsam_cli.accel.winograd import WinogradConv2d, transform_filters, winograd_conv3x3
-from evsam_cli.accel import streaming
 from evsam_cli.models import create_model
 from evsam_cli.models.layers import ConvNormAct, LayerNorm2d, Upsample
-from evsam_cli.models.transformer import Attention
 from evsam_cli.predictor.sam_predictor import SamPredictor
 
 
@@ -178,25 +184,48 @@ def test_predictor_optimized_equals_plain(small_model, scene):
     np.testing.assert_allclose(sa, sb, atol=1e-4)
 
 
-@pytest.mark.parametrize("image_batch", [1, 5])
-def test_factorised_cross_attention_equals_plain_attention(image_batch):
-    torch.manual_seed(0)
-    attn = Attention(256, 8, downsample_rate=2)
-    tokens = torch.randn(5, 7, 256)
-    image = torch.randn(image_batch, 4096 // 16, 256)
-    image_pe = torch.randn(1, 4096 // 16, 256)
-    k = image + image_pe
-    img_n = image.expand(5, -1, -1)
-    with torch.no_grad():
-        torch.testing.assert_close(
-            attn.tokens_to_image(tokens, k.expand(5, -1, -1), img_n),
-            attn(tokens, k, image),
-            rtol=1e-4,
-            atol=1e-5,
-        )
-        torch.testing.assert_close(
-            attn.image_to_tokens(k, tokens, tokens), attn(k, tokens, tokens), rtol=1e-4, atol=1e-5
-        )
+def test_cpu_backend_equals_reference_backend(small_model, scene):
+    """The predictor's two decode backends: same masks, scores and low-res logits, for boxes,
+    points and mask inputs (the CPU backend's module path)."""
+    image, _ = scene
+    a = SamPredictor(small_model, backend="cpu")
+    b = SamPredictor(small_model, backend="reference", optimize=False)
+    assert isinstance(a.backend, CpuBackend) and type(b.backend) is ReferenceBackend
+    a.set_image(image)
+    b.set_image(image)
+    boxes = np.array([[80, 45, 160, 135], [10, 10, 60, 90]])
+    for kwargs in (
+        {"boxes": boxes},
+        {"point_coords": np.array([[[100, 80]], [[30, 40]]]), "point_labels": np.ones((2, 1))},
+    ):
+        ma, sa, la = a.predict_batch(**kwargs, return_logits=True)
+        mb, sb, lb = b.predict_batch(**kwargs, return_logits=True)
+        np.testing.assert_allclose(la, lb, rtol=1e-3, atol=1e-3)
+        np.testing.assert_allclose(ma, mb, rtol=1e-3, atol=1e-3)
+        np.testing.assert_allclose(sa, sb, atol=1e-4)
+        binary = a.predict_batch(**kwargs)[0]
+        assert (binary == (mb > 0)).mean() > 0.999
+        best_a = a.predict_best(**kwargs).numpy()
+        best_b = b.predict_best(**kwargs).numpy()
+        assert (best_a == best_b).mean() > 0.999
+    ma, sa, _ = a.predict(box=boxes[0], mask_input=la[:1, :1][0], return_logits=True)
+    mb, sb, _ = b.predict(box=boxes[0], mask_input=la[:1, :1][0], return_logits=True)
+    np.testing.assert_allclose(ma, mb, rtol=1e-3, atol=1e-3)
+
+
+def test_backend_selection():
+    model = create_model("efficientvit-sam-l0", input_size=64)
+    assert cpu_backend_applies(model)
+    assert isinstance(select_backend(model), CpuBackend)
+    assert type(select_backend(model, "reference")) is ReferenceBackend
+    with pytest.raises(ValueError, match="unknown decode backend"):
+        select_backend(model, "fast")
+    assert decoder_streamable(model.mask_decoder)
+    model.mask_decoder.output_upscaling[0] = nn.ConvTranspose2d(256, 64, kernel_size=4, stride=4)
+    assert not decoder_streamable(model.mask_decoder)  # not SAM's 2x2 stride-2 upscaling
+    assert type(select_backend(model)) is ReferenceBackend
+    with pytest.raises(ValueError, match="mask decoder"):
+        CpuBackend(model)
 
 
 def test_layernorm2d_matches_definition():
@@ -246,13 +275,18 @@ def test_streamed_decoder_equals_module_path(prompt, multimask, offset):
     with torch.no_grad():
         assert can_stream(dec, emb, dense)
         masks, iou = stream_decode(dec, emb, pe, sparse, dense, slice(1, None) if multimask else slice(0, 1))
-        via_module = dec(emb, pe, sparse, dense, multimask)
+        backend = CpuBackend(model)
+        backend.set_embedding(emb)
+        via_backend = backend.decode(
+            point_coords=coords, point_labels=labels, boxes=boxes, multimask_output=multimask
+        )
     assert masks.shape == ref_masks.shape == (n, 3 if multimask else 1, 256, 256)
     scale = float(ref_masks.abs().max())
     assert scale > 0.1
     torch.testing.assert_close(masks, ref_masks.detach(), rtol=0, atol=1e-5 * scale)
     torch.testing.assert_close(iou, ref_iou.detach(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(via_module[0], masks, rtol=0, atol=0)
+    torch.testing.assert_close(via_backend[0], masks, rtol=0, atol=0)
+    torch.testing.assert_close(via_backend[1], iou, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("offset", [0.0, 5.0])
@@ -282,7 +316,7 @@ def test_first_mask_convolution_expanded_through_the_transformer(offset):
                 start += tile.shape[1]
 
 
-def test_decoder_streams_only_shared_cpu_inference(monkeypatch):
+def test_decoder_streams_only_shared_inference(monkeypatch):
     model = create_model("efficientvit-sam-l0", input_size=128)
     emb = torch.zeros(1, 256, 64, 64)
     with torch.no_grad():
@@ -308,48 +342,47 @@ def test_postprocess_upsamples_only_the_image_part_identically(frame, original):
     assert torch.equal(model.postprocess_masks(low, frame, original), ref)
 
 
-def test_shared_image_part_is_reused_only_while_valid(monkeypatch):
-    """stream_decode keeps what it computes from the image alone between calls; a changed
-    embedding, positional encoding or decoder weight (in place) computes it again, and the
-    outputs always equal a decode without the cache."""
+def test_backend_keeps_the_image_part_until_the_image_changes(monkeypatch):
+    """The CPU backend computes what the streamed decoder needs from the image alone once per
+    ``set_embedding``; it works on copies of the weights, so changing the model's weights
+    afterwards changes nothing, and the outputs always equal a fresh backend's."""
     torch.manual_seed(0)
     model = create_model("efficientvit-sam-l0", input_size=128)
     _spread_weights(model.mask_decoder)
-    dec = model.mask_decoder
     computed = []
-    compute = streaming.SharedImage.compute.__func__
+    compute = SharedImage.compute.__func__
     monkeypatch.setattr(
-        streaming.SharedImage,
-        "compute",
-        classmethod(lambda cls, *args: computed.append(1) or compute(cls, *args)),
+        SharedImage, "compute", classmethod(lambda cls, *args: computed.append(1) or compute(cls, *args))
     )
-    emb, pe = torch.randn(1, 256, 64, 64), model.prompt_encoder.get_dense_pe()
-    sparse, dense = model.prompt_encoder(points=None, boxes=torch.tensor([[10.0, 20, 300, 400]]), masks=None)
+    emb = torch.randn(1, 256, 64, 64)
+    box = torch.tensor([[10.0, 20, 300, 400]])
+    backend = CpuBackend(model)
 
-    def decode():
+    def decode(b=backend):
         with torch.no_grad():
-            return stream_decode(dec, emb, pe, sparse, dense, slice(1, None))
+            return b.decode(boxes=box)
 
+    backend.set_embedding(emb)
     first = decode()
     assert len(computed) == 1
     torch.testing.assert_close(decode()[0], first[0], rtol=0, atol=0)
     assert len(computed) == 1  # same image: reused
-    checks = [
-        lambda: emb.add_(0.5),  # the caller's embedding changed in place
-        lambda: dec.transformer.layers[0].cross_attn_token_to_image.k_proj.weight.mul_(1.5),
-        lambda: dec.output_upscaling[0].weight.mul_(0.5),  # a weight only the first conv reads
-        lambda: pe.mul_(2.0),
-    ]
-    for change in checks:
-        before = len(computed)
-        with torch.no_grad():
-            change()
-        got = decode()
-        assert len(computed) == before + 1
-        streaming._SHARED.clear()
-        want = decode()  # computed afresh
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
-        assert not torch.equal(got[0], first[0])
+    with torch.no_grad():
+        model.mask_decoder.transformer.layers[0].cross_attn_token_to_image.k_proj.weight.mul_(1.5)
+    torch.testing.assert_close(decode()[0], first[0], rtol=0, atol=0)  # a copy of the weights
+    backend.set_embedding(emb + 0.5)
+    got = decode()
+    assert len(computed) == 2
+    fresh = CpuBackend(model)
+    fresh.set_embedding(emb + 0.5)
+    want = decode(fresh)  # also sees the changed weight
+    assert not torch.equal(got[0], first[0]) and not torch.equal(want[0], got[0])
+    ref = ReferenceBackend(model)
+    ref.set_embedding(emb + 0.5)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            ref.decode(boxes=box)[0], want[0], rtol=0, atol=1e-5 * float(want[0].abs().max())
+        )
 
 
 @pytest.mark.parametrize("depth", [1, 3])

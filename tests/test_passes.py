@@ -96,23 +96,23 @@ def test_predict_batch_on_two_threads_equals_one_pass_at_a_time():
 @pytest.mark.usefixtures("two_threads")
 def test_evaluation_decodes_both_halves_under_inference_mode(monkeypatch):
     """Grad mode is per thread: the worker's half must not take the autograd path."""
-    from evsam_cli.evaluation.decode import best_masks
-
     model = create_model("efficientvit-sam-l0", input_size=64)
-    whole = model.decode
+    predictor = SamPredictor(model)
+    whole = predictor.backend.decode
     seen = []
 
     def decode(*args, **kwargs):
         seen.append((threading.current_thread().name, torch.is_inference_mode_enabled()))
         return whole(*args, **kwargs)
 
-    monkeypatch.setattr(model, "decode", decode)
+    monkeypatch.setattr(predictor.backend, "decode", decode)
     rng = np.random.default_rng(0)
     xy = rng.uniform(0, 40, (20, 2))
     boxes = np.concatenate([xy, xy + 12], axis=1)
     with torch.inference_mode():
         embedding = model.image_encoder(torch.zeros(1, 3, 64, 64))
-    masks = best_masks(model, embedding, (60, 80), boxes=boxes, chunk=32)
+    predictor.set_embedding(embedding, (60, 80))
+    masks = predictor.predict_best(boxes=boxes, max_prompts_per_pass=32)
     assert masks.shape == (20, 60, 80) and masks.dtype == torch.bool
     assert len({name for name, _ in seen}) == 2 and all(mode for _, mode in seen)
 

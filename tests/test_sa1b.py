@@ -11,7 +11,7 @@ import torch
 
 from evsam_cli.data.sa1b import BatchStream, Sa1bStream, collate_stack, decode_mask, open_sa1b
 from evsam_cli.data.synthetic import write_sa1b
-from evsam_cli.errors import DataError
+from evsam_cli.errors import DataError, SettingError
 
 N = 10
 
@@ -164,7 +164,7 @@ def test_no_images_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match="not found"):
         open_sa1b(tmp_path / "nope")
     write_sa1b(tmp_path, num_images=2, image_size=40)
-    with pytest.raises(DataError, match="too few"):
+    with pytest.raises(SettingError, match="val_images=2 holds out all 2 image"):
         open_sa1b(tmp_path, val_images=2)
 
 
@@ -201,3 +201,24 @@ def test_tar_members_in_any_order_are_paired(tmp_path):
             tar.addfile(info, io.BytesIO(data))
     got = _one_epoch(_stream(open_sa1b(tmp_path / "sa_000001.tar"), batch=1))
     assert sorted(i for i, _ in got) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("kind", ["pairs", "tars"])
+@pytest.mark.parametrize("images, held_out", [(1, 0), (2, 1), (4, 1), (12, 1), (40, 4), (400, 16)])
+def test_default_validation_slice_leaves_images_to_train_on(tmp_path, kind, images, held_out):
+    from evsam_cli.data.sa1b import auto_val_images
+
+    assert auto_val_images(images) == held_out
+    if images > 12:
+        return  # the rule alone; writing that many images is slow
+    write_sa1b(tmp_path, num_images=images, image_size=32, shards=1 if kind == "tars" else 0, seed=3)
+    source = open_sa1b(tmp_path, val_images=None)
+    assert source.val_images == held_out
+    assert len(list(source.validation_records())) == held_out
+
+
+def test_a_single_shard_cannot_be_held_out_whole(tmp_path):
+    write_sa1b(tmp_path, num_images=3, image_size=32, shards=1, seed=3)
+    with pytest.raises(SettingError, match="val_images=3 holds out all 3 image"):
+        open_sa1b(tmp_path, val_images=3)
+    assert open_sa1b(tmp_path, val_images=2).val_images == 2

@@ -62,7 +62,7 @@ def test_warmup_then_cosine_to_the_floor():
 def test_no_weight_decay_on_norms_and_biases():
     model = Tiny()
     model.out.weight.requires_grad_(False)
-    decay, no_decay = build_optimizer(model, OptimConfig(weight_decay=0.1)).param_groups
+    decay, no_decay = build_optimizer(model, OptimConfig(lr=1e-3, weight_decay=0.1)).param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert {id(p) for p in decay["params"]} == {id(model.fc.weight)}
     assert {id(p) for p in no_decay["params"]} == {
@@ -71,9 +71,10 @@ def test_no_weight_decay_on_norms_and_biases():
 
 
 def test_config_rejects_bad_values():
-    with pytest.raises(ConfigError, match="--steps"):
+    with pytest.raises(ConfigError, match="^steps must be >= 1") as info:
         LoopConfig(steps=0)
-    with pytest.raises(ConfigError, match="--lr"):
+    assert info.value.params == ("steps",)
+    with pytest.raises(ConfigError, match="^lr must be positive"):
         OptimConfig(lr=-1)
 
 

@@ -31,13 +31,10 @@ from torch import nn
 from ..models.layers import ConvNormAct, Upsample
 from .winograd import WinogradConv2d, is_winograd_compatible
 
-# Winograd pays for its transforms once convolutions are wide enough. Measured against oneDNN's
-# direct convolution (GELU fused into both) on the 2-core AVX-512 CPU of docs/benchmarks.md, alone:
-# 1.2x at 128 -> 256 and 192 -> 192, 1.5x at 128 -> 512 and 256 -> 256, 2x at the neck's
-# 256 -> 1024; 1.0-1.2x at 128 -> 128 and 64 -> 256, slower at 64 -> 64. Inside the encoder the
-# 64-channel ones lost (L0 1-3% slower with them), so those and 128 -> 128 stay direct
-# convolutions: the transforms' cost grows with the channels, not their product, and their
-# memory traffic competes with the neighbouring layers'.
+# Winograd pays for its transforms once convolutions are wide enough: the transforms' cost grows
+# with the channels, not their product, and their memory traffic competes with the neighbouring
+# layers'. Convolutions with 64 input channels, and 128 -> 128, stay direct oneDNN convolutions
+# (measured per shape and inside the encoder: docs/benchmarks.md).
 WINOGRAD_MIN_IN_CHANNELS = 128
 WINOGRAD_MIN_CHANNEL_SUM = 384
 
@@ -54,17 +51,19 @@ def winograd_pays(conv: nn.Conv2d) -> bool:
 @torch.no_grad()
 def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     """A conv equal to ``bn(conv(x))`` in eval mode."""
+    assert bn.running_var is not None and bn.running_mean is not None  # eval-mode statistics
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
     fused = nn.Conv2d(
         conv.in_channels,
         conv.out_channels,
-        conv.kernel_size,
-        stride=conv.stride,
-        padding=conv.padding,
-        dilation=conv.dilation,
+        conv.kernel_size,  # type: ignore[arg-type]  # a 2-tuple for Conv2d, typed as any length
+        stride=conv.stride,  # type: ignore[arg-type]
+        padding=conv.padding,  # type: ignore[arg-type]
+        dilation=conv.dilation,  # type: ignore[arg-type]
         groups=conv.groups,
         bias=True,
     ).to(device=conv.weight.device, dtype=conv.weight.dtype)
+    assert fused.bias is not None
     fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
     bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
     fused.bias.copy_((bias - bn.running_mean) * scale + bn.bias)

@@ -2,12 +2,11 @@
 
 On a CPU the decoder's time is split between matrix products, which PyTorch's intra-op threads
 share well, and memory-bound passes (LayerNorms, softmaxes, copies, the exact GELU), which they
-share badly: on the 2-core machine of docs/benchmarks.md the decoder runs only 1.7x faster on 2
-intra-op threads than on 1. Two halves of the prompts decoded at once by two Python threads with
-one intra-op thread each overlap one half's memory-bound steps with the other's products (PyTorch
-releases the GIL inside its kernels): 64 box prompts 11-14% faster, 16 prompts 14%, no gain at
-8 and a loss at 4 (interleaved A/B, same process). Prompts are independent, so the results are
-those of one thread, up to float rounding.
+share badly. Two halves of the prompts decoded at once by two Python threads with one intra-op
+thread each overlap one half's memory-bound steps with the other's products (PyTorch releases
+the GIL inside its kernels). The split pays only when each thread has enough prompts
+(``MIN_PROMPTS_PER_THREAD``; docs/benchmarks.md has the measurements). Prompts are
+independent, so the results are those of one thread, up to float rounding.
 """
 
 from __future__ import annotations

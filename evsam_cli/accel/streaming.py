@@ -14,11 +14,12 @@ different order:
 * The token->image attention that follows each such step needs a softmax over *all* image
   tokens: its logits are collected tile by tile, and the softmax and the value mix run once
   the layer's last tile is done.
-* Projections are moved to the prompt-token side of every cross attention (exact algebra, see
-  ``Attention.tokens_to_image``), and the first layer's image-side projections, shared by all
-  prompts, are computed once per image: kept between calls while the image embedding, the
-  positional encoding and the weights are unchanged (``shared_image``), which matters most for
-  interactive use, one prompt per call.
+* Projections are moved to the prompt-token side of every cross attention (exact algebra:
+  softmax(q (x Wk^T + bk)^T) = softmax((q Wk) x^T), since q.bk is constant per row, and
+  P (x Wv^T + bv) = (P x) Wv^T + bv, since the rows of P sum to one), and the first layer's
+  image-side projections, shared by all prompts, are computed once per image
+  (``SharedImage``); the decode backend (``backend.CpuBackend``) keeps them for as long as it
+  holds that image, which matters most for interactive use, one prompt per call.
 * The tokens after the first layer are the shared tokens plus a few prompt-dependent vectors
   per token, rescaled, so the attentions that read them next (the second layer's both ways)
   work from that low-rank form (``_AfterShared``): per prompt, products against d = 16
@@ -30,17 +31,21 @@ different order:
 
 Results equal the module path up to float rounding (pinned by ``tests/test_optimize.py``).
 Training, export, GPUs and per-prompt image embeddings use the module path; this one runs on
-CPU without autograd, for an image embedding shared by every prompt.
+CPU without autograd, for an image embedding shared by every prompt (``backend.CpuBackend``
+decides).
 """
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..models.mask_decoder import MaskDecoder
+from ..models.transformer import Attention, TwoWayAttentionBlock, TwoWayTransformer
 
 # Elements per tile across all prompts of a pass (1 MiB of float32, rounded to whole rows of the
 # token grid), so a tile's intermediates stay in the CPU's L2/L3 caches.
@@ -56,7 +61,7 @@ class _TokenAttention:
     over all image tokens and mixes the tiles' values.
     """
 
-    def __init__(self, attn: nn.Module, queries: Tensor) -> None:
+    def __init__(self, attn: Attention, queries: Tensor) -> None:
         n, t, c = queries.shape
         h = attn.num_heads
         d = attn.internal_dim // h
@@ -98,7 +103,7 @@ class _ImageAttention:
     (``shared_q``), and after the first layer the logits come from the low-rank form.
     """
 
-    attn: nn.Module
+    attn: Attention
     norm: nn.LayerNorm
     keys: Tensor  # (N, h, T, d) projected, scaled prompt-token keys
     weights: Tensor | None
@@ -107,7 +112,7 @@ class _ImageAttention:
 
     @classmethod
     def start(
-        cls, attn: nn.Module, norm: nn.LayerNorm, k: Tensor, v: Tensor, *, fold_queries: bool
+        cls, attn: Attention, norm: nn.LayerNorm, k: Tensor, v: Tensor, *, fold_queries: bool
     ) -> _ImageAttention:
         n, t, c = k.shape
         h = attn.num_heads
@@ -144,6 +149,7 @@ class _ImageAttention:
         elif shared_q is not None:  # (h, R, d) query projection shared by all prompts
             logits = (self.keys @ shared_q.transpose(1, 2)).reshape(n, h, t, -1)  # (N, h, T, R)
         else:
+            assert self.bias is not None and self.weights is not None and keys is not None
             logits = torch.baddbmm(self.bias, self.weights, keys.transpose(1, 2)).reshape(n, h, t, -1)
         p = torch.softmax(logits, dim=2).reshape(n, h * t, -1)
         out = torch.baddbmm(residual, p.transpose(1, 2), self.values)
@@ -232,7 +238,7 @@ class _AfterShared:
         scaled = torch.baddbmm(shared[:, :, :hw], coupling, self.p)
         return torch.addcmul(shared[:, :, hw:], scaled, self.r)
 
-    def attend(self, attn: nn.Module, queries: Tensor) -> Tensor:
+    def attend(self, attn: Attention, queries: Tensor) -> Tensor:
         """The token->image attention ``attn`` of queries (N, T, C) over the image tokens x1
         (keys x1 + pe, values x1) -> (N, T, C)."""
         n, t, _ = queries.shape
@@ -263,7 +269,11 @@ class _Upscaler:
     """
 
     def __init__(self, upscaling: nn.Sequential) -> None:
-        conv1, norm, self.act1, conv2, self.act2 = upscaling
+        conv1, conv2 = cast(nn.ConvTranspose2d, upscaling[0]), cast(nn.ConvTranspose2d, upscaling[3])
+        norm = cast(nn.LayerNorm, upscaling[1])  # LayerNorm2d: weight, bias, eps over channels
+        self.act1, self.act2 = upscaling[2], upscaling[4]
+        if conv1.bias is None or conv2.bias is None:
+            raise ValueError("the streamed mask head needs the upscaling convolutions' biases (SAM's)")
         self.c1 = conv1.out_channels
         self.c2 = conv2.out_channels
         # (C_in, C_out, 2, 2) -> (C_in, 2*2*C_out): output columns ordered (a, b, channel).
@@ -359,7 +369,8 @@ def _centre(v: Tensor) -> Tensor:
 @dataclass
 class SharedImage:
     """What the streamed decoder computes from the image alone: the same for every prompt and
-    every call on one image, so ``stream_decode`` keeps it between calls (``shared_image``)."""
+    every call on one image, so the decode backend keeps it while it holds the image
+    (``backend.CpuBackend``)."""
 
     src: Tensor  # (1, HW, C) image tokens, dense prompt embedding added
     pe: Tensor  # (1, HW, C) their positional encoding
@@ -370,71 +381,91 @@ class SharedImage:
     derived: dict[str, Tensor] = field(default_factory=dict)  # ``_AfterShared``'s, likewise
 
     @classmethod
-    def compute(cls, transformer: nn.Module, image: Tensor, image_pe: Tensor) -> SharedImage:
+    def compute(cls, transformer: TwoWayTransformer, image: Tensor, image_pe: Tensor) -> SharedImage:
         """image: (1, C, H, W) embedding with the dense prompt embedding added; image_pe alike."""
         _, c, h, w = image.shape
         src = image.reshape(1, c, h * w).transpose(1, 2).contiguous()
         pe = image_pe.reshape(1, c, h * w).transpose(1, 2).contiguous()
-        first = transformer.layers[0]
+        first = cast(TwoWayAttentionBlock, transformer.layers[0])
         t2i, i2t = first.cross_attn_token_to_image, first.cross_attn_image_to_token
         src_pe = src + pe
         return cls(
             src,
             pe,
-            t2i._heads(t2i.k_proj(src_pe), 1),
-            t2i._heads(t2i.v_proj(src), 1),
+            t2i._separate_heads(t2i.k_proj(src_pe)),
+            t2i._separate_heads(t2i.v_proj(src)),
             i2t.q_proj(src_pe[0]).reshape(h * w, i2t.num_heads, -1).transpose(0, 1),
         )
 
-    def attend(self, attn: nn.Module, queries: Tensor) -> Tensor:
+    def attend(self, attn: Attention, queries: Tensor) -> Tensor:
         """The first token->image attention (``attn``) of queries (N, T, C) -> (N, T, C)."""
-        return attn.attend(attn._heads(attn.q_proj(queries), queries.shape[0]), self.keys, self.values)
+        q = attn._separate_heads(attn.q_proj(queries))
+        n = q.shape[0]
+        out = F.scaled_dot_product_attention(
+            q, self.keys.expand(n, -1, -1, -1), self.values.expand(n, -1, -1, -1)
+        )
+        return attn.out_proj(attn._recombine_heads(out))
 
 
-# decoder -> (what the entry was computed from, the entry); one image per decoder
-_SHARED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, SharedImage]] = weakref.WeakKeyDictionary()
+def _token_self_attention(layer: TwoWayAttentionBlock, queries: Tensor, query_pe: Tensor) -> Tensor:
+    """A two-way block's first step, on the prompt tokens only: self-attention (+ residual
+    unless it is the first layer), norm1 (``TwoWayAttentionBlock.forward``)."""
+    if layer.skip_first_layer_pe:
+        return layer.norm1(layer.self_attn(queries, queries, queries))
+    q = queries + query_pe
+    return layer.norm1(queries + layer.self_attn(q, q, queries))
 
 
-def shared_image(decoder: nn.Module, image: Tensor, image_pe: Tensor) -> SharedImage:
-    """``SharedImage.compute`` for the decoder's transformer, reusing the previous call's result
-    when it was computed from equal image tokens and positional encoding (compared in full: a
-    tenth of what recomputing costs) and the decoder's weights have not changed since."""
-    try:  # a parameter's version counts its in-place updates (optimizer steps, loading)
-        weights = tuple((p.data_ptr(), p._version) for p in decoder.parameters())
-    except RuntimeError:  # inference tensors have no version counter: do not cache
-        return SharedImage.compute(decoder.transformer, image, image_pe)
-    cached = _SHARED.get(decoder)
-    if cached is not None:
-        (old_weights, old_image, old_pe), entry = cached
-        if old_weights == weights and torch.equal(old_image, image) and torch.equal(old_pe, image_pe):
-            return entry
-    entry = SharedImage.compute(decoder.transformer, image, image_pe)
-    _SHARED[decoder] = ((weights, image.clone(), image_pe.clone()), entry)
-    return entry
+def _token_update(layer: TwoWayAttentionBlock, queries: Tensor, token_to_image: Tensor) -> Tensor:
+    """A two-way block's norm2 and MLP steps, given its token->image attention's output."""
+    queries = layer.norm2(queries + token_to_image)
+    return layer.norm3(queries + layer.mlp(queries))
 
 
-def can_stream(decoder: nn.Module, image_embeddings: Tensor, dense: Tensor) -> bool:
-    """Whether ``stream_decode`` applies: CPU inference (no autograd, no tracing or
-    ``torch.compile``), one image shared by all prompts and no per-prompt dense (mask)
-    embedding. On a GPU the module path's few large kernels are the better fit, so it is kept
-    there; compilers fuse the module path themselves, and the streamed one's per-image cache
-    (Python state) would make them recompile."""
+def can_stream(decoder: MaskDecoder, image_embeddings: Tensor, dense: Tensor) -> bool:
+    """Whether ``stream_decode`` applies to these inputs: inference (no autograd, no tracing,
+    ONNX export or ``torch.compile``), one image shared by all prompts and no per-prompt dense
+    (mask) embedding. Compilers fuse the module path themselves, and the per-image state would
+    make them recompile. ``decoder_streamable`` checks the decoder's configuration."""
     return (
-        image_embeddings.device.type == "cpu"
-        and not torch.is_grad_enabled()
+        not torch.is_grad_enabled()
         and not torch.jit.is_tracing()
         and not torch.onnx.is_in_onnx_export()
         and not torch.compiler.is_compiling()
         and image_embeddings.shape[0] == 1
         and dense.shape[0] == 1
-        and len(decoder.output_upscaling) == 5
-        and decoder.output_upscaling[0].kernel_size == (2, 2)
-        and decoder.output_upscaling[3].kernel_size == (2, 2)
+    )
+
+
+def decoder_streamable(decoder: nn.Module) -> bool:
+    """Whether the streamed decoder computes this decoder's function: SAM's upscaling path
+    (two 2x2 stride-2 transposed convolutions around a LayerNorm2d, each followed by an
+    elementwise activation, see ``_Upscaler``) and a two-way transformer with at least one layer."""
+    from ..models.layers import LayerNorm2d
+
+    up = list(getattr(decoder, "output_upscaling", ()))
+    if len(up) != 5 or len(getattr(decoder.transformer, "layers", ())) == 0:
+        return False
+    conv1, norm, _, conv2, _ = up
+    return (
+        all(
+            isinstance(c, nn.ConvTranspose2d)
+            and c.kernel_size == (2, 2)
+            and c.stride == (2, 2)
+            and c.padding == (0, 0)
+            and c.output_padding == (0, 0)
+            and c.groups == 1
+            and c.dilation == (1, 1)
+            and c.bias is not None
+            for c in (conv1, conv2)
+        )
+        and isinstance(norm, LayerNorm2d)
+        and all(isinstance(a, (nn.GELU, nn.ReLU)) for a in (up[2], up[4]))
     )
 
 
 def stream_transformer(
-    transformer: nn.Module,
+    transformer: TwoWayTransformer,
     image: Tensor,
     image_pe: Tensor,
     tokens: Tensor,
@@ -462,10 +493,12 @@ def stream_transformer(
     tiles = [slice(i, min(i + rows, hw)) for i in range(0, hw, rows)]
 
     query_pe = tokens
-    layers = list(transformer.layers)
+    layers = [cast(TwoWayAttentionBlock, layer) for layer in transformer.layers]
     first = layers[0]
-    queries = first.token_self_attention(tokens, query_pe)
-    queries = first.token_update(queries, shared.attend(first.cross_attn_token_to_image, queries + query_pe))
+    queries = _token_self_attention(first, tokens, query_pe)
+    queries = _token_update(
+        first, queries, shared.attend(first.cross_attn_token_to_image, queries + query_pe)
+    )
 
     x: list[Tensor] | None = None  # per-prompt image tokens, (N, R, C) per tile; None while shared
     x_pe: list[Tensor] = []  # the same plus the positional encoding (from the third layer on)
@@ -491,12 +524,13 @@ def stream_transformer(
             next_q, attn = queries[:, read_out], transformer.final_attn_token_to_image
             next_in = next_q + query_pe[:, read_out]
         else:
-            next_q = layers[i + 1].token_self_attention(queries, query_pe)
+            next_q = _token_self_attention(layers[i + 1], queries, query_pe)
             attn, next_in = layers[i + 1].cross_attn_token_to_image, next_q + query_pe
         t2i = None if x is None else _TokenAttention(attn, next_in)
         out, out_pe = [], []
         for k, sl in enumerate(tiles):
             if x is None:
+                assert shared_q is not None
                 tile, p, rstd = i2t.apply(src[:, sl], None, shared_q[:, sl])
             elif logits is not None:
                 tile, p, rstd = i2t.apply(x[k], None, logits=logits[:, :, sl])
@@ -517,19 +551,20 @@ def stream_transformer(
         if last:
             queries = transformer.norm_final_attn(next_q + attended)
         else:
-            queries = layers[i + 1].token_update(next_q, attended)
+            queries = _token_update(layers[i + 1], next_q, attended)
     if x is None:
         raise ValueError("stream_transformer needs a transformer with at least one layer")
     return queries, StreamedTokens(x, shared, records)
 
 
 def stream_decode(
-    decoder: nn.Module,
+    decoder: MaskDecoder,
     image_embeddings: Tensor,
     image_pe: Tensor,
     sparse_prompt_embeddings: Tensor,
     dense_prompt_embeddings: Tensor,
     mask_slice: slice,
+    shared: SharedImage | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``MaskDecoder.predict_masks`` for N prompts sharing one image embedding (see module doc).
 
@@ -537,28 +572,30 @@ def stream_decode(
       image_embeddings: (1, C, H, W); image_pe: (1, C, H, W).
       sparse_prompt_embeddings: (N, T, C); dense_prompt_embeddings: broadcastable to (1, C, H, W).
       mask_slice: which mask tokens to decode.
+      shared: ``SharedImage.compute(decoder.transformer, image_embeddings + dense, image_pe)``,
+        if already at hand.
     Returns:
       mask logits (N, M, 4H, 4W) and IoU predictions (N, M).
     """
-    n = sparse_prompt_embeddings.shape[0]
-    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
-    output_tokens = output_tokens.to(sparse_prompt_embeddings.dtype).unsqueeze(0).expand(n, -1, -1)
-    tokens = torch.cat([output_tokens, sparse_prompt_embeddings], dim=1)
+    tokens = decoder.prompt_tokens(sparse_prompt_embeddings)
     mask_ids = list(range(decoder.num_mask_tokens))[mask_slice]
     read_out = [0] + [1 + i for i in mask_ids]  # the IoU token and the decoded mask tokens
     image = image_embeddings + dense_prompt_embeddings
     queries, image_tokens = stream_transformer(
-        decoder.transformer, image, image_pe, tokens, read_out, shared_image(decoder, image, image_pe)
+        cast(TwoWayTransformer, decoder.transformer), image, image_pe, tokens, read_out, shared
     )
 
     iou_pred = decoder.iou_prediction_head(queries[:, 0])[:, mask_slice]
     hyper = torch.stack(
         [decoder.output_hypernetworks_mlps[j](queries[:, 1 + k]) for k, j in enumerate(mask_ids)], dim=1
     )  # (N, M, C2)
-    return upscale_tiles(decoder, image_tokens, hyper, image_embeddings.shape[-2:]), iou_pred
+    grid = (image_embeddings.shape[-2], image_embeddings.shape[-1])
+    return upscale_tiles(decoder, image_tokens, hyper, grid), iou_pred
 
 
-def upscale_tiles(decoder: nn.Module, tokens: StreamedTokens, hyper: Tensor, grid: tuple[int, int]) -> Tensor:
+def upscale_tiles(
+    decoder: MaskDecoder, tokens: StreamedTokens, hyper: Tensor, grid: tuple[int, int]
+) -> Tensor:
     """The mask head on streamed image tokens covering the (H, W) token grid row by row, with
     hypernetwork vectors (N, M, C2) -> mask logits (N, M, 4H, 4W)."""
     h, w = grid

@@ -5,14 +5,13 @@ image out of it and resizes that to the original size, bilinearly again. ``upsca
 does exactly that (identical values), computing only the part of the frame the crop reads.
 
 Most callers only want ``logits > 0``, which ``upscale_binary`` computes in one of two ways,
-both faster on a CPU than SAM's two full-size ``F.interpolate`` passes (a quarter of the
-decoder's time) and equal to thresholding ``upscale_logits`` except possibly at pixels whose
+both faster on a CPU than SAM's two full-size ``F.interpolate`` passes and equal to thresholding ``upscale_logits`` except possibly at pixels whose
 logit is within float rounding of 0:
 
 * Banded products. The two resizes compose into one matrix per axis with at most 3 taps a row,
   so blocks of output rows (then columns) are small matrix products with the slice of low-res
   pixels they read (``_bands``), thresholded block by block, with no 1024-frame intermediate.
-  About 3x faster than SAM's path; used for images up to the prompt frame's size.
+  Used for images up to the prompt frame's size.
 * The sign rule, for larger images, where writing every float costs more than deciding most
   pixels without one. Both resizes have non-negative weights, so every output pixel is a
   convex combination of at most 3 x 3 neighbouring low-res logits: where those are all

@@ -74,9 +74,7 @@ def transform_filters(weight: Tensor) -> Tensor:
 # ``tune_cpu_allocator``), whose page faults cost more than the work they hold, and a chunk's
 # intermediates are still in cache when the next step reads them. Each chunk reads all the
 # transformed filters, so ``WinogradConv2d`` never makes chunks smaller than those (the neck's
-# 256 -> 1024 has 38 MB of them and runs in one piece). Measured on the machine of
-# docs/benchmarks.md, against no chunking: 128 -> 512 at 128x128 pixels 80 -> 53 ms,
-# 64 -> 256 at 256x256 135 -> 80 ms.
+# 256 -> 1024 has 38 MB of them and runs in one piece).
 CHUNK_BYTES = 32 << 20
 
 
@@ -140,6 +138,9 @@ class WinogradConv2d(nn.Module):
     """An inference-only replacement for a dense, stride-1, 3x3 ``nn.Conv2d`` (padding 1),
     optionally followed by an activation (applied in place to the fresh output)."""
 
+    filters: Tensor
+    bias: Tensor | None
+
     def __init__(self, conv: nn.Conv2d, act: nn.Module | None = None) -> None:
         super().__init__()
         if not is_winograd_compatible(conv):
@@ -153,6 +154,7 @@ class WinogradConv2d(nn.Module):
         self.chunk_bytes = max(CHUNK_BYTES, self.filters.numel() * self.filters.element_size())
 
     def forward(self, x: Tensor) -> Tensor:
+        assert isinstance(self.filters, Tensor)
         y = winograd_conv3x3(x, self.filters, self.bias, epilogue=self.epilogue, chunk_bytes=self.chunk_bytes)
         if self.act is None or self.epilogue is not None:
             return y

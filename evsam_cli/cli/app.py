@@ -16,6 +16,7 @@ from ..accel.allocator import tune_cpu_allocator
 from . import bench, data, distill, export, finetune, models_cmd, predict
 from . import eval as eval_cmd
 from .common import error, set_debug
+from .help import EvsamCommand
 
 
 class EvsamGroup(TyperGroup):
@@ -73,13 +74,14 @@ def _root(
     tune_cpu_allocator()  # CPU inference reuses freed memory instead of page-faulting it back
 
 
-app.command("distill", no_args_is_help=True)(distill.distill_cli)
-app.command("finetune", no_args_is_help=True)(finetune.finetune_cli)
-app.command("export", no_args_is_help=True)(export.export_cli)
-app.command("bench")(bench.bench_cli)
-app.command("eval", no_args_is_help=True)(eval_cmd.eval_cli)
-app.command("predict", no_args_is_help=True)(predict.predict_cli)
-app.command("models")(models_cmd.models_cli)
+# EvsamCommand: help that shows every option name whole, whatever the terminal's width.
+app.command("distill", cls=EvsamCommand, no_args_is_help=True)(distill.distill_cli)
+app.command("finetune", cls=EvsamCommand, no_args_is_help=True)(finetune.finetune_cli)
+app.command("export", cls=EvsamCommand, no_args_is_help=True)(export.export_cli)
+app.command("bench", cls=EvsamCommand)(bench.bench_cli)
+app.command("eval", cls=EvsamCommand, no_args_is_help=True)(eval_cmd.eval_cli)
+app.command("predict", cls=EvsamCommand, no_args_is_help=True)(predict.predict_cli)
+app.command("models", cls=EvsamCommand)(models_cmd.models_cli)
 app.add_typer(data.app, name="data")
 
 

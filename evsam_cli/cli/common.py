@@ -2,18 +2,22 @@
 
 Library code raises ``EvsamError`` subclasses; ``command`` turns them (and the OS errors a
 user can cause, such as a missing or unwritable path) into one ``Error: ...`` line on stderr
-and exit code 1. ``--debug`` or ``EVSAM_DEBUG=1`` lets the traceback through instead.
+and exit code 1. ``--debug`` or ``EVSAM_DEBUG=1`` lets the traceback through instead. Library
+messages speak parameter names (``lr must be positive``); an error lists the names it mentions
+(``params``) and the edge shows each as the command's flag for it (``--lr must be positive``).
 
 Options that several commands declare alike are ``Annotated`` aliases here (flag names and help);
-each command keeps its own default, e.g. ``steps: StepsOption = 10000``.
+their defaults are the library's, e.g. ``steps: StepsOption = defaults(DistillConfig)["steps"]``.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
@@ -51,8 +55,15 @@ def escape(text: str) -> str:
     return _escape(str(text))
 
 
-def command(fn: F) -> F:
-    """Decorator for command bodies: user errors -> ``Error:`` line and exit code 1."""
+def command(fn: F | None = None, *, aliases: dict[str, str] | None = None) -> Any:
+    """Decorator for command bodies: user errors -> ``Error:`` line and exit code 1.
+
+    ``aliases`` maps library parameter names to the command's own where they differ (e.g.
+    ``{"weights": "detector_weights"}``), so that errors show the right flag.
+    """
+    if fn is None:
+        return functools.partial(command, aliases=aliases)
+    flags: dict[str, str] | None = None
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -66,7 +77,11 @@ def command(fn: F) -> F:
         except EvsamError as exc:
             if debug_enabled():
                 raise
-            error(str(exc))
+            nonlocal flags
+            if flags is None:
+                flags = option_flags(fn)
+                flags.update({lib: flags[own] for lib, own in (aliases or {}).items() if own in flags})
+            error(as_flags(exc, flags))
             raise typer.Exit(1) from None
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
             if debug_enabled():
@@ -83,6 +98,29 @@ def command(fn: F) -> F:
             _leave_process_group()
 
     return wrapper  # type: ignore[return-value]
+
+
+def option_flags(fn: Callable[..., Any]) -> dict[str, str]:
+    """Parameter name -> how the user writes it, for a typer command function: ``lr`` -> ``--lr``,
+    ``amp`` -> ``--amp``, ``image`` (an argument) -> ``IMAGE``."""
+    flags = {}
+    for name, param in inspect.signature(fn, eval_str=True).parameters.items():
+        for meta in getattr(param.annotation, "__metadata__", ()):
+            if isinstance(meta, typer.models.ArgumentInfo):
+                flags[name] = name.upper()
+            elif isinstance(meta, typer.models.OptionInfo):
+                longs = [d.split("/")[0] for d in meta.param_decls or () if d.startswith("--")]
+                flags[name] = longs[0] if longs else "--" + name.replace("_", "-")
+    return flags
+
+
+def as_flags(exc: EvsamError, flags: dict[str, str]) -> str:
+    """``exc``'s message with the parameter names it mentions (``exc.params``) shown as flags."""
+    message = str(exc)
+    for name in exc.params:
+        if name in flags:
+            message = re.sub(rf"(?<![\w-]){re.escape(name)}(?!\w)", flags[name], message)
+    return message
 
 
 def _leave_process_group() -> None:
@@ -142,11 +180,26 @@ TrainBatchSizeOption = Annotated[int, typer.Option(min=1, help="Images per micro
 GradAccumOption = Annotated[int, typer.Option(min=1, help="Micro-batches per optimizer step.")]
 LrOption = Annotated[float, typer.Option(help="Peak learning rate (AdamW, warmup then cosine).")]
 WeightDecayOption = Annotated[float, typer.Option(help="AdamW weight decay (not on norms/biases).")]
-WarmupStepsOption = Annotated[int, typer.Option(min=0, help="Linear warmup steps.")]
+WarmupStepsOption = Annotated[
+    int | None, typer.Option(min=0, help="Linear warmup steps. Default: a tenth of the run, at most 250.")
+]
 GradClipOption = Annotated[float, typer.Option(min=0.0, help="Max gradient norm (0: off).")]
 SaveEveryOption = Annotated[int, typer.Option(min=1, help="Write checkpoints/last.pt every N steps.")]
 LogEveryOption = Annotated[int, typer.Option(min=1, help="Write a metrics.jsonl record every N steps.")]
-TrainWorkersOption = Annotated[int, typer.Option(min=0, help="Data-loader worker processes per rank.")]
+TrainWorkersOption = Annotated[
+    int | None,
+    typer.Option(min=0, help="Data-loader processes per rank. Default: its CPU cores less one, at most 4."),
+]
+ValImagesOption = Annotated[
+    int | None,
+    typer.Option(
+        min=0,
+        help="Images held out for validation. Default: a tenth, at most 16, at least 1 of 2 or more.",
+    ),
+]
+ValEveryOption = Annotated[
+    int, typer.Option(min=0, help="Validate every N steps, at step 0 and at the end (0: only those).")
+]
 TrainDeviceOption = Annotated[
     str, typer.Option(help="auto, cpu, cuda (under torchrun: each rank its LOCAL_RANK GPU).")
 ]
@@ -156,6 +209,36 @@ ResumeOption = Annotated[
 ]
 OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Replace a run already in --output.")]
 ProgressOption = Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bar on rank 0.")]
+
+
+# The training options above, as the library names them (``train.config.defaults``).
+_TRAIN_OPTIONS = (
+    "steps",
+    "epochs",
+    "batch_size",
+    "grad_accum",
+    "lr",
+    "weight_decay",
+    "warmup_steps",
+    "grad_clip",
+    "val_images",
+    "val_every",
+    "save_every",
+    "log_every",
+    "workers",
+    "seed",
+    "device",
+    "amp",
+)
+
+
+def train_settings(args: dict[str, Any]) -> dict[str, Any]:
+    """The training options among a train command's arguments (its ``locals()``), as flat library
+    settings for ``train.config.from_flat``; ``--output`` and ``--data`` included."""
+    settings = {name: args[name] for name in _TRAIN_OPTIONS}
+    settings["output"] = str(args["output"])
+    settings["path"] = str(args["data"] or "")
+    return settings
 
 
 def check_resume(resume: bool, overwrite: bool) -> None:

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from .common import command, console
+from .help import EvsamCommand
 
 app = typer.Typer(
     help="Dataset utilities.", no_args_is_help=True, context_settings={"help_option_names": ["-h", "--help"]}
@@ -20,7 +21,7 @@ class SynthFormat(str, Enum):
     sa1b = "sa1b"
 
 
-@app.command("synth", no_args_is_help=True)
+@app.command("synth", cls=EvsamCommand, no_args_is_help=True)
 @command
 def synth_cli(
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write the dataset into.")],

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 
+from ..train.config import TEACHERS, DistillConfig, defaults
 from . import common as opt
 from .common import check_resume, command, console, env_rank, setup_logging
 
+if TYPE_CHECKING:
+    TeacherName = str
+else:
+    TeacherName = Literal[TEACHERS]
 
-class TeacherName(str, Enum):
-    vit_b = "vit_b"
-    vit_l = "vit_l"
-    vit_h = "vit_h"
+D = defaults(DistillConfig)  # every default of `evsam distill` is the library's
 
 
 @command
@@ -23,49 +24,45 @@ def distill_cli(
     output: Annotated[
         Path, typer.Option("--output", "-o", help="Run folder (metrics, checkpoints, student.pt).")
     ],
-    teacher: Annotated[
-        TeacherName, typer.Option(help="SAM image encoder to learn from.")
-    ] = TeacherName.vit_h,
+    teacher: Annotated[TeacherName, typer.Option(help="SAM image encoder to learn from.")] = D["teacher"],
     teacher_checkpoint: Annotated[
         Path | None, typer.Option(help="Meta's sam_vit_*.pth for the teacher (required unless --resume).")
     ] = None,
-    student: Annotated[
-        str, typer.Option(help="EfficientViT-SAM variant to train (l0 ... xl1).")
-    ] = "efficientvit-sam-l0",
+    student: Annotated[str, typer.Option(help="EfficientViT-SAM variant to train (l0 ... xl1).")] = D[
+        "student"
+    ],
     data: Annotated[
         Path | None,
         typer.Option(help="SA-1B: folder of sa_*.jpg + sa_*.json, or of sa_*.tar shards (or one .tar)."),
     ] = None,
-    steps: opt.StepsOption = 10000,
-    epochs: opt.EpochsOption = None,
-    batch_size: opt.TrainBatchSizeOption = 8,
-    grad_accum: opt.GradAccumOption = 1,
-    lr: opt.LrOption = 1e-3,
-    weight_decay: opt.WeightDecayOption = 0.05,
-    warmup_steps: opt.WarmupStepsOption = 500,
-    grad_clip: opt.GradClipOption = 1.0,
+    steps: opt.StepsOption = D["steps"],
+    epochs: opt.EpochsOption = D["epochs"],
+    batch_size: opt.TrainBatchSizeOption = D["batch_size"],
+    grad_accum: opt.GradAccumOption = D["grad_accum"],
+    lr: opt.LrOption = D["lr"],
+    weight_decay: opt.WeightDecayOption = D["weight_decay"],
+    warmup_steps: opt.WarmupStepsOption = D["warmup_steps"],
+    grad_clip: opt.GradClipOption = D["grad_clip"],
     image_size: Annotated[
         int | None,
         typer.Option(
             help="Student input side (multiple of 32). Default: the student's own (512 L*, 1024 XL*)."
         ),
-    ] = None,
+    ] = D["image_size"],
     teacher_cache: Annotated[
         Path | None,
         typer.Option(
             help="Folder caching teacher embeddings (fp16, 2 MiB per image) across epochs and runs."
         ),
     ] = None,
-    val_images: Annotated[int, typer.Option(min=0, help="Held-out images for val_mse.")] = 16,
-    val_every: Annotated[
-        int, typer.Option(min=0, help="Validate every N steps (0: only at step 0 and the end).")
-    ] = 1000,
-    save_every: opt.SaveEveryOption = 1000,
-    log_every: opt.LogEveryOption = 10,
-    workers: opt.TrainWorkersOption = 4,
-    seed: Annotated[int, typer.Option(help="Random seed (data order, initialisation).")] = 0,
-    device: opt.TrainDeviceOption = "auto",
-    amp: opt.AmpOption = True,
+    val_images: opt.ValImagesOption = D["val_images"],
+    val_every: opt.ValEveryOption = D["val_every"],
+    save_every: opt.SaveEveryOption = D["save_every"],
+    log_every: opt.LogEveryOption = D["log_every"],
+    workers: opt.TrainWorkersOption = D["workers"],
+    seed: Annotated[int, typer.Option(help="Random seed (data order, initialisation).")] = D["seed"],
+    device: opt.TrainDeviceOption = D["device"],
+    amp: opt.AmpOption = D["amp"],
     resume: opt.ResumeOption = False,
     overwrite: opt.OverwriteOption = False,
     progress: opt.ProgressOption = True,
@@ -86,9 +83,9 @@ def distill_cli(
 
       evsam distill --output runs/l0 --resume
     """
-    from ..utils import distributed as dist_utils
-    from ..train.config import DataConfig, DistillConfig, LoopConfig, OptimConfig
+    from ..train.config import from_flat
     from ..train.distill import distill
+    from ..utils import distributed as dist_utils
 
     check_resume(resume, overwrite)
     if not resume and teacher_checkpoint is None:
@@ -98,26 +95,14 @@ def distill_cli(
     if not resume and data is None:
         raise typer.BadParameter("--data is required (an SA-1B folder or .tar shards)", param_hint="--data")
     setup_logging(main_process=dist_utils.get_info().is_main or env_rank() == 0)
-    cfg = DistillConfig(
-        teacher=teacher.value,
+    cfg = from_flat(
+        DistillConfig,
+        teacher=teacher,
         teacher_checkpoint=str(teacher_checkpoint or "-"),
         student=student,
         image_size=image_size,
         teacher_cache=str(teacher_cache) if teacher_cache else None,
-        loop=LoopConfig(
-            output=str(output),
-            steps=steps,
-            epochs=epochs,
-            grad_accum=grad_accum,
-            seed=seed,
-            device=device,
-            amp=amp,
-            log_every=log_every,
-            val_every=val_every,
-            save_every=save_every,
-        ),
-        optim=OptimConfig(lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, grad_clip=grad_clip),
-        data=DataConfig(path=str(data or ""), batch_size=batch_size, workers=workers, val_images=val_images),
+        **opt.train_settings(locals()),
     )
     summary = distill(cfg, resume=resume, overwrite=overwrite, progress=progress)
     if env_rank() != 0:

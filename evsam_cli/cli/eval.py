@@ -4,11 +4,18 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 
+from ..errors import EvsamError
+from ..evaluation.detectors import detector_names
 from .common import CheckpointOption, ModelOption, command, console, env_rank, error, setup_logging
+
+if TYPE_CHECKING:
+    DetectorName = str
+else:
+    DetectorName = Literal[detector_names()]  # the registered detectors
 
 
 class Dataset(str, Enum):
@@ -22,13 +29,7 @@ class Prompt(str, Enum):
     detector = "detector"
 
 
-class DetectorName(str, Enum):
-    vitdet = "vitdet"
-    yolov8 = "yolov8"
-    groundingdino = "groundingdino"
-
-
-@command
+@command(aliases={"weights": "detector_weights", "config": "detector_config"})
 def eval_cli(
     dataset: Annotated[Dataset, typer.Argument(help="coco (val2017) or lvis (LVIS v1 val).")],
     data_root: Annotated[
@@ -64,7 +65,7 @@ def eval_cli(
     detector_weights: Annotated[
         str | None,
         typer.Option(
-            help="yolov8: weights (default yolov8x.pt); groundingdino: groundingdino_swint_ogc.pth."
+            help="Live detector's weights (yolov8 default yolov8x.pt; groundingdino_swint_ogc.pth)."
         ),
     ] = None,
     detector_config: Annotated[
@@ -119,22 +120,18 @@ def eval_cli(
     if detector is not None and prompt is not Prompt.detector:
         raise typer.BadParameter(f"--detector goes with --prompt detector, not --prompt {prompt.value}")
     if prompt is Prompt.detector and detector is None:
-        raise typer.BadParameter("--prompt detector needs --detector vitdet|yolov8|groundingdino")
+        raise typer.BadParameter(f"--prompt detector needs --detector {'|'.join(detector_names())}")
     if data_root is None and (images is None or annotations is None):
         data_root = Path("coco")
     if output is None:
-        suffix = f"-{detector.value}" if detector is not None else ""
+        suffix = f"-{detector}" if detector is not None else ""
         output = Path("runs") / "eval" / f"{dataset.value}-{prompt.value}{suffix}"
-    weights = detector_weights
-    if weights is None and detector is DetectorName.yolov8:
-        weights = "yolov8x.pt"
-
     from ..evaluation import DetectorOptions, evaluate
 
     options = DetectorOptions(
-        name=detector.value if detector is not None else "vitdet",
+        name=detector if detector is not None else "vitdet",
         detections=detections,
-        weights=Path(weights) if weights is not None else None,
+        weights=Path(detector_weights) if detector_weights is not None else None,
         config=detector_config,
         text_encoder=text_encoder,
     )
@@ -159,6 +156,8 @@ def eval_cli(
                 progress=update,
             )
     except ValueError as exc:  # e.g. an input size the model cannot take
+        if isinstance(exc, EvsamError):
+            raise  # the error edge shows its parameters as flags
         error(str(exc))
         raise typer.Exit(1) from None
     if rank == 0:

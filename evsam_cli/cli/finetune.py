@@ -7,8 +7,11 @@ from typing import Annotated
 
 import typer
 
+from ..train.config import FinetuneConfig, defaults
 from . import common as opt
 from .common import check_resume, command, console, env_rank, setup_logging
+
+D = defaults(FinetuneConfig)  # every default of `evsam finetune` is the library's
 
 
 @command
@@ -16,9 +19,9 @@ def finetune_cli(
     output: Annotated[
         Path, typer.Option("--output", "-o", help="Run folder (metrics, checkpoints, model.pt).")
     ],
-    model: Annotated[
-        str, typer.Option("--model", "-m", help="EfficientViT-SAM variant (l0 ... xl1).")
-    ] = "l0",
+    model: Annotated[str, typer.Option("--model", "-m", help="EfficientViT-SAM variant (l0 ... xl1).")] = D[
+        "model"
+    ],
     init: Annotated[
         Path | None,
         typer.Option(help="Start from this file: a student from `evsam distill` or an official checkpoint."),
@@ -40,34 +43,34 @@ def finetune_cli(
         typer.Option(help="COCO instances JSON: train on your own data (--data is its image folder)."),
     ] = None,
     images: Annotated[Path | None, typer.Option(help="Alias of --data for COCO-format data.")] = None,
-    steps: opt.StepsOption = 10000,
-    epochs: opt.EpochsOption = None,
-    batch_size: opt.TrainBatchSizeOption = 2,
-    grad_accum: opt.GradAccumOption = 1,
+    steps: opt.StepsOption = D["steps"],
+    epochs: opt.EpochsOption = D["epochs"],
+    batch_size: opt.TrainBatchSizeOption = D["batch_size"],
+    grad_accum: opt.GradAccumOption = D["grad_accum"],
     image_size: Annotated[
         int | None, typer.Option(help="Encoder input side (multiple of 32). Default: the model's own.")
-    ] = None,
-    masks_per_image: Annotated[int, typer.Option(min=1, help="Masks (prompts) sampled per image.")] = 16,
+    ] = D["image_size"],
+    masks_per_image: Annotated[int, typer.Option(min=1, help="Masks (prompts) sampled per image.")] = D[
+        "masks_per_image"
+    ],
     freeze_bn: Annotated[
         bool,
         typer.Option(
             "--freeze-bn/--train-bn", help="Keep the encoder's BatchNorm statistics fixed while training."
         ),
-    ] = False,
-    lr: opt.LrOption = 1e-4,
-    weight_decay: opt.WeightDecayOption = 0.05,
-    warmup_steps: opt.WarmupStepsOption = 250,
-    grad_clip: opt.GradClipOption = 1.0,
-    val_images: Annotated[int, typer.Option(min=0, help="Held-out images for val_iou.")] = 16,
-    val_every: Annotated[
-        int, typer.Option(min=0, help="Validate every N steps (and at step 0 and the end).")
-    ] = 500,
-    save_every: opt.SaveEveryOption = 500,
-    log_every: opt.LogEveryOption = 10,
-    workers: opt.TrainWorkersOption = 4,
-    seed: Annotated[int, typer.Option(help="Random seed (data order, prompts, initialisation).")] = 0,
-    device: opt.TrainDeviceOption = "auto",
-    amp: opt.AmpOption = True,
+    ] = D["freeze_bn"],
+    lr: opt.LrOption = D["lr"],
+    weight_decay: opt.WeightDecayOption = D["weight_decay"],
+    warmup_steps: opt.WarmupStepsOption = D["warmup_steps"],
+    grad_clip: opt.GradClipOption = D["grad_clip"],
+    val_images: opt.ValImagesOption = D["val_images"],
+    val_every: opt.ValEveryOption = D["val_every"],
+    save_every: opt.SaveEveryOption = D["save_every"],
+    log_every: opt.LogEveryOption = D["log_every"],
+    workers: opt.TrainWorkersOption = D["workers"],
+    seed: Annotated[int, typer.Option(help="Random seed (data order, prompts, initialisation).")] = D["seed"],
+    device: opt.TrainDeviceOption = D["device"],
+    amp: opt.AmpOption = D["amp"],
     resume: opt.ResumeOption = False,
     overwrite: opt.OverwriteOption = False,
     progress: opt.ProgressOption = True,
@@ -86,7 +89,7 @@ def finetune_cli(
 
       torchrun --nproc-per-node 8 -m evsam_cli finetune --model l0 --init runs/l0/student.pt --data SA1B_DIR --output runs/l0_ft
     """
-    from ..train.config import DataConfig, FinetuneConfig, LoopConfig, OptimConfig
+    from ..train.config import from_flat
     from ..train.finetune import finetune
 
     check_resume(resume, overwrite)
@@ -97,7 +100,8 @@ def finetune_cli(
         raise typer.BadParameter("--data is required (SA-1B, or a COCO image folder with --annotations)")
     rank = env_rank()
     setup_logging(main_process=rank == 0)
-    cfg = FinetuneConfig(
+    cfg = from_flat(
+        FinetuneConfig,
         model=model,
         init=str(init) if init else None,
         sam_head_checkpoint=str(sam_head_checkpoint) if sam_head_checkpoint else None,
@@ -105,20 +109,7 @@ def finetune_cli(
         masks_per_image=masks_per_image,
         annotations=str(annotations) if annotations else None,
         freeze_bn=freeze_bn,
-        loop=LoopConfig(
-            output=str(output),
-            steps=steps,
-            epochs=epochs,
-            grad_accum=grad_accum,
-            seed=seed,
-            device=device,
-            amp=amp,
-            log_every=log_every,
-            val_every=val_every,
-            save_every=save_every,
-        ),
-        optim=OptimConfig(lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, grad_clip=grad_clip),
-        data=DataConfig(path=str(data or ""), batch_size=batch_size, workers=workers, val_images=val_images),
+        **opt.train_settings(locals()),
     )
     summary = finetune(cfg, resume=resume, overwrite=overwrite, progress=progress)
     if rank != 0:

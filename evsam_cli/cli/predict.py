@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
+from ..predictor.amg_settings import AmgSettings
 from .common import CheckpointOption, ModelOption, command, console, parse_floats
+
+
+def _amg_option(name: str) -> Any:
+    """A ``--everything`` option: help and default are ``AmgSettings``'s own."""
+    default = AmgSettings.default(name)
+    shown = f"{default:g}" if isinstance(default, float) else str(default)
+    return typer.Option(
+        help=f"{AmgSettings.help(name)}  [default: {shown}]",  # None here means "not given"
+        show_default=False,
+        rich_help_panel="Segment everything (--everything)",
+    )
 
 
 def _parse_point(text: str) -> tuple[float, float, int]:
@@ -49,31 +61,13 @@ def predict_cli(
             "--everything", help="Segment everything: prompt a grid of points, no --box/--point needed."
         ),
     ] = False,
-    points_per_side: Annotated[
-        int | None, typer.Option(help="--everything: grid points per side (default 32).")
-    ] = None,
-    points_per_batch: Annotated[
-        int | None, typer.Option(help="--everything: prompts per decoder pass (default 128).")
-    ] = None,
-    pred_iou_thresh: Annotated[
-        float | None,
-        typer.Option(help="--everything: keep masks with predicted IoU above this (default 0.88)."),
-    ] = None,
-    stability_score_thresh: Annotated[
-        float | None, typer.Option(help="--everything: minimum stability score (default 0.95).")
-    ] = None,
-    box_nms_thresh: Annotated[
-        float | None, typer.Option(help="--everything: box IoU that marks a duplicate (default 0.7).")
-    ] = None,
-    crop_n_layers: Annotated[
-        int | None, typer.Option(help="--everything: extra layers of image crops (default 0).")
-    ] = None,
-    min_mask_region_area: Annotated[
-        int | None,
-        typer.Option(
-            help="--everything: fill holes / drop islands smaller than this many pixels (default 0)."
-        ),
-    ] = None,
+    points_per_side: Annotated[int | None, _amg_option("points_per_side")] = None,
+    points_per_batch: Annotated[int | None, _amg_option("points_per_batch")] = None,
+    pred_iou_thresh: Annotated[float | None, _amg_option("pred_iou_thresh")] = None,
+    stability_score_thresh: Annotated[float | None, _amg_option("stability_score_thresh")] = None,
+    box_nms_thresh: Annotated[float | None, _amg_option("box_nms_thresh")] = None,
+    crop_n_layers: Annotated[int | None, _amg_option("crop_n_layers")] = None,
+    min_mask_region_area: Annotated[int | None, _amg_option("min_mask_region_area")] = None,
 ) -> None:
     """Segment objects in IMAGE from box and/or point prompts, or everything in it.
 

@@ -2,7 +2,7 @@
 
 ``open_coco(images, annotations)`` gives the same interface as ``open_sa1b``: units that the
 ``Sa1bStream`` splits across ranks and workers, and a held-out slice (the last ``val_images``
-images in id order). Each unit is one image; its annotations travel with it in SA-1B's JSON
+images in id order; without ``val_images``, ``auto_val_images`` of them). Each unit is one image; its annotations travel with it in SA-1B's JSON
 shape, so the training transform cannot tell the formats apart. Crowd annotations
 (``iscrowd: 1``) are left out, as in COCO training; segmentations are polygons or RLE
 (decoded with pycocotools).
@@ -11,13 +11,16 @@ shape, so the training transform cannot tell the formats apart. Crowd annotation
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DataError
-from .sa1b import CorruptSample, Sa1bRecord, _Raw, decode_record
+from .sa1b import CorruptSample, Sa1bRecord, _Raw, check_val_images, decode_record
+
+log = logging.getLogger("evsam.data")
 
 
 @dataclass(frozen=True)
@@ -57,11 +60,13 @@ class CocoSource:
 
 
 def open_coco(
-    images: str | os.PathLike[str], annotations: str | os.PathLike[str], *, val_images: int = 0
+    images: str | os.PathLike[str], annotations: str | os.PathLike[str], *, val_images: int | None = 0
 ) -> CocoSource:
     """Read a COCO instances JSON; image files are ``images / file_name``.
 
-    Raises ``DataError`` for a missing folder/file, malformed JSON, or no annotated image.
+    ``val_images``: images held out for validation; ``None`` chooses ``auto_val_images``.
+    Raises ``DataError`` for a missing folder/file, malformed JSON, or no annotated image, and
+    ``SettingError`` when the validation slice would take every training image.
     """
     root, ann_path = Path(images).expanduser(), Path(annotations).expanduser()
     if not root.is_dir():
@@ -94,9 +99,10 @@ def open_coco(
         units.append(CocoUnit(path, json.dumps({"image": meta, "annotations": anns}).encode()))
     if not units:
         raise DataError(f"no annotated images of {ann_path} found under {root}")
-    if val_images >= len(units):
-        raise DataError(f"{ann_path} has {len(units)} annotated images: too few for {val_images} held out")
+    val_images = check_val_images(val_images, len(units), f"{ann_path} (annotated, found under {root})")
     cut = len(units) - val_images
+    if val_images:
+        log.info("validation: %d of %d annotated image(s) held out (the last by id)", val_images, len(units))
     return CocoSource(
         root=root,
         train_units=tuple(units[:cut]),

@@ -11,6 +11,13 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+# SAM's constants, shared by the torch model (models/sam.py) and the torch-free exported-model
+# runtime (export/runtime.py); exported graphs carry their own values in metadata.
+PIXEL_MEAN = (123.675, 116.28, 103.53)  # per-channel normalisation, [0, 255] pixel units
+PIXEL_STD = (58.395, 57.12, 57.375)
+PROMPT_SIZE = 1024  # side of the frame prompts and masks are expressed in
+LOW_RES_SIZE = 256  # side of the decoder's mask logits
+
 
 def preprocess_shape(height: int, width: int, long_side: int) -> tuple[int, int]:
     """(h, w) after resizing so the longest side is ``long_side`` (SAM's rounding)."""

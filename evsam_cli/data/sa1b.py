@@ -15,6 +15,8 @@ batches in the same order as an uninterrupted run.
 
 The held-out validation slice is deterministic: the last ``val_images`` pairs of a folder (in
 name order), or the first ``val_images`` samples of the last shard. Training never sees them.
+Without a ``val_images`` (``None``) the slice is ``auto_val_images`` of the images it is taken
+from (the folder's, or the last shard's), so that a small dataset still has images to train on.
 
 A corrupt image or annotation file is skipped and reported (``skipped`` names), never fatal.
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import re
 import tarfile
@@ -37,8 +40,10 @@ from PIL import UnidentifiedImageError
 from pycocotools import mask as mask_utils
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..errors import DataError
+from ..errors import DataError, SettingError
 from .images import open_image, pil_to_rgb_uint8
+
+log = logging.getLogger("evsam.data")
 
 _NUMBER = re.compile(r"(\d+)")
 
@@ -187,11 +192,36 @@ class Sa1bSource:
                     yield str(exc)
 
 
-def open_sa1b(path: str | os.PathLike[str], *, val_images: int = 0) -> Sa1bSource:
+def auto_val_images(available: int) -> int:
+    """The validation slice when none is asked for: a tenth of the ``available`` images, at most
+    16, at least one when there are two or more, none when there is one (it is needed to train)."""
+    return 0 if available < 2 else min(16, max(1, available // 10))
+
+
+def check_val_images(val_images: int | None, available: int, where: str) -> int:
+    """The validation slice to hold out of ``available`` images (all of them being the only
+    training data): ``val_images``, or ``auto_val_images`` for ``None``. Raises ``SettingError``
+    when nothing would be left to train on."""
+    if val_images is None:
+        return auto_val_images(available)
+    if val_images < 0:
+        raise SettingError(f"val_images cannot be negative (got {val_images})", "val_images")
+    if val_images >= available:
+        raise SettingError(
+            f"val_images={val_images} holds out all {available} image(s) of {where}, leaving none to train "
+            f"on; hold out at most {available - 1} (0: no validation), or leave val_images unset to hold "
+            "out a tenth",
+            "val_images",
+        )
+    return val_images
+
+
+def open_sa1b(path: str | os.PathLike[str], *, val_images: int | None = 0) -> Sa1bSource:
     """Find SA-1B data at ``path``: a folder of pairs or of ``.tar`` shards, or one ``.tar`` file.
 
-    Raises ``DataError`` when nothing usable is there, or when the validation slice would take
-    every training image.
+    ``val_images``: images held out for validation; ``None`` chooses ``auto_val_images``.
+    Raises ``DataError`` when nothing usable is there, ``SettingError`` when the validation slice
+    would take every training image.
     """
     root = Path(path).expanduser()
     if not root.exists():
@@ -210,27 +240,31 @@ def open_sa1b(path: str | os.PathLike[str], *, val_images: int = 0) -> Sa1bSourc
         raise DataError(
             f"no SA-1B images found in {root}: expected sa_*.jpg + sa_*.json pairs or sa_*.tar shards"
         )
-    if val_images < 0:
-        raise DataError(f"the validation slice cannot be negative (got {val_images})")
     if tars:
         units = [Unit(p, True) for p in tars]
-        if val_images:
-            last = units[-1]
+        last = units[-1]
+        if val_images is None or (val_images > 0 and len(units) == 1):
+            # Only a lone shard is the whole training set; with several, the others still train.
+            in_last = _count_tar_images(last.path, partial=True)
             if len(units) == 1:
-                train = (Unit(last.path, True, skip=val_images),)
+                val_images = check_val_images(val_images, in_last, str(last.path))
             else:
-                train = (*units[:-1], Unit(last.path, True, skip=val_images))
+                val_images = auto_val_images(in_last) if val_images is None else val_images
+        elif val_images < 0:
+            check_val_images(val_images, 1, str(root))
+        if val_images:
+            train = (*units[:-1], Unit(last.path, True, skip=val_images))
             val: tuple[Unit, ...] = (last,)
+            log.info("validation: the first %d image(s) of %s held out", val_images, last.path.name)
         else:
             train, val = tuple(units), ()
     else:
-        if val_images >= len(pairs):
-            raise DataError(
-                f"{root} holds {len(pairs)} images: too few for a validation slice of {val_images} plus training"
-            )
+        val_images = check_val_images(val_images, len(pairs), str(root))
         cut = len(pairs) - val_images
         train = tuple(Unit(p, False) for p in pairs[:cut])
         val = tuple(Unit(p, False) for p in pairs[cut:])
+        if val_images:
+            log.info("validation: %d of %d image(s) held out (the last by name)", val_images, len(pairs))
     return Sa1bSource(
         root=root,
         train_units=train,
@@ -241,18 +275,26 @@ def open_sa1b(path: str | os.PathLike[str], *, val_images: int = 0) -> Sa1bSourc
     )
 
 
+def _count_tar_images(path: Path, *, partial: bool = False) -> int:
+    """Images in a shard, from its member headers (image data is skipped). A truncated or corrupt
+    shard raises ``DataError``, or with ``partial`` counts the images before the damage (what
+    training will read of it)."""
+    count = 0
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                count += member.name.endswith(".jpg")
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        if not partial:
+            raise DataError(f"cannot read shard {path}: {exc}") from None
+    return count
+
+
 def count_train_images(source: Any) -> int:
     """Training images of a source (for ``--epochs``): tar headers are read, image data is skipped."""
     if not getattr(source, "is_tar", False):
         return len(source.train_units)
-    total = 0
-    for unit in source.train_units:
-        try:
-            with tarfile.open(unit.path) as tar:
-                total += max(0, sum(1 for m in tar if m.name.endswith(".jpg")) - unit.skip)
-        except (tarfile.TarError, OSError) as exc:
-            raise DataError(f"cannot read shard {unit.path}: {exc}") from None
-    return total
+    return sum(max(0, _count_tar_images(unit.path) - unit.skip) for unit in source.train_units)
 
 
 # ---------------------------------------------------------------------------- streaming
@@ -408,8 +450,8 @@ class BatchStream:
         if len(state["positions"]) != self.dataset.num_workers:
             raise DataError(
                 f"the checkpoint was written with {len(state['positions'])} data-loader workers; "
-                f"resume with --workers {len(state['positions'])}"
-            )
+                f"resume with workers={len(state['positions'])}"
+            ).naming("workers")
         self.epoch = int(state["epoch"])
         self.positions = list(state["positions"])
         self.next_worker = int(state["next_worker"])

@@ -94,7 +94,9 @@ def _texture(rng: np.random.Generator, h: int, w: int, base: np.ndarray, amplitu
     """Smooth random texture around an RGB ``base`` colour: (h, w, 3) float."""
     small = rng.normal(0, 1, (max(2, h // 16), max(2, w // 16), 3)).astype(np.float32)
     up = np.asarray(
-        Image.fromarray(((small * 40) + 128).clip(0, 255).astype(np.uint8)).resize((w, h), Image.Resampling.BICUBIC)
+        Image.fromarray(((small * 40) + 128).clip(0, 255).astype(np.uint8)).resize(
+            (w, h), Image.Resampling.BICUBIC
+        )
     )
     noise = (up.astype(np.float32) - 128) / 40 + rng.normal(0, 0.25, (h, w, 3))
     return base[None, None, :] + amplitude * noise

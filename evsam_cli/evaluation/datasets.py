@@ -58,21 +58,23 @@ def resolve_paths(
     images: str | Path | None = None,
     annotations: str | Path | None = None,
 ) -> tuple[Path, Path]:
-    """(image folder, annotation JSON) from ``--data-root`` or ``--images/--annotations``.
+    """(image folder, annotation JSON) from ``data_root`` or ``images``/``annotations``.
 
-    ``--images``/``--annotations`` override the standard layout under ``data_root``:
+    ``images``/``annotations`` override the standard layout under ``data_root``:
     ``val2017/`` and ``annotations/instances_val2017.json`` (COCO), the root itself and
     ``annotations/lvis_v1_val.json`` (LVIS).
     """
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if data_root is None and (images is None or annotations is None):
-        raise DataError("give --data-root, or both --images and --annotations")
+        raise DataError("give data_root, or both images and annotations").naming(
+            "data_root", "images", "annotations"
+        )
     root = Path(data_root) if data_root is not None else None
     if root is not None and not root.is_dir():
         raise DataError(
-            f"data root is not a folder: {root} (give --data-root, or --images and --annotations)"
-        )
+            f"data_root is not a folder: {root} (give data_root, or images and annotations)"
+        ).naming("data_root", "images", "annotations")
     if images is not None:
         image_dir = Path(images)
     else:

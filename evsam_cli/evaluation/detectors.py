@@ -1,5 +1,10 @@
 """Box sources for detector-prompt evaluation: a COCO-results file, YOLOv8 or GroundingDINO.
 
+Detectors are a registry: a new one is a class with ``from_options`` (and a ``__call__`` from
+an RGB image to detections) plus ``@register_detector("name")``; ``evsam eval --detector`` offers
+what is registered. This module imports torch only inside the detectors, so that the command
+line can list them instantly.
+
 * ``vitdet``: a COCO-results JSON the user supplies (the ViTDet box files the EfficientViT-SAM
   authors publish have this shape: ``image_id``, ``category_id``, ``bbox`` xywh, ``score``).
 * ``yolov8``: ultralytics (AGPL-3.0, the optional ``yolo`` extra, imported only here, lazily)
@@ -22,20 +27,21 @@ import logging
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 import numpy as np
-import torch
 
-from ..errors import CheckpointError, DataError, MissingDependencyError
+from ..errors import CheckpointError, DataError, MissingDependencyError, SettingError
 from ..utils.io import write_json_atomic
 from .datasets import read_json
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    import torch
 
-DETECTORS = ("vitdet", "yolov8", "groundingdino")
+log = logging.getLogger(__name__)
 
 # The 80 classes of YOLO models trained on COCO, in class-index order.
 COCO80_NAMES = (
@@ -55,6 +61,86 @@ class Detector(Protocol):
     def __call__(self, image: np.ndarray) -> list[dict[str, Any]]:
         """HxWx3 uint8 RGB -> detections ``{"category_id", "bbox" (xywh pixels), "score"}``."""
         ...
+
+
+@dataclass(frozen=True)
+class DetectorOptions:
+    """Where detector-prompt boxes come from.
+
+    name: a registered detector (``detector_names()``).
+    detections: a COCO-results JSON: the boxes of a file-only detector (``vitdet``); the cache
+      of a live one (read when it exists, written after detecting otherwise; default
+      ``OUTPUT/detections_<detector>.json``).
+    weights: the live detector's weights (default: its ``default_weights``); config: its config
+      file (GroundingDINO); text_encoder: a local BERT folder (GroundingDINO).
+    image_size: the detector's input size (YOLO's imgsz, default 640; GroundingDINO's shorter
+      side, default 800, longer side at most 1333/800 of it).
+    max_det: boxes kept per image by a live detector (default 100 for COCO, 300 for LVIS).
+    """
+
+    name: str = "vitdet"
+    detections: Path | None = None
+    weights: Path | None = None
+    config: Path | None = None
+    text_encoder: Path | None = None
+    image_size: int | None = None
+    max_det: int | None = None
+
+
+class RegisteredDetector:
+    """What ``register_detector`` records. A live detector overrides ``from_options``; a file-only
+    one (boxes computed elsewhere, read from ``DetectorOptions.detections``) sets ``live = False``.
+    Messages name the evaluation's parameters (``detector``, ``detections``, ``weights`` ...)."""
+
+    name: ClassVar[str] = ""
+    live: ClassVar[bool] = True
+    default_weights: ClassVar[str | None] = None  # used when ``DetectorOptions.weights`` is None
+
+    @classmethod
+    def from_options(
+        cls, options: DetectorOptions, *, categories: Sequence[dict[str, Any]], device: Any, lvis: bool
+    ) -> Detector:
+        raise NotImplementedError(f"detector {cls.name!r} reads its boxes from a file")
+
+
+D = TypeVar("D", bound=type[RegisteredDetector])
+_REGISTRY: dict[str, type[RegisteredDetector]] = {}
+
+
+def register_detector(name: str) -> Callable[[D], D]:
+    """Class decorator: make ``cls`` the detector ``name`` (``evsam eval --detector name``)."""
+
+    def add(cls: D) -> D:
+        if name in _REGISTRY:
+            raise ValueError(f"detector {name!r} is registered twice")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return add
+
+
+def detector_names() -> tuple[str, ...]:
+    """The registered detectors, in registration order."""
+    return tuple(_REGISTRY)
+
+
+def get_detector(name: str) -> type[RegisteredDetector]:
+    if name not in _REGISTRY:
+        raise SettingError(f"unknown detector {name!r}; choose one of {', '.join(_REGISTRY)}", "detector")
+    return _REGISTRY[name]
+
+
+def _max_det(options: DetectorOptions, lvis: bool) -> int:
+    return options.max_det or (300 if lvis else 100)
+
+
+@register_detector("vitdet")
+class ResultsFile(RegisteredDetector):
+    """Boxes from a COCO-results JSON the user supplies (the ViTDet box files the EfficientViT-SAM
+    authors publish have this shape)."""
+
+    live = False
 
 
 # ---------------------------------------------------------------------------- COCO-results files
@@ -177,7 +263,22 @@ def class_to_category(class_names: dict[int, str], categories: Sequence[dict[str
 
 
 # ---------------------------------------------------------------------------- YOLOv8
-class YoloDetector:
+@register_detector("yolov8")
+class YoloDetector(RegisteredDetector):
+    default_weights = "yolov8x.pt"  # ultralytics resolves (and, online, downloads) release names
+
+    @classmethod
+    def from_options(
+        cls, options: DetectorOptions, *, categories: Sequence[dict[str, Any]], device: Any, lvis: bool
+    ) -> YoloDetector:
+        return cls(
+            weights=options.weights or cls.default_weights,  # type: ignore[arg-type]
+            categories=categories,
+            device=device,
+            max_det=_max_det(options, lvis),
+            image_size=options.image_size or 640,
+        )
+
     def __init__(
         self,
         *,
@@ -216,6 +317,8 @@ class YoloDetector:
             ]  # ultralytics adds advice lines
             raise CheckpointError(f"cannot load YOLOv8 weights {path}: {reason}") from None
         self.mapping = class_to_category(dict(self.model.names), categories)
+        import torch
+
         dev = torch.device(device)
         self.device = "cpu" if dev.type == "cpu" else f"{dev.type}:{dev.index or 0}"
         self.conf, self.iou, self.max_det, self.image_size = conf, iou, max_det, image_size
@@ -285,7 +388,31 @@ def caption_spans(names: Sequence[str]) -> list[tuple[int, int]]:
     return spans
 
 
-class GroundingDinoDetector:
+@register_detector("groundingdino")
+class GroundingDinoDetector(RegisteredDetector):
+    @classmethod
+    def from_options(
+        cls, options: DetectorOptions, *, categories: Sequence[dict[str, Any]], device: Any, lvis: bool
+    ) -> GroundingDinoDetector:
+        if options.config is None or options.text_encoder is None:
+            raise SettingError(
+                "detector groundingdino needs config and text_encoder (a local BERT folder)",
+                "detector",
+                "config",
+                "text_encoder",
+            )
+        size = options.image_size or 800
+        return cls(
+            config=options.config,
+            weights=options.weights,  # type: ignore[arg-type]
+            text_encoder=options.text_encoder,
+            categories=categories,
+            device=device,
+            max_det=_max_det(options, lvis),
+            image_size=size,
+            max_size=round(size * 1333 / 800),
+        )
+
     def __init__(
         self,
         *,
@@ -308,6 +435,8 @@ class GroundingDinoDetector:
           max_det: boxes kept per image (the best query-category pairs).
           image_size, max_size: shorter/longer side limits of the detector's input.
         """
+        import torch
+
         try:
             from groundingdino.models import build_model
             from groundingdino.util.slconfig import SLConfig
@@ -347,10 +476,13 @@ class GroundingDinoDetector:
 
     @staticmethod
     def _load(model: torch.nn.Module, path: Path) -> None:
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc:  # pickle/zip errors of a file that is not a checkpoint
-            raise CheckpointError(f"cannot read GroundingDINO weights {path}: {exc}") from None
+        import argparse
+
+        from ..models.checkpoints import load_file
+
+        # The release file may carry its training arguments next to "model" as an
+        # argparse.Namespace (a plain attribute holder): the one class allowed beyond weights.
+        ckpt = load_file(path, what="GroundingDINO weights", allow=[argparse.Namespace])
         state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
         if not isinstance(state, dict):
             raise CheckpointError(f"{path} holds no GroundingDINO state dict")
@@ -368,6 +500,7 @@ class GroundingDinoDetector:
 
     def _input(self, image: np.ndarray) -> torch.Tensor:
         """Resize (shorter side ``image_size``, longer at most ``max_size``) and normalise."""
+        import torch
         import torch.nn.functional as F
 
         h, w = image.shape[:2]
@@ -383,6 +516,8 @@ class GroundingDinoDetector:
 
     def _positive_map(self, names: Sequence[str], caption: str, width: int) -> torch.Tensor:
         """(C, width) token weights of each category (uniform over its tokens, within max_text_len)."""
+        import torch
+
         tokenized = self.tokenizer(caption)
         pos = torch.zeros(len(names), width)
         for c, (start, end) in enumerate(caption_spans(names)):
@@ -392,8 +527,15 @@ class GroundingDinoDetector:
                     pos[c, t] = 1.0
         return pos / pos.sum(1, keepdim=True).clamp(min=1)
 
-    @torch.inference_mode()
     def __call__(self, image: np.ndarray) -> list[dict[str, Any]]:
+        import torch
+
+        with torch.inference_mode():
+            return self._detect(image)
+
+    def _detect(self, image: np.ndarray) -> list[dict[str, Any]]:
+        import torch
+
         h, w = image.shape[:2]
         x = self._input(image)
         scores, boxes, cats = [], [], []

@@ -5,7 +5,7 @@ Speed comes from the structure, not from approximations:
 * images are read, resized and their ground-truth masks decoded in DataLoader workers while
   the model runs;
 * the encoder runs on ``batch_size`` images at once (every image is padded to the same square);
-* all prompts of an image go through the decoder in a few batched passes (``decode.best_masks``)
+* all prompts of an image go through the decoder in a few batched passes (``SamPredictor.predict_best``)
   instead of one call per box or per click.
 
 Under ``torchrun`` each rank evaluates a contiguous, disjoint shard of the images
@@ -27,17 +27,16 @@ import torch
 from pycocotools import mask as mask_utils
 from torch.utils.data import DataLoader
 
-from ..utils import distributed as dist_utils
-from ..accel.encoder import optimize_encoder
-from ..errors import DataError
+from ..errors import DataError, SettingError
 from ..models import create_model
 from ..models.sam import Sam
-from ..predictor.sam_predictor import default_prompts_per_pass
+from ..predictor.sam_predictor import SamPredictor, default_prompts_per_pass
+from ..utils import distributed as dist_utils
 from ..utils.devices import resolve_device
 from ..utils.io import write_json_atomic
 from . import detectors as det
 from .datasets import EvalDataset, bbox_xywh_to_xyxy, load_dataset
-from .decode import best_masks
+from .detectors import DetectorOptions
 from .loader import EvalImages, EvalItem, collate
 from .metrics import coco_segm_metrics, lvis_segm_metrics, mask_iou, miou_summary
 
@@ -45,29 +44,6 @@ log = logging.getLogger(__name__)
 
 PROMPTS = ("box", "point", "detector")
 Progress = Callable[[int, int], None]
-
-
-@dataclass(frozen=True)
-class DetectorOptions:
-    """Where detector-prompt boxes come from.
-
-    detections: a COCO-results JSON: the boxes for ``vitdet``; the cache for yolov8 and
-      groundingdino (read when it exists, written after detecting otherwise; default
-      ``OUTPUT/detections_<detector>.json``).
-    weights: YOLOv8 or GroundingDINO weights; config: GroundingDINO's config file;
-    text_encoder: a local BERT folder for GroundingDINO.
-    image_size: the detector's input size (YOLO's imgsz, default 640; GroundingDINO's shorter
-      side, default 800, longer side at most 1333/800 of it).
-    max_det: boxes kept per image by a live detector (default 100 for COCO, 300 for LVIS).
-    """
-
-    name: str = "vitdet"
-    detections: Path | None = None
-    weights: Path | None = None
-    config: Path | None = None
-    text_encoder: Path | None = None
-    image_size: int | None = None
-    max_det: int | None = None
 
 
 @dataclass
@@ -122,10 +98,10 @@ def evaluate(
     if prompt not in PROMPTS:
         raise DataError(f"unknown prompt type {prompt!r}; choose one of {', '.join(PROMPTS)}")
     if prompt == "point" and clicks < 1:
-        raise DataError(f"--clicks must be at least 1, got {clicks}")
+        raise SettingError(f"clicks must be at least 1, got {clicks}", "clicks")
     detector = detector or DetectorOptions()
-    if prompt == "detector" and detector.name not in det.DETECTORS:
-        raise DataError(f"unknown detector {detector.name!r}; choose one of {', '.join(det.DETECTORS)}")
+    if prompt == "detector":
+        det.get_detector(detector.name)  # an unknown name fails before anything is loaded
     output = Path(output)
     dev = resolve_device(device)
     info = dist_utils.init_distributed(dev)
@@ -143,8 +119,8 @@ def evaluate(
         sam = create_model(model, checkpoint, dev, input_size=input_size)
     if prompts_per_pass is None:
         prompts_per_pass = default_prompts_per_pass(dev)
-    # Inference copy of the encoder: BatchNorm folded, channels-last (same outputs, faster).
-    encoder = optimize_encoder(sam.image_encoder)
+    # Everything decodes through the predictor (and its encoder's inference copy runs the images).
+    predictor = SamPredictor(sam, max_prompts_per_pass=prompts_per_pass)
 
     shard = dist_utils.shard_indices(len(data), info.rank, info.world_size)
     items = EvalImages(
@@ -170,11 +146,11 @@ def evaluate(
         ok = [item for item in batch if item.error is None]
         # Images without a single prompt (no annotations, no boxes) need no embedding.
         todo = [item for item in ok if _has_prompts(item, prompt, boxes_by_image, run_detector)]
-        embeddings = _encode(sam, encoder, todo) if todo else None
+        embeddings = _encode(predictor, todo) if todo else None
         for item in ok:
             j = next((k for k, t in enumerate(todo) if t is item), None)
             _evaluate_image(
-                sam,
+                predictor,
                 None if j is None or embeddings is None else embeddings[j : j + 1],
                 item,
                 prompt,
@@ -215,17 +191,18 @@ def _has_prompts(
     return live is not None or bool(boxes_by_image.get(item.image.image_id))
 
 
-def _encode(model: Sam, encoder: torch.nn.Module, items: list[EvalItem]) -> torch.Tensor:
+def _encode(predictor: SamPredictor, items: list[EvalItem]) -> torch.Tensor:
     """Encoder inputs of several images (each resized already) -> (B, 256, 64, 64)."""
+    model = predictor.model
     with torch.inference_mode():
         x = torch.cat(
             [model.normalize_and_pad(it.encoder_input.to(model.device).float().unsqueeze(0)) for it in items]  # type: ignore[union-attr]
         )
-        return encoder(x)
+        return predictor.backend.encode(x)
 
 
 def _evaluate_image(
-    model: Sam,
+    predictor: SamPredictor,
     embedding: torch.Tensor | None,
     item: EvalItem,
     prompt: str,
@@ -249,7 +226,8 @@ def _evaluate_image(
             return
         assert embedding is not None
         boxes = np.array([bbox_xywh_to_xyxy(d["bbox"]) for d in dets], dtype=np.float64)
-        masks = best_masks(model, embedding, size, boxes=boxes, chunk=chunk).cpu().numpy()
+        predictor.set_embedding(embedding, size)
+        masks = predictor.predict_best(boxes=boxes, max_prompts_per_pass=chunk).cpu().numpy()
         rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
         for k, (d, rle) in enumerate(zip(dets, rles, strict=True)):
             seg = {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
@@ -268,17 +246,16 @@ def _evaluate_image(
     if n == 0:
         return
     assert embedding is not None
+    predictor.set_embedding(embedding, size)
     if prompt == "box":
-        pred = best_masks(model, embedding, size, boxes=item.gt_boxes, chunk=chunk)
+        pred = predictor.predict_best(boxes=item.gt_boxes, max_prompts_per_pass=chunk)
     else:
-        pred = _click_rounds(model, embedding, item.gt_masks, size, clicks, chunk)
+        pred = _click_rounds(predictor, item.gt_masks, clicks, chunk)
     ious = mask_iou(pred, torch.from_numpy(item.gt_masks).to(pred.device)).tolist()
     part.records.extend((item.index, k, item.gt_areas[k], ious[k]) for k in range(n))
 
 
-def _click_rounds(
-    model: Sam, embedding: torch.Tensor, gt_masks: np.ndarray, size: tuple[int, int], clicks: int, chunk: int
-) -> torch.Tensor:
+def _click_rounds(predictor: SamPredictor, gt_masks: np.ndarray, clicks: int, chunk: int) -> torch.Tensor:
     """``clicks`` rounds of the official click rule for all objects of an image at once."""
     from .clicker import Clicker
 
@@ -289,8 +266,8 @@ def _click_rounds(
         for clicker, p in zip(clickers, pred, strict=True):
             clicker.make_next_click(p)
         coords, labels = zip(*(c.points() for c in clickers), strict=True)
-        masks = best_masks(
-            model, embedding, size, point_coords=np.stack(coords), point_labels=np.stack(labels), chunk=chunk
+        masks = predictor.predict_best(
+            point_coords=np.stack(coords), point_labels=np.stack(labels), max_prompts_per_pass=chunk
         )
         pred = masks.cpu().numpy()
     return masks
@@ -306,41 +283,30 @@ def _detector_boxes(
 ) -> tuple[dict[int, list[dict[str, Any]]], Callable[[torch.device], det.Detector] | None]:
     """Boxes from a file (ViTDet's, or a detector's cache), or a factory for a live detector."""
     name = options.name
-    if name == "vitdet":
+    source = det.get_detector(name)
+    if not source.live:
         if options.detections is None:
-            raise DataError(
-                "--detector vitdet needs --detections: a COCO-results JSON of boxes (e.g. ViTDet's)"
+            raise SettingError(
+                f"detector {name} needs detections: a COCO-results JSON of boxes (e.g. ViTDet's)",
+                "detector",
+                "detections",
             )
         return _read_boxes(data, options.detections), None
     cache = options.detections or output / f"detections_{name}.json"
     if Path(cache).is_file():
         log.info("reusing cached %s detections from %s (delete it to detect again)", name, cache)
         return _read_boxes(data, Path(cache)), None
-    if options.weights is None:
-        raise DataError(f"--detector {name} needs --detector-weights (or a cached --detections JSON)")
+    if options.weights is None and source.default_weights is None:
+        raise SettingError(
+            f"detector {name} needs weights (or a cached detections JSON)",
+            "detector",
+            "weights",
+            "detections",
+        )
 
     def build(device: torch.device) -> det.Detector:
-        if name == "yolov8":
-            return det.YoloDetector(
-                weights=options.weights,  # type: ignore[arg-type]
-                categories=data.categories,
-                device=device,
-                max_det=options.max_det or (300 if data.name == "lvis" else 100),
-                image_size=options.image_size or 640,
-            )
-        if options.config is None or options.text_encoder is None:
-            raise DataError(
-                "--detector groundingdino needs --detector-config and --text-encoder (a local BERT folder)"
-            )
-        return det.GroundingDinoDetector(
-            config=options.config,
-            weights=options.weights,  # type: ignore[arg-type]
-            text_encoder=options.text_encoder,
-            categories=data.categories,
-            device=device,
-            max_det=options.max_det or (300 if data.name == "lvis" else 100),
-            image_size=options.image_size or 800,
-            max_size=round((options.image_size or 800) * 1333 / 800),
+        return source.from_options(
+            options, categories=data.categories, device=device, lvis=data.name == "lvis"
         )
 
     return {}, build

@@ -150,11 +150,12 @@ def measure_parity(
     h, w = image.shape[:2]
     boxes = np.array([[0.1 * w, 0.1 * h, 0.5 * w, 0.6 * h], [0.4 * w, 0.3 * h, 0.95 * w, 0.9 * h]])
     points = np.array([[[0.3 * w, 0.4 * h], [0.7 * w, 0.2 * h]]])
-    for kwargs, modes in (
+    prompt_sets: tuple[tuple[dict[str, Any], tuple[bool, ...]], ...] = (
         ({"boxes": boxes}, (True, False)),
         ({"point_coords": points, "point_labels": np.array([[1, 0]])}, (True,)),
         ({"boxes": boxes[:1], "point_coords": points, "point_labels": np.array([[1, 1]])}, (False,)),
-    ):
+    )
+    for kwargs, modes in prompt_sets:
         for multimask in modes:
             _, ref_scores, ref_low = torch_pred.predict_batch(**kwargs, multimask_output=multimask)
             _, scores, low = onnx_pred.predict_batch(**kwargs, multimask_output=multimask)

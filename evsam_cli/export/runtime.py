@@ -19,22 +19,28 @@ from typing import Any
 import numpy as np
 
 from ..data.frames import (
-    boxes_to_frame,
-    coords_to_frame,
+    LOW_RES_SIZE,
+    PIXEL_MEAN,
+    PIXEL_STD,
+    PROMPT_SIZE,
     preprocess_shape,
     resize_longest,
     upscale_bands,
     upscale_matrices,
 )
-from ..data.images import to_rgb_uint8
+from ..data.prompts import PromptablePredictor
 from ..errors import DataError, MissingDependencyError
 from .errors import ExportError
 
-# Defaults of every zoo model; exported graphs carry their own values in metadata.
-PIXEL_MEAN = (123.675, 116.28, 103.53)
-PIXEL_STD = (58.395, 57.12, 57.375)
-PROMPT_SIZE = 1024
-LOW_RES_SIZE = 256
+__all__ = [
+    "LOW_RES_SIZE",
+    "PIXEL_MEAN",
+    "PIXEL_STD",
+    "PROMPT_SIZE",
+    "ExportedSamPredictor",
+    "OnnxSamPredictor",
+]
+
 NUM_MASK_TOKENS = 4  # token 0: single-mask output; tokens 1-3: multimask outputs
 
 
@@ -87,7 +93,7 @@ def upscale_masks(
     return out if threshold is None else out > threshold
 
 
-class ExportedSamPredictor:
+class ExportedSamPredictor(PromptablePredictor):
     """SamPredictor's API over exported graphs; subclasses implement ``_encode``/``_decode``."""
 
     mask_threshold: float = 0.0
@@ -131,11 +137,8 @@ class ExportedSamPredictor:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ image
-    def reset_image(self) -> None:
-        self.features: np.ndarray | None = None
-        self.original_size: tuple[int, int] | None = None
-        self.input_size: tuple[int, int] | None = None  # image size inside the prompt frame
-        self.is_image_set = False
+    def frame_size(self, original_size: tuple[int, int]) -> tuple[int, int]:
+        return preprocess_shape(*original_size, self.prompt_size)
 
     def preprocess(self, image: np.ndarray) -> np.ndarray:
         """HxWx3 uint8 RGB -> (1, 3, S, S) float32: resize longest side, normalise, zero-pad."""
@@ -147,11 +150,7 @@ class ExportedSamPredictor:
 
     def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
         """Embed an image. ``image``: HxWx3 uint8 (grayscale, RGBA and 16-bit are converted)."""
-        if image_format not in ("RGB", "BGR"):
-            raise ValueError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
-        image = to_rgb_uint8(image)
-        if image_format == "BGR":
-            image = np.ascontiguousarray(image[..., ::-1])
+        image = self._rgb(image, image_format)
         embedding = self._encode(self.preprocess(image))
         self.set_embedding(embedding, image.shape[:2])
 
@@ -161,29 +160,7 @@ class ExportedSamPredictor:
         if embedding.ndim == 3:
             embedding = embedding[None]
         self.features = np.ascontiguousarray(embedding)
-        self.original_size = (int(original_size[0]), int(original_size[1]))
-        self.input_size = preprocess_shape(*self.original_size, self.prompt_size)
-        self.is_image_set = True
-
-    def get_image_embedding(self) -> np.ndarray:
-        self._check_image()
-        assert self.features is not None
-        return self.features
-
-    def _check_image(self) -> None:
-        if not self.is_image_set:
-            raise RuntimeError("an image must be set with .set_image(...) before mask prediction")
-
-    # ------------------------------------------------------------------ prompts
-    def apply_coords(self, coords: np.ndarray) -> np.ndarray:
-        """(..., 2) x,y in original pixels -> the prompt frame."""
-        assert self.original_size is not None and self.input_size is not None
-        return coords_to_frame(coords, self.original_size, self.input_size)
-
-    def apply_boxes(self, boxes: np.ndarray) -> np.ndarray:
-        """(N, 4) xyxy in original pixels -> the prompt frame."""
-        assert self.original_size is not None and self.input_size is not None
-        return boxes_to_frame(np.asarray(boxes).reshape(-1, 4), self.original_size, self.input_size)
+        self._set_frame(original_size)
 
     def prompt_points(
         self,
@@ -191,68 +168,11 @@ class ExportedSamPredictor:
         point_labels: np.ndarray | None,
         boxes: np.ndarray | None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Points and boxes in original pixels -> the decoder's (N, K, 2) coords and (N, K) labels.
-
-        Points come first; a box adds its two corners (labels 2, 3); without a box one padding
-        point (label -1) is appended, as SAM's prompt encoder does.
-        """
-        coords_parts: list[np.ndarray] = []
-        label_parts: list[np.ndarray] = []
-        n = None
-        if point_coords is not None:
-            if point_labels is None:
-                raise ValueError("point_labels must be given with point_coords")
-            coords = np.asarray(point_coords)
-            labels = np.asarray(point_labels)
-            if coords.ndim != 3 or coords.shape[-1] != 2 or labels.shape != coords.shape[:2]:
-                raise ValueError(
-                    f"point_coords must be (N, K, 2) and point_labels (N, K); got {coords.shape}, {labels.shape}"
-                )
-            n = coords.shape[0]
-            coords_parts.append(self.apply_coords(coords).astype(np.float32))
-            label_parts.append(labels.astype(np.float32))
-        if boxes is not None:
-            b = np.asarray(boxes)
-            if b.ndim != 2 or b.shape[1] != 4:
-                raise ValueError(f"boxes must be (N, 4) xyxy, got shape {b.shape}")
-            if n is not None and b.shape[0] != n:
-                raise ValueError(f"{b.shape[0]} boxes but {n} point prompts")
-            n = b.shape[0]
-            coords_parts.append(self.apply_boxes(b).astype(np.float32).reshape(n, 2, 2))
-            label_parts.append(np.tile(np.array([[2.0, 3.0]], dtype=np.float32), (n, 1)))
-        elif n is not None:
-            coords_parts.append(np.zeros((n, 1, 2), dtype=np.float32))
-            label_parts.append(np.full((n, 1), -1.0, dtype=np.float32))
-        if n is None:
-            raise ValueError("exported predictors need point or box prompts (a mask alone is not supported)")
-        return np.concatenate(coords_parts, axis=1), np.concatenate(label_parts, axis=1)
+        """Points and boxes in original pixels -> the decoder's (N, K, 2) coords and (N, K) labels
+        (``Prompts.decoder_points``)."""
+        return self._prompts(point_coords, point_labels, boxes, None).decoder_points()
 
     # ------------------------------------------------------------------ prediction
-    def predict(
-        self,
-        point_coords: np.ndarray | None = None,
-        point_labels: np.ndarray | None = None,
-        box: np.ndarray | None = None,
-        mask_input: np.ndarray | None = None,
-        multimask_output: bool = True,
-        return_logits: bool = False,
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """One prompt set: points (K, 2) with labels (K,), a box (4,) xyxy, a (1, 256, 256) mask.
-
-        Returns masks (C, H, W), scores (C,) and low-res logits (C, 256, 256); C = 3 or 1.
-        """
-        if point_coords is not None and point_labels is None:
-            raise ValueError("point_labels must be given with point_coords")
-        masks, scores, low_res = self.predict_batch(
-            point_coords=None if point_coords is None else np.asarray(point_coords)[None],
-            point_labels=None if point_labels is None else np.asarray(point_labels)[None],
-            boxes=None if box is None else np.asarray(box).reshape(1, 4),
-            mask_input=None if mask_input is None else np.asarray(mask_input)[None],
-            multimask_output=multimask_output,
-            return_logits=return_logits,
-        )
-        return masks[0], scores[0], low_res[0]
-
     def predict_batch(
         self,
         point_coords: np.ndarray | None = None,
@@ -266,19 +186,12 @@ class ExportedSamPredictor:
 
         Returns masks (N, C, H, W), scores (N, C) and low-res logits (N, C, 256, 256).
         """
-        self._check_image()
+        prompts = self._prompts(point_coords, point_labels, boxes, mask_input)
         assert self.features is not None and self.input_size is not None and self.original_size is not None
-        coords, labels = self.prompt_points(point_coords, point_labels, boxes)
-        n = coords.shape[0]
-        masks_in = None
-        if mask_input is not None:
-            masks_in = np.asarray(mask_input, dtype=np.float32)
-            if (
-                masks_in.ndim != 4
-                or masks_in.shape[1:] != (1, LOW_RES_SIZE, LOW_RES_SIZE)
-                or masks_in.shape[0] != n
-            ):
-                raise ValueError(f"mask_input must be ({n}, 1, 256, 256), got {masks_in.shape}")
+        coords, labels = prompts.decoder_points()
+        n, masks_in = prompts.count, prompts.mask_input
+        if masks_in is not None and masks_in.shape[2:] != (LOW_RES_SIZE, LOW_RES_SIZE):
+            raise ValueError(f"mask_input must be ({n}, 1, 256, 256), got {masks_in.shape}")
         select = slice(1, None) if multimask_output else slice(0, 1)
         bands = postprocess_bands(self.input_size, self.original_size, self.prompt_size)
         out_masks, out_scores, out_low = [], [], []

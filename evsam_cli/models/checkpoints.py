@@ -10,12 +10,20 @@
 
 Loading is always strict: a file that does not fit raises ``CheckpointError`` naming the model,
 the file and the first missing/unexpected/mis-shaped keys.
+
+Every file is read by ``load_file``, which unpickles with ``weights_only=True`` and nothing else:
+a ``.pt``/``.pth`` is a pickle, and unpickling an untrusted one in full can run any code. Files
+evsam writes therefore hold only tensors, numbers, strings, lists, tuples and dicts.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import pickle
+import re
+import zipfile
+from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +64,83 @@ def download_checkpoint(name: str, *, progress: bool = True) -> Path:
     return target
 
 
+REFUSED = "holds Python objects that are not weights, refused for safety"
+FOREIGN = "not a PyTorch checkpoint"
+TRUNCATED = "truncated"
+
+# torch.save's legacy (non-zip) format opens with this number, pickled as a 10-byte long.
+_LEGACY_MAGIC = (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+
+
+def load_file(
+    path: str | os.PathLike[str],
+    *,
+    what: str = "checkpoint",
+    allow: Sequence[type] = (),
+    mmap: bool = False,
+) -> Any:
+    """The object in a ``torch.save`` file, unpickled with ``weights_only=True`` onto the CPU.
+
+    Every checkpoint evsam reads goes through here. A file that is missing, not a PyTorch file,
+    cut short, or that holds pickled objects other than tensors and plain containers raises
+    ``CheckpointError("cannot read {what} {path}: {reason}")`` without unpickling any of it.
+
+    Args:
+      what: how the message names the file ("checkpoint", "training checkpoint" ...).
+      allow: classes one third-party format needs beyond the safe default (each allowed only for
+        this call, through ``torch.serialization.safe_globals``).
+      mmap: map the tensors instead of reading them (zip-format files only).
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"{what} not found: {path}")
+
+    def fail(reason: str) -> CheckpointError:
+        return CheckpointError(f"cannot read {what} {path}: {reason}")
+
+    kind = _file_kind(path)
+    if kind == "empty":
+        raise fail(f"{TRUNCATED} (the file is empty)")
+    if kind == "foreign":
+        raise fail(FOREIGN)
+    if kind == "zip":
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError):  # the central directory sits at the very end
+            raise fail(TRUNCATED) from None
+        if not any(name.endswith("/data.pkl") or name == "data.pkl" for name in names):
+            raise fail(f"{FOREIGN} (a zip archive without data.pkl)")
+    # safe_globals (torch >= 2.5) widens the allowlist for this call only; without it the
+    # extra classes are refused like any other.
+    scope = getattr(torch.serialization, "safe_globals", None)
+    try:
+        with scope(list(allow)) if allow and scope is not None else nullcontext():
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and kind == "zip")
+    except Exception as exc:  # classified below; anything else still names the file, on one line
+        text = str(exc)
+        if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in text:
+            needed = re.search(r"GLOBAL ([\w.]+)", text)
+            raise fail(REFUSED + (f" (it asks for {needed.group(1)})" if needed else "")) from None
+        if isinstance(exc, EOFError) or "EOF" in text or "truncated" in text:
+            raise fail(TRUNCATED) from None
+        first = text.strip().splitlines()[0] if text.strip() else ""
+        raise fail(f"{type(exc).__name__}: {first}") from None
+
+
+def _file_kind(path: Path) -> str:
+    """ "zip" (torch.save's format), "legacy" (its pre-1.6 format), "empty" or "foreign"."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if not head:
+        return "empty"
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if head.startswith(b"\x80") and _LEGACY_MAGIC in head:
+        return "legacy"
+    return "foreign"
+
+
 def _strip_prefixes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """Drop DDP (``module.``) and torch.compile (``_orig_mod.``) wrappers from key names."""
     out = {}
@@ -68,25 +153,16 @@ def _strip_prefixes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def read_state_dict(
-    path: str | os.PathLike[str], *, mmap: bool = False
+    path: str | os.PathLike[str], *, mmap: bool = False, what: str = "checkpoint"
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(state dict, evsam metadata or {}) from any supported checkpoint file.
 
     ``mmap=True`` maps the tensors instead of reading them (cheap when only names and shapes
-    are checked); files in the legacy serialisation format are read normally.
+    are checked); files in the legacy serialisation format are read normally. ``what`` names
+    the file in error messages.
     """
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        except RuntimeError:
-            if not mmap:
-                raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
+    obj = load_file(path, what=what, mmap=mmap)
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict")
     meta = obj.get("evsam", {}) if isinstance(obj.get("evsam"), Mapping) else {}
@@ -144,7 +220,7 @@ def load_checkpoint(model: Sam, checkpoint: str | os.PathLike[str]) -> dict[str,
 
         saved = meta.get("model") or guess_model(state)
         if saved and saved != model.name:
-            problem += f". The file looks like {saved}: pass --model {saved} / create_model({saved!r}, ...)"
+            problem += f". The file looks like {saved}: build it with create_model({saved!r}, ...)"
         raise CheckpointError(problem)
     model.load_state_dict(state, strict=True)
     return meta

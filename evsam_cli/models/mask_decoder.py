@@ -1,19 +1,21 @@
 """SAM's mask decoder: a two-way transformer plus upscaling and hypernetwork mask heads.
 
-Parameter names match Meta's release. Differences from the reference that leave outputs
-unchanged: the image embedding is broadcast to the prompts instead of copied once per prompt,
-only the requested masks (1 single or 3 multimask) are computed, and inference on one shared
-image embedding is streamed over tiles of image tokens (``streaming.py``).
+Written as Meta's ``segment_anything/modeling/mask_decoder.py`` (parameter names, order of
+operations). Two differences leave the outputs unchanged: the image embedding is broadcast to
+the prompts instead of copied once per prompt, and only the requested masks (1 single or 3
+multimask) go through the hypernetwork product. Faster inference paths live in ``accel/``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..accel.streaming import can_stream, stream_decode
 from .layers import LayerNorm2d
+from .transformer import TwoWayTransformer
 
 
 class MLP(nn.Module):
@@ -40,7 +42,7 @@ class MaskDecoder(nn.Module):
         self,
         *,
         transformer_dim: int,
-        transformer: nn.Module,
+        transformer: TwoWayTransformer,
         num_multimask_outputs: int = 3,
         act_layer: type[nn.Module] = nn.GELU,
         iou_head_depth: int = 3,
@@ -100,6 +102,14 @@ class MaskDecoder(nn.Module):
             image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, mask_slice
         )
 
+    def prompt_tokens(self, sparse_prompt_embeddings: Tensor) -> Tensor:
+        """The transformer's token input: IoU token, mask tokens, then the prompt's sparse
+        embeddings (N, T, C) -> (N, 1 + num_mask_tokens + T, C)."""
+        n = sparse_prompt_embeddings.shape[0]
+        output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
+        output_tokens = output_tokens.to(sparse_prompt_embeddings.dtype).unsqueeze(0).expand(n, -1, -1)
+        return torch.cat([output_tokens, sparse_prompt_embeddings], dim=1)
+
     def predict_masks(
         self,
         image_embeddings: Tensor,
@@ -108,39 +118,44 @@ class MaskDecoder(nn.Module):
         dense_prompt_embeddings: Tensor,
         mask_slice: slice = slice(None),
     ) -> tuple[Tensor, Tensor]:
-        """All-token variant of ``forward``; ``mask_slice`` picks which mask tokens to decode.
+        """All-token variant of ``forward``; ``mask_slice`` picks which mask tokens to decode."""
+        iou_pred, mask_tokens_out, src, grid = self.run_transformer(
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
+        )
+        masks = self.mask_head(src, grid, mask_tokens_out, range(self.num_mask_tokens)[mask_slice])
+        return masks, iou_pred[:, mask_slice]
 
-        Without autograd and with one image embedding shared by all prompts (no mask inputs),
-        this runs the streamed equivalent in ``streaming.py`` (same outputs up to float
-        rounding, several times less memory traffic).
+    def run_transformer(
+        self,
+        image_embeddings: Tensor,
+        image_pe: Tensor,
+        sparse_prompt_embeddings: Tensor,
+        dense_prompt_embeddings: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor, tuple[int, int]]:
+        """``predict_masks`` up to the mask head: the two-way transformer and the IoU head.
+
+        Returns IoU predictions (N, num_mask_tokens), the output mask tokens (N, num_mask_tokens,
+        C), the final image tokens (N, H*W, C) and their grid (H, W).
         """
-        if can_stream(self, image_embeddings, dense_prompt_embeddings):
-            return stream_decode(
-                self,
-                image_embeddings,
-                image_pe,
-                sparse_prompt_embeddings,
-                dense_prompt_embeddings,
-                mask_slice,
-            )
-        n = sparse_prompt_embeddings.shape[0]
-        output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
-        output_tokens = output_tokens.to(sparse_prompt_embeddings.dtype).unsqueeze(0).expand(n, -1, -1)
-        tokens = torch.cat([output_tokens, sparse_prompt_embeddings], dim=1)
-
+        tokens = self.prompt_tokens(sparse_prompt_embeddings)
+        # (1 or N, C, H, W): broadcast to the prompts, not copied per prompt
         src = image_embeddings + dense_prompt_embeddings
-        _, c, h, w = src.shape
+        grid = (src.shape[-2], src.shape[-1])
         hs, src = self.transformer(src, image_pe, tokens)
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
+        return self.iou_prediction_head(iou_token_out), mask_tokens_out, src, grid
 
-        src = src.transpose(1, 2).reshape(n, c, h, w)
+    def mask_head(
+        self, src: Tensor, grid: tuple[int, int], mask_tokens_out: Tensor, indices: Sequence[int]
+    ) -> Tensor:
+        """Upscaling + hypernetwork product: the transformer's image tokens (N, H*W, C) on the
+        (H, W) ``grid`` and its mask tokens (N, num_mask_tokens, C) -> logits
+        (N, len(indices), 4H, 4W) of the mask tokens ``indices``."""
+        src = src.transpose(1, 2).reshape(src.shape[0], src.shape[2], *grid)
         upscaled = self.output_upscaling(src)
-        indices = range(self.num_mask_tokens)[mask_slice]
         hyper_in = torch.stack(
             [self.output_hypernetworks_mlps[i](mask_tokens_out[:, i, :]) for i in indices], dim=1
         )
         b, c, h, w = upscaled.shape
-        masks = (hyper_in @ upscaled.reshape(b, c, h * w)).reshape(b, -1, h, w)
-        iou_pred = self.iou_prediction_head(iou_token_out)[:, mask_slice]
-        return masks, iou_pred
+        return (hyper_in @ upscaled.reshape(b, c, h * w)).reshape(b, -1, h, w)

@@ -15,16 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..accel.upscale import upscale_binary, upscale_logits
-from ..data.frames import preprocess_shape, resize_longest
+from ..data.frames import LOW_RES_SIZE, PIXEL_MEAN, PIXEL_STD, PROMPT_SIZE, preprocess_shape, resize_longest
 from .mask_decoder import MaskDecoder
 from .prompt_encoder import PromptEncoder
 from .transformer import TwoWayTransformer
 
-PIXEL_MEAN = (123.675, 116.28, 103.53)
-PIXEL_STD = (58.395, 57.12, 57.375)
-PROMPT_SIZE = 1024
-LOW_RES_SIZE = 256
+__all__ = ["LOW_RES_SIZE", "PIXEL_MEAN", "PIXEL_STD", "PROMPT_SIZE", "Sam", "build_sam_head"]
 
 
 class Sam(nn.Module):
@@ -118,19 +114,13 @@ class Sam(nn.Module):
         self, masks: Tensor, input_size: tuple[int, int], original_size: tuple[int, int]
     ) -> Tensor:
         """Low-res logits (N, M, 256, 256) -> logits at the original image size (N, M, H, W), with
-        the image occupying ``input_size`` of the prompt frame (SAM's two bilinear resizes)."""
-        return upscale_logits(masks, input_size, original_size, self.prompt_size)
-
-    def postprocess_binary(
-        self, masks: Tensor, input_size: tuple[int, int], original_size: tuple[int, int]
-    ) -> Tensor:
-        """``postprocess_masks(...) > mask_threshold`` as bool (N, M, H, W); on CPU without the
-        1024-frame intermediate (banded products or the low-res sign rule, ``accel/upscale.py``).
-        Every upscaled pixel is a convex combination of low-res logits (weights summing to 1), so
-        the threshold is subtracted from the low-res logits first and the rest compares with 0."""
-        if self.mask_threshold != 0.0:
-            masks = masks - self.mask_threshold
-        return upscale_binary(masks, input_size, original_size, self.prompt_size)
+        the image occupying ``input_size`` of the prompt frame: SAM's upsampling to the prompt
+        frame, crop, and resize to the original size."""
+        masks = F.interpolate(
+            masks, (self.prompt_size, self.prompt_size), mode="bilinear", align_corners=False
+        )
+        masks = masks[..., : input_size[0], : input_size[1]]
+        return F.interpolate(masks, original_size, mode="bilinear", align_corners=False)
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, input_size={self.input_size}, prompt_size={self.prompt_size}"

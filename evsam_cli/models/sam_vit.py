@@ -33,7 +33,7 @@ SAM_VITS: dict[str, SamViTConfig] = {
 class SamViTImageEncoder(VisionTransformerSAM):
     """timm's SAM ViT returning the neck output: (B, 3, 1024, 1024) -> (B, 256, 64, 64)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x)
 
 

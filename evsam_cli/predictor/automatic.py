@@ -6,24 +6,23 @@ box NMS and returns SA-1B-style records. The results are those of the official g
 the same weights and settings (up to float rounding in the decoder, ~1e-6 relative); the work
 is ordered so that little of it is done at full resolution, without changing any result:
 
-1. On CPU the decoder's transformer streams over tiles of image tokens, as the predictor's
-   decoder does (``accel/streaming.py``: projections moved to the prompt-token side, same
-   algebra, a fraction of the memory traffic).
-2. The decoder runs in two halves. The two-way transformer gives every prompt's IoU
-   predictions; the mask head (output upscaling + hypernetwork product) then runs only for the
-   prompts with at least one mask above ``pred_iou_thresh``, and only for those masks.
-3. Only masks passing the IoU filter are upscaled to full resolution (in bounded chunks), where
+1. Decoding goes through the predictor's decode backend (``accel/backend.py``; on CPU the
+   streamed decoder), in two halves: the two-way transformer gives every prompt's IoU
+   predictions (``decode_tokens``); the mask head (output upscaling + hypernetwork product)
+   then runs only for the prompts with at least one mask above ``pred_iou_thresh``, and only
+   for those masks (``mask_logits``).
+2. Only masks passing the IoU filter are upscaled to full resolution (in bounded chunks), where
    the stability score is computed on the upscaled logits exactly as the official generator
    does, and boxes are taken.
-4. Surviving masks are kept cropped to their box; box NMS runs on the boxes, and only the masks
+3. Surviving masks are kept cropped to their box; box NMS runs on the boxes, and only the masks
    NMS keeps are ever assembled at full size or run-length encoded.
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,13 +31,11 @@ import torch
 from torch import Tensor
 from torchvision.ops import batched_nms
 
-from ..accel.streaming import StreamedTokens, can_stream, shared_image, stream_transformer, upscale_tiles
 from ..data.images import to_rgb_uint8
-from ..errors import EvsamError
 from ..models.sam import Sam
+from .amg_settings import OUTPUT_MODES, AmgConfigError, AmgSettings
 from .amg_utils import (
     box_near_crop_edge,
-    build_layer_point_grids,
     generate_crop_boxes,
     mask_to_box,
     mask_to_coco_rle,
@@ -50,13 +47,10 @@ from .amg_utils import (
 )
 from .sam_predictor import SamPredictor
 
-OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
+__all__ = ["OUTPUT_MODES", "AmgConfigError", "AmgSettings", "AutomaticMaskGenerator", "validate_settings"]
+
 # Full-resolution logits upscaled at once are bounded to about this many float32 values.
 _FULL_RES_BUDGET = 2**26
-
-
-class AmgConfigError(EvsamError, ValueError):
-    """An automatic-mask-generator setting is missing, contradictory or out of range."""
 
 
 @dataclass
@@ -117,78 +111,33 @@ class _Candidates:
 
 
 class AutomaticMaskGenerator:
-    def __init__(
-        self,
-        model: Sam,
-        *,
-        points_per_side: int | None = 32,
-        points_per_batch: int = 128,
-        pred_iou_thresh: float = 0.88,
-        stability_score_thresh: float = 0.95,
-        stability_score_offset: float = 1.0,
-        box_nms_thresh: float = 0.7,
-        crop_n_layers: int = 0,
-        crop_nms_thresh: float = 0.7,
-        crop_overlap_ratio: float = 512 / 1500,
-        crop_n_points_downscale_factor: int = 1,
-        point_grids: Sequence[np.ndarray] | None = None,
-        min_mask_region_area: int = 0,
-        output_mode: str = "binary_mask",
-    ) -> None:
+    def __init__(self, model: Sam, settings: AmgSettings | None = None, **overrides: Any) -> None:
         """
         Args:
           model: any zoo model (``create_model``); its device is used.
-          points_per_side: the grid has points_per_side**2 points (on the whole image and on
-            every crop, divided by ``crop_n_points_downscale_factor**layer`` in crop layer i).
-            Exactly one of this and ``point_grids``.
-          points_per_batch: prompts decoded per decoder pass (memory grows ~20 MB per prompt).
-          pred_iou_thresh: keep masks whose predicted IoU is above this (0 disables), in [0, 1].
-          stability_score_thresh: keep masks whose stability score is at least this (0
-            disables), in [0, 1].
-          stability_score_offset: logit offset used by the stability score (>= 0).
-          box_nms_thresh: box IoU above which the lower-scored duplicate within a crop is removed.
-          crop_n_layers: extra crop layers; layer i cuts the image into (2**i)**2 crops.
-          crop_nms_thresh: box IoU for removing duplicates between crops (smaller crops win).
-          crop_overlap_ratio: overlap of layer-1 crops as a fraction of the short side, in [0, 1).
-          crop_n_points_downscale_factor: >= 1, see ``points_per_side``.
-          point_grids: explicit grids, one (K, 2) array of x, y in [0, 1] per crop layer.
-          min_mask_region_area: when > 0, fill holes and drop islands smaller than this many
-            pixels, then re-run NMS (scipy.ndimage connected components).
-          output_mode: "binary_mask" (HxW bool array), "coco_rle" (compressed, JSON-ready) or
-            "uncompressed_rle".
+          settings: an ``AmgSettings`` (default: segment-anything's defaults).
+          **overrides: any ``AmgSettings`` field by name, e.g. ``points_per_side=16``; they
+            replace the same fields of ``settings``. See ``AmgSettings`` for each setting.
         Raises:
           AmgConfigError: a setting is missing, contradictory or out of range.
+          TypeError: an override is not an ``AmgSettings`` field.
         """
-        grids = validate_settings(
-            points_per_side=points_per_side,
-            points_per_batch=points_per_batch,
-            pred_iou_thresh=pred_iou_thresh,
-            stability_score_thresh=stability_score_thresh,
-            stability_score_offset=stability_score_offset,
-            box_nms_thresh=box_nms_thresh,
-            crop_n_layers=crop_n_layers,
-            crop_nms_thresh=crop_nms_thresh,
-            crop_overlap_ratio=crop_overlap_ratio,
-            crop_n_points_downscale_factor=crop_n_points_downscale_factor,
-            point_grids=point_grids,
-            min_mask_region_area=min_mask_region_area,
-            output_mode=output_mode,
-        )
-
+        settings = dataclasses.replace(settings or AmgSettings(), **overrides)
+        self.settings = settings
         self.model = model
         self.predictor = SamPredictor(model)
-        self.point_grids = grids
-        self.points_per_batch = points_per_batch
-        self.pred_iou_thresh = float(pred_iou_thresh)
-        self.stability_score_thresh = float(stability_score_thresh)
-        self.stability_score_offset = float(stability_score_offset)
-        self.box_nms_thresh = float(box_nms_thresh)
-        self.crop_n_layers = crop_n_layers
-        self.crop_nms_thresh = float(crop_nms_thresh)
-        self.crop_overlap_ratio = float(crop_overlap_ratio)
-        self.crop_n_points_downscale_factor = crop_n_points_downscale_factor
-        self.min_mask_region_area = min_mask_region_area
-        self.output_mode = output_mode
+        self.point_grids = settings.layer_grids()
+        self.points_per_batch = settings.points_per_batch
+        self.pred_iou_thresh = settings.pred_iou_thresh
+        self.stability_score_thresh = settings.stability_score_thresh
+        self.stability_score_offset = settings.stability_score_offset
+        self.box_nms_thresh = settings.box_nms_thresh
+        self.crop_n_layers = settings.crop_n_layers
+        self.crop_nms_thresh = settings.crop_nms_thresh
+        self.crop_overlap_ratio = settings.crop_overlap_ratio
+        self.crop_n_points_downscale_factor = settings.crop_n_points_downscale_factor
+        self.min_mask_region_area = settings.min_mask_region_area
+        self.output_mode = settings.output_mode
         self.timings: dict[str, float] = {}
 
     # ------------------------------------------------------------------ public API
@@ -275,10 +224,11 @@ class AutomaticMaskGenerator:
     ) -> None:
         """Decode one batch of (N, 2) points (crop pixels) and append the masks that survive."""
         dev = self.model.device
+        backend = self.predictor.backend
         # Float64 prompt coordinates, as the official generator passes them.
         coords = torch.as_tensor(self.predictor.apply_coords(points), device=dev)[:, None, :]
         labels = torch.ones(coords.shape[0], 1, dtype=torch.int64, device=dev)
-        iou, image_tokens, mask_tokens = self._decode_tokens(coords, labels)  # iou (N, 3)
+        iou, tokens = backend.decode_tokens(coords, labels)  # iou (N, 3): the multimask outputs
 
         keep = (
             iou > self.pred_iou_thresh
@@ -289,7 +239,7 @@ class AutomaticMaskGenerator:
         if flat.numel() == 0:
             return
         prompt_idx, token_idx = flat // 3, flat % 3
-        low_res = self._mask_logits(image_tokens, mask_tokens, prompt_idx, token_idx)  # (K, 256, 256)
+        low_res = backend.mask_logits(tokens, prompt_idx, token_idx)  # (K, 256, 256)
         iou_kept = iou.flatten()[flat]
         points_kept = points[prompt_idx.cpu().numpy()]
 
@@ -300,7 +250,7 @@ class AutomaticMaskGenerator:
         threshold = self.model.mask_threshold
         for start in range(0, low_res.shape[0], chunk):
             sl = slice(start, start + chunk)
-            logits = self.model.postprocess_masks(low_res[sl, None].float(), pred.input_size, (h, w))[:, 0]
+            logits = backend.upscale(low_res[sl, None].float(), pred.input_size, (h, w), binary=False)[:, 0]
             stab = stability_score(logits, threshold, self.stability_score_offset)
             if self.stability_score_thresh > 0.0:
                 ok = stab >= self.stability_score_thresh
@@ -322,51 +272,6 @@ class AutomaticMaskGenerator:
             for m, (bx0, by0, bx1, by1) in zip(masks, boxes.tolist(), strict=True):
                 data.pieces.append(m[by0 : by1 + 1, bx0 : bx1 + 1].cpu().numpy())
                 data.offsets.append((by0, bx0))
-
-    # ------------------------------------------------------------------ the decoder in two halves
-    def _decode_tokens(self, coords: Tensor, labels: Tensor) -> tuple[Tensor, StreamedTokens, Tensor]:
-        """Prompt-frame points (N, 1, 2) -> multimask IoU predictions (N, 3), the transformer's
-        image tokens (``StreamedTokens``) and the three multimask output tokens (N, 3, C).
-
-        This is ``MaskDecoder.predict_masks`` up to the transformer (streamed on CPU, see
-        ``accel/streaming.py``); the mask head is deferred to ``_mask_logits`` so that it runs
-        only for the masks the IoU filter keeps.
-        """
-        model, dec = self.model, self.model.mask_decoder
-        sparse, dense = model.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
-        n = sparse.shape[0]
-        output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
-        output_tokens = output_tokens.to(sparse.dtype).unsqueeze(0).expand(n, -1, -1)
-        tokens = torch.cat([output_tokens, sparse], dim=1)
-        image = self.predictor.get_image_embedding() + dense
-        pe = model.prompt_encoder.get_dense_pe()
-        read_out = [0, 2, 3, 4]  # the IoU token and the three multimask tokens
-        if can_stream(dec, image, dense):
-            shared = shared_image(dec, image, pe)  # kept across this image's point batches
-            hs, image_tokens = stream_transformer(dec.transformer, image, pe, tokens, read_out, shared)
-        else:
-            hs, keys = dec.transformer(image, pe, tokens)
-            hs, image_tokens = hs[:, read_out], StreamedTokens([keys])
-        iou = dec.iou_prediction_head(hs[:, 0, :])[:, 1:]
-        return iou, image_tokens, hs[:, 1:4, :]
-
-    def _mask_logits(
-        self, image_tokens: StreamedTokens, mask_tokens: Tensor, prompt_idx: Tensor, token_idx: Tensor
-    ) -> Tensor:
-        """Low-res logits (K, 256, 256) of the multimask outputs ``token_idx`` of ``prompt_idx``."""
-        dec = self.model.mask_decoder
-        needed, inverse = torch.unique(prompt_idx, return_inverse=True)
-        side = self.model.prompt_encoder.image_embedding_size
-        out = []
-        step = 32  # prompts upscaled at once
-        for start in range(0, needed.numel(), step):
-            ids = needed[start : start + step]
-            hyper = torch.stack(
-                [dec.output_hypernetworks_mlps[i + 1](mask_tokens[ids, i, :]) for i in range(3)], dim=1
-            )
-            out.append(upscale_tiles(dec, image_tokens.select(ids), hyper, side))
-        masks = torch.cat(out)  # (len(needed), 3, 256, 256)
-        return masks[inverse, token_idx]
 
     # ------------------------------------------------------------------ post-processing
     def _remove_small_regions(self, data: _Candidates, size: tuple[int, int]) -> _Candidates:
@@ -421,91 +326,15 @@ class AutomaticMaskGenerator:
         return records
 
 
-def validate_settings(
-    *,
-    points_per_side: int | None = 32,
-    points_per_batch: int = 128,
-    pred_iou_thresh: float = 0.88,
-    stability_score_thresh: float = 0.95,
-    stability_score_offset: float = 1.0,
-    box_nms_thresh: float = 0.7,
-    crop_n_layers: int = 0,
-    crop_nms_thresh: float = 0.7,
-    crop_overlap_ratio: float = 512 / 1500,
-    crop_n_points_downscale_factor: int = 1,
-    point_grids: Sequence[np.ndarray] | None = None,
-    min_mask_region_area: int = 0,
-    output_mode: str = "binary_mask",
-) -> list[np.ndarray]:
-    """Check ``AutomaticMaskGenerator``'s settings (same names and defaults) without a model.
+def validate_settings(**settings: Any) -> list[np.ndarray]:
+    """Check ``AmgSettings(**settings)`` without a model; the point grid of every crop layer.
 
-    Returns the point grid of every crop layer, (K, 2) x, y in [0, 1]; raises ``AmgConfigError``.
+    Raises ``AmgConfigError``.
     """
-    if (points_per_side is None) == (point_grids is None):
-        raise AmgConfigError("give exactly one of points_per_side and point_grids")
-    _check_int("points_per_batch", points_per_batch, 1)
-    _check_int("crop_n_layers", crop_n_layers, 0)
-    _check_int("crop_n_points_downscale_factor", crop_n_points_downscale_factor, 1)
-    _check_int("min_mask_region_area", min_mask_region_area, 0)
-    for name, value in (
-        ("pred_iou_thresh", pred_iou_thresh),
-        ("stability_score_thresh", stability_score_thresh),
-        ("box_nms_thresh", box_nms_thresh),
-        ("crop_nms_thresh", crop_nms_thresh),
-    ):
-        _check_range(name, value, 0.0, 1.0)
-    _check_range("stability_score_offset", stability_score_offset, 0.0, math.inf)
-    _check_range("crop_overlap_ratio", crop_overlap_ratio, 0.0, 1.0, high_open=True)
-    if output_mode not in OUTPUT_MODES:
-        raise AmgConfigError(f"output_mode must be one of {', '.join(OUTPUT_MODES)}; got {output_mode!r}")
-    if points_per_side is not None:
-        _check_int("points_per_side", points_per_side, 1)
-        deepest = int(points_per_side / crop_n_points_downscale_factor**crop_n_layers)
-        if deepest < 1:
-            raise AmgConfigError(
-                f"points_per_side={points_per_side} leaves no points in crop layer {crop_n_layers} "
-                f"after dividing by crop_n_points_downscale_factor={crop_n_points_downscale_factor}"
-                f"**{crop_n_layers}"
-            )
-        grids = build_layer_point_grids(points_per_side, crop_n_layers, crop_n_points_downscale_factor)
-    else:
-        assert point_grids is not None
-        grids = [_check_grid(i, g) for i, g in enumerate(point_grids)]
-        if len(grids) < crop_n_layers + 1:
-            raise AmgConfigError(
-                f"point_grids has {len(grids)} grid(s) but crop_n_layers={crop_n_layers} needs "
-                f"{crop_n_layers + 1} (one per layer, the whole image first)"
-            )
-    return grids
+    return AmgSettings(**settings).layer_grids()
 
 
 def _nms(boxes: Tensor, scores: Tensor, threshold: float) -> Tensor:
     """Indices kept by box NMS, best score first (one class: torchvision's batched_nms)."""
     boxes = boxes.float()
     return batched_nms(boxes, scores.to(boxes.device), torch.zeros_like(boxes[:, 0]), iou_threshold=threshold)
-
-
-def _check_int(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise AmgConfigError(f"{name} must be an integer >= {low}; got {value!r}")
-
-
-def _check_range(name: str, value: Any, low: float, high: float, *, high_open: bool = False) -> None:
-    ok = isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
-    if ok:
-        v = float(value)
-        ok = math.isfinite(v) and low <= v and (v < high if high_open else v <= high)
-    if not ok:
-        bound = f"[{low:g}, {high:g})" if high_open else f"[{low:g}, {high:g}]"
-        raise AmgConfigError(f"{name} must be a number in {bound}; got {value!r}")
-
-
-def _check_grid(i: int, grid: Any) -> np.ndarray:
-    arr = np.asarray(grid, dtype=np.float64)
-    if arr.ndim != 2 or arr.shape[1] != 2 or len(arr) == 0:
-        raise AmgConfigError(
-            f"point_grids[{i}] must be a non-empty (K, 2) array of x, y; got shape {arr.shape}"
-        )
-    if not np.all(np.isfinite(arr)) or arr.min() < 0.0 or arr.max() > 1.0:
-        raise AmgConfigError(f"point_grids[{i}] must hold coordinates normalised to [0, 1]")
-    return arr

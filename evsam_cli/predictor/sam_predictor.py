@@ -11,22 +11,29 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..accel.passes import map_passes
-from ..data.frames import boxes_to_frame, coords_to_frame
-from ..data.images import to_rgb_uint8
+from ..accel.backend import ReferenceBackend, select_backend
+from ..data.prompts import PromptablePredictor, Prompts
 from ..models.sam import Sam
 
 
 def default_prompts_per_pass(device: torch.device) -> int:
-    """Prompts per decoder pass: 256 on a GPU; 16 on CPU, where the streamed decoder
-    (``accel/streaming.py``) already works in cache-sized tiles: 16 and 32 were about 5%
-    faster than 8 for 64 or 100 boxes on a 2-core CPU, and 16 no slower for a 2000x1500 image,
-    whose full-size masks make larger passes heavier."""
+    """Prompts per decoder pass: 256 on a GPU, where one large pass keeps the device busy; 16 on
+    CPU, where the streamed decoder (``accel/streaming.py``) already works in cache-sized tiles
+    and larger passes only add full-size mask memory (docs/benchmarks.md has the measurements)."""
     return 256 if device.type == "cuda" else 16
 
 
-class SamPredictor:
-    def __init__(self, model: Sam, *, max_prompts_per_pass: int | None = None, optimize: bool = True) -> None:
+class SamPredictor(PromptablePredictor):
+    features: Tensor | None
+
+    def __init__(
+        self,
+        model: Sam,
+        *,
+        max_prompts_per_pass: int | None = None,
+        optimize: bool = True,
+        backend: str | ReferenceBackend = "auto",
+    ) -> None:
         """
         Args:
           model: any zoo model (``create_model``), with its weights already loaded.
@@ -34,95 +41,56 @@ class SamPredictor:
             ``default_prompts_per_pass`` (256 on a GPU, 16 on CPU).
           optimize: run the image encoder through an inference copy with BatchNorm folded and
             channels-last layout (same outputs up to float rounding; the model is untouched).
-            The copy is taken now: weights changed later are not seen by this predictor.
+          backend: how the model runs (``accel/backend.py``): "auto" (the CPU speed-ups for a
+            float32 model on the CPU, the model's own modules otherwise), "cpu", "reference",
+            or a backend instance. The CPU backend and ``optimize`` copy the weights they use
+            now: weights changed later are not seen by this predictor.
         """
-        from ..accel.encoder import optimize_encoder
-
         self.model = model
         if max_prompts_per_pass is None:
             max_prompts_per_pass = default_prompts_per_pass(model.device)
         self.max_prompts_per_pass = max_prompts_per_pass
-        self.image_encoder = optimize_encoder(model.image_encoder) if optimize else model.image_encoder
+        self.backend = select_backend(model, backend, optimize_encoder=optimize)
+        self.image_encoder = self.backend.image_encoder
         self.reset_image()
 
     # ------------------------------------------------------------------ image
-    def reset_image(self) -> None:
-        self.features: Tensor | None = None
-        self.original_size: tuple[int, int] | None = None
-        self.input_size: tuple[int, int] | None = None  # image size inside the prompt frame
-        self.is_image_set = False
-
     @property
     def device(self) -> torch.device:
         return self.model.device
 
+    def frame_size(self, original_size: tuple[int, int]) -> tuple[int, int]:
+        return self.model.prompt_frame_size(original_size)
+
     @torch.inference_mode()
     def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
         """Embed an image. ``image``: HxWx3 uint8 (grayscale, RGBA and 16-bit are converted)."""
-        if image_format not in ("RGB", "BGR"):
-            raise ValueError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
-        image = to_rgb_uint8(image)
-        if image_format == "BGR":
-            image = np.ascontiguousarray(image[..., ::-1])
+        image = self._rgb(image, image_format)
         x = self.model.preprocess(image)
-        self.set_embedding(self.image_encoder(x), image.shape[:2])
+        self.set_embedding(self.backend.encode(x), image.shape[:2])
 
     def set_embedding(self, embedding: Tensor, original_size: tuple[int, int]) -> None:
         """Use a precomputed (1, 256, 64, 64) embedding of an image of ``original_size`` (h, w)."""
         if embedding.dim() == 3:
             embedding = embedding.unsqueeze(0)
         self.features = embedding.to(self.device)
-        self.original_size = (int(original_size[0]), int(original_size[1]))
-        self.input_size = self.model.prompt_frame_size(self.original_size)
-        self.is_image_set = True
+        self.backend.set_embedding(self.features)
+        self._set_frame(original_size)
 
-    def get_image_embedding(self) -> Tensor:
-        self._check_image()
-        assert self.features is not None
-        return self.features
+    def _tensors(self, prompts: Prompts) -> dict[str, Tensor | None]:
+        """The prompts as the backend takes them (float32 coordinates, int64 labels)."""
 
-    def _check_image(self) -> None:
-        if not self.is_image_set:
-            raise RuntimeError("an image must be set with .set_image(...) before mask prediction")
+        def tensor(a: np.ndarray | None, dtype: torch.dtype) -> Tensor | None:
+            return None if a is None else torch.as_tensor(a, dtype=dtype, device=self.device)
 
-    # ------------------------------------------------------------------ prompt transforms
-    def apply_coords(self, coords: np.ndarray) -> np.ndarray:
-        """(..., 2) x,y in original pixels -> the prompt frame (float64, as the reference)."""
-        assert self.original_size is not None and self.input_size is not None
-        return coords_to_frame(coords, self.original_size, self.input_size)
-
-    def apply_boxes(self, boxes: np.ndarray) -> np.ndarray:
-        """(N, 4) xyxy in original pixels -> the prompt frame."""
-        assert self.original_size is not None and self.input_size is not None
-        return boxes_to_frame(np.asarray(boxes).reshape(-1, 4), self.original_size, self.input_size)
+        return {
+            "point_coords": tensor(prompts.point_coords, torch.float32),
+            "point_labels": tensor(prompts.point_labels, torch.int64),
+            "boxes": tensor(prompts.boxes, torch.float32),
+            "mask_input": tensor(prompts.mask_input, torch.float32),
+        }
 
     # ------------------------------------------------------------------ prediction
-    def predict(
-        self,
-        point_coords: np.ndarray | None = None,
-        point_labels: np.ndarray | None = None,
-        box: np.ndarray | None = None,
-        mask_input: np.ndarray | None = None,
-        multimask_output: bool = True,
-        return_logits: bool = False,
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """One prompt set: points (K, 2) with labels (K,) 1/0, a box (4,) xyxy, a (1, 256, 256) mask.
-
-        Returns masks (C, H, W) (bool, or float logits with ``return_logits``), scores (C,) and
-        low-res logits (C, 256, 256); C = 3 with ``multimask_output`` else 1.
-        """
-        if point_coords is not None and point_labels is None:
-            raise ValueError("point_labels must be given with point_coords")
-        masks, scores, low_res = self.predict_batch(
-            point_coords=None if point_coords is None else np.asarray(point_coords)[None],
-            point_labels=None if point_labels is None else np.asarray(point_labels)[None],
-            boxes=None if box is None else np.asarray(box).reshape(1, 4),
-            mask_input=None if mask_input is None else np.asarray(mask_input)[None],
-            multimask_output=multimask_output,
-            return_logits=return_logits,
-        )
-        return masks[0], scores[0], low_res[0]
-
     def predict_batch(
         self,
         point_coords: np.ndarray | None = None,
@@ -133,7 +101,7 @@ class SamPredictor:
         return_logits: bool = False,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """N prompts of the current image in batched decoder passes (on a CPU, two halves of the
-        passes run on two threads at once: ``passes.map_passes``).
+        passes may run on two threads at once: ``accel/passes.py``).
 
         Args:
           point_coords: (N, K, 2) x,y pixels; point_labels: (N, K) with 1/0 (-1 pads).
@@ -142,49 +110,57 @@ class SamPredictor:
         Returns:
           masks (N, C, H, W), scores (N, C), low-res logits (N, C, 256, 256) as numpy arrays.
         """
-        self._check_image()
-        coords_t = labels_t = boxes_t = mask_t = None
-        n = None
-        if point_coords is not None:
-            if point_labels is None:
-                raise ValueError("point_labels must be given with point_coords")
-            coords = np.asarray(point_coords)
-            labels = np.asarray(point_labels)
-            if coords.ndim != 3 or coords.shape[-1] != 2 or labels.shape != coords.shape[:2]:
-                raise ValueError(
-                    f"point_coords must be (N, K, 2) and point_labels (N, K); got {coords.shape}, {labels.shape}"
-                )
-            coords_t = torch.as_tensor(self.apply_coords(coords), dtype=torch.float32, device=self.device)
-            labels_t = torch.as_tensor(labels, dtype=torch.int64, device=self.device)
-            n = coords.shape[0]
-        if boxes is not None:
-            b = np.asarray(boxes)
-            if b.ndim != 2 or b.shape[1] != 4:
-                raise ValueError(f"boxes must be (N, 4) xyxy, got shape {b.shape}")
-            if n is not None and b.shape[0] != n:
-                raise ValueError(f"{b.shape[0]} boxes but {n} point prompts")
-            boxes_t = torch.as_tensor(self.apply_boxes(b), dtype=torch.float32, device=self.device)
-            n = b.shape[0]
-        if mask_input is not None:
-            mask_t = torch.as_tensor(np.asarray(mask_input), dtype=torch.float32, device=self.device)
-            if mask_t.dim() != 4 or mask_t.shape[1] != 1:
-                raise ValueError(f"mask_input must be (N, 1, 256, 256), got {tuple(mask_t.shape)}")
-            n = mask_t.shape[0] if n is None else n
-        n = 1 if n is None else n
+        prompts = self._prompts(point_coords, point_labels, boxes, mask_input)
+        inputs = self._tensors(prompts)
 
         def decode(sl: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             masks, scores, low_res = self.predict_torch(
-                None if coords_t is None else coords_t[sl],
-                None if labels_t is None else labels_t[sl],
-                None if boxes_t is None else boxes_t[sl],
-                None if mask_t is None else mask_t[sl],
+                **{k: None if v is None else v[sl] for k, v in inputs.items()},
                 multimask_output=multimask_output,
                 return_logits=return_logits,
             )
             return masks.cpu().numpy(), scores.float().cpu().numpy(), low_res.float().cpu().numpy()
 
-        passes = map_passes(decode, n, self.max_prompts_per_pass, self.device)
+        passes = self.backend.map_passes(decode, prompts.count, self.max_prompts_per_pass)
         return tuple(np.concatenate(parts) for parts in zip(*passes, strict=True))  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def predict_best(
+        self,
+        point_coords: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        boxes: np.ndarray | None = None,
+        *,
+        max_prompts_per_pass: int | None = None,
+    ) -> Tensor:
+        """For each of N prompts, the multimask output with the highest predicted IoU, at the
+        original size and thresholded: SAM's ``predict(..., multimask_output=True)`` then
+        ``masks[scores.argmax()]``, with only the chosen mask upscaled.
+
+        Args:
+          point_coords / point_labels / boxes: as ``predict_batch``.
+          max_prompts_per_pass: prompts per decoder pass (default ``self.max_prompts_per_pass``;
+            each pass holds its masks at full size).
+        Returns:
+          (N, H, W) bool masks on the model's device.
+        """
+        prompts = self._prompts(point_coords, point_labels, boxes, None)
+        inputs = self._tensors(prompts)
+        assert self.input_size is not None and self.original_size is not None
+        frame, size = self.input_size, self.original_size
+        out = torch.empty((prompts.count, *size), dtype=torch.bool, device=self.device)
+
+        @torch.inference_mode()  # grad mode is per thread, and map_passes may use a second one
+        def decode(sl: slice) -> None:
+            low_res, iou = self.backend.decode(
+                **{k: None if v is None else v[sl] for k, v in inputs.items()}, multimask_output=True
+            )
+            best = iou.argmax(dim=1)
+            chosen = low_res[torch.arange(low_res.shape[0], device=low_res.device), best].unsqueeze(1)
+            out[sl] = self.backend.upscale(chosen.float(), frame, size, binary=True)[:, 0]
+
+        self.backend.map_passes(decode, prompts.count, max_prompts_per_pass or self.max_prompts_per_pass)
+        return out
 
     @torch.inference_mode()
     def predict_torch(
@@ -198,17 +174,15 @@ class SamPredictor:
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Prompts already in the prompt frame, as tensors -> masks (N, C, H, W), scores, low-res."""
         self._check_image()
-        assert self.features is not None and self.input_size is not None and self.original_size is not None
-        low_res, scores = self.model.decode(
-            self.features,
+        assert self.input_size is not None and self.original_size is not None
+        low_res, scores = self.backend.decode(
             point_coords=point_coords,
             point_labels=point_labels,
             boxes=boxes,
             mask_input=mask_input,
             multimask_output=multimask_output,
         )
-        if return_logits:
-            masks = self.model.postprocess_masks(low_res.float(), self.input_size, self.original_size)
-        else:
-            masks = self.model.postprocess_binary(low_res.float(), self.input_size, self.original_size)
+        masks = self.backend.upscale(
+            low_res.float(), self.input_size, self.original_size, binary=not return_logits
+        )
         return masks, scores, low_res

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -14,6 +15,7 @@ from PIL import Image
 from ..data.images import load_image
 from ..utils.devices import resolve_device
 from ..utils.io import atomic_path, write_json_atomic
+from .amg_settings import AmgSettings
 from .visualize import overlay_masks
 
 
@@ -129,18 +131,15 @@ def predict_everything(
     output: str | Path,
     model_name: str,
     checkpoint: str | None,
-    points_per_side: int = 32,
-    points_per_batch: int = 128,
-    pred_iou_thresh: float = 0.88,
-    stability_score_thresh: float = 0.95,
-    box_nms_thresh: float = 0.7,
-    crop_n_layers: int = 0,
-    min_mask_region_area: int = 0,
+    settings: AmgSettings | None = None,
     device: str = "cpu",
     progress: Callable[[int, int], None] | None = None,
+    **overrides: Any,
 ) -> dict[str, Any]:
     """ "Segment everything" in one image; writes ``masks.json`` and ``overlay.png`` to ``output``.
 
+    ``settings`` (default ``AmgSettings()``) and ``overrides`` (``AmgSettings`` fields by name,
+    e.g. ``points_per_side=16``) are the generator's settings; masks are always COCO RLE.
     ``masks.json`` has SA-1B's layout: ``{"image": {"file_name", "height", "width"},
     "annotations": [{"id", "segmentation" (COCO RLE), "area", "bbox" (xywh), "predicted_iou",
     "point_coords", "stability_score", "crop_box"}]}`` plus ``model``, ``checkpoint``,
@@ -148,23 +147,15 @@ def predict_everything(
     before the image and the model are loaded. Returns the content of ``masks.json``.
     """
     from ..models import create_model
-    from .automatic import AutomaticMaskGenerator, validate_settings
+    from .automatic import AutomaticMaskGenerator
 
-    settings = {
-        "points_per_side": points_per_side,
-        "points_per_batch": points_per_batch,
-        "pred_iou_thresh": pred_iou_thresh,
-        "stability_score_thresh": stability_score_thresh,
-        "box_nms_thresh": box_nms_thresh,
-        "crop_n_layers": crop_n_layers,
-        "min_mask_region_area": min_mask_region_area,
-    }
     t_start = time.perf_counter()
-    validate_settings(output_mode="coco_rle", **settings)  # before the slow loading
+    # Checked here, before the slow loading.
+    amg = dataclasses.replace(settings or AmgSettings(), **{**overrides, "output_mode": "coco_rle"})
     output = Path(output)
     image = load_image(image_path)
     model = create_model(model_name, checkpoint=checkpoint, device=resolve_device(device))
-    generator = AutomaticMaskGenerator(model, output_mode="coco_rle", **settings)
+    generator = AutomaticMaskGenerator(model, amg)
     t0 = time.perf_counter()
     records = generator.generate(image, progress=progress)
     seconds = time.perf_counter() - t0
@@ -180,7 +171,7 @@ def predict_everything(
         "image": {"file_name": str(image_path), "height": int(image.shape[0]), "width": int(image.shape[1])},
         "model": model.name,
         "checkpoint": checkpoint,
-        "settings": settings,
+        "settings": amg.to_dict(),
         "num_masks": len(records),
         "mean_predicted_iou": float(np.mean([r["predicted_iou"] for r in records])) if records else None,
         "seconds": {"generate": seconds, **generator.timings, "total": time.perf_counter() - t_start},

@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 
-from ..accel.passes import map_passes
 from ..errors import DeviceError, EvsamError
 
 ENGINES = ("torch", "compile", "onnxruntime", "trt")
@@ -100,35 +99,40 @@ class TorchEngine(Engine):
         size = model.input_size
         self.images = torch.randn(batch_size, 3, size, size, generator=gen).to(device)
         self.boxes = torch.from_numpy(random_boxes(prompts)).to(device)
+        from ..accel.backend import select_backend
         from ..accel.encoder import optimize_encoder
 
-        # The inference encoder SamPredictor uses (BatchNorm folded, channels-last, and in eager
-        # mode its CPU kernels and matmul resizes): same outputs. Under torch.compile inductor
-        # fuses for itself, so the traced copy keeps plain convolutions and resizes.
-        encoder = optimize_encoder(
-            model.image_encoder, cpu_kernels=False if compile else None, matmul_resize=not compile
-        )
-
-        def one_pass(embedding: Any, boxes: Any) -> Any:
-            return model.decode(embedding, boxes=boxes, multimask_output=True)
-
-        # CUDA graphs replay into the same output memory: each timed call starts a new step, and
-        # outputs read after another graph ran are copied first (``_hold``).
-        self.cuda_graphs = compile and self.cuda
+        # Eager: the predictor's decode backend, with the inference encoder it uses (BatchNorm
+        # folded, channels-last, on CPU its kernels and matmul resizes) and on a CPU the streamed
+        # decoder in two threads. Under torch.compile the model's own modules are traced and
+        # inductor fuses for itself: plain convolutions and resizes, no per-image state.
+        self.cuda_graphs = compile and self.cuda  # outputs are copied before reuse (``_hold``)
         if compile:
-            encoder = torch.compile(encoder, **compile_options(device))
+            encoder = torch.compile(
+                optimize_encoder(model.image_encoder, cpu_kernels=False, matmul_resize=False),
+                **compile_options(device),
+            )
+
+            def one_pass(embedding: Any, boxes: Any) -> Any:
+                return model.decode(embedding, boxes=boxes, multimask_output=True)
+
             decode = torch.compile(one_pass, **compile_options(device))
         else:
+            backend = self.backend = select_backend(model)
             context = self._context  # inference mode and autocast are per thread
+            encoder = backend.encode
 
             def decode(embedding: Any, boxes: Any) -> Any:
-                """As the predictor decodes: on a CPU, two halves of the prompts on two threads."""
+                """As the predictor decodes (``SamPredictor.predict_batch``): one pass, on a CPU
+                two halves of the prompts on two threads."""
+                if embedding is not backend.embedding:
+                    backend.set_embedding(embedding)
 
                 def half(sl: slice) -> Any:
                     with context():
-                        return one_pass(embedding, boxes[sl])
+                        return backend.decode(boxes=boxes[sl], multimask_output=True)
 
-                parts = map_passes(half, len(boxes), len(boxes), device)
+                parts = backend.map_passes(half, len(boxes), len(boxes))
                 return tuple(torch.cat(part) for part in zip(*parts, strict=True))
 
         self._encoder = encoder

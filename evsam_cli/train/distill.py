@@ -23,16 +23,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..utils import distributed as dist_utils
 from ..data.sa1b import Sa1bRecord, open_sa1b
 from ..data.transforms import normalize_padded, resize_longest_padded
 from ..errors import CheckpointError
 from ..models import create_model, get_spec, save_weights
 from ..models.checkpoints import describe_mismatch, read_state_dict, to_model_layout
 from ..models.zoo import guess_model
-from .config import DistillConfig, to_dict
+from ..utils import distributed as dist_utils
+from .config import ConfigError, DistillConfig, finalize, to_dict
 from .loop import (
-    TrainingError,
     amp_dtype,
     apply_epochs,
     batch_stream,
@@ -73,12 +72,12 @@ def read_teacher_head(teacher: str, checkpoint: str | os.PathLike[str]) -> dict[
         found = guess_model(state)
         hint = ""
         if found in TEACHER_MODELS.values():
-            hint = (
-                f"; it is a {found} checkpoint: use --teacher {found.removeprefix('sam-').replace('-', '_')}"
-            )
+            hint = f"; it is a {found} checkpoint: use teacher {found.removeprefix('sam-').replace('-', '_')}"
         elif found:
-            hint = f"; it is a {found} checkpoint, not a SAM teacher"
-        raise CheckpointError(f"wrong teacher checkpoint for --teacher {teacher}: {problem}{hint}")
+            hint = f"; it is a {found} checkpoint, not a SAM ViT"
+        raise CheckpointError(f"teacher_checkpoint does not fit teacher {teacher}: {problem}{hint}").naming(
+            "teacher_checkpoint", "teacher"
+        )
     return {k: v.clone() for k, v in state.items() if not k.startswith("image_encoder.")}
 
 
@@ -236,7 +235,9 @@ def distill(
     cfg = run_config(config, resume=resume)
     spec = get_spec(cfg.student)  # UnknownModelError lists the names
     if spec.family != "efficientvit-sam":
-        raise TrainingError(f"--student must be an EfficientViT-SAM model (l0 ... xl1), not {spec.name}")
+        raise ConfigError(
+            f"student must name an EfficientViT-SAM variant (l0 ... xl1), not {spec.name}", "student"
+        )
     image_size = cfg.image_size or spec.input_size
     head = read_teacher_head(cfg.teacher, cfg.teacher_checkpoint)
     source = open_sa1b(cfg.data.path, val_images=cfg.data.val_images)
@@ -254,6 +255,7 @@ def distill(
             cache.describe(cfg.teacher_checkpoint)
     if not resume:
         apply_epochs(cfg.loop, cfg.data, source, info.world_size)
+        finalize(cfg, val_images=source.val_images)
 
     torch.manual_seed(cfg.loop.seed)  # same initial student on every rank
     student = create_model(spec.name, input_size=image_size, device=device)

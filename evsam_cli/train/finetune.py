@@ -25,15 +25,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..utils import distributed as dist_utils
 from ..data.coco_train import open_coco
 from ..data.sa1b import Sa1bRecord, collate_stack, decode_mask, open_sa1b
 from ..data.transforms import normalize_padded, resize_longest_padded, resize_mask_padded
 from ..errors import CheckpointError
 from ..models import Sam, create_model, get_spec, read_state_dict, save_weights
-from .config import FinetuneConfig, to_dict
+from ..utils import distributed as dist_utils
+from .config import ConfigError, FinetuneConfig, finalize, to_dict
 from .loop import (
-    TrainingError,
     apply_epochs,
     batch_stream,
     environment,
@@ -245,14 +244,16 @@ def load_sam_head(model: Sam, checkpoint: str | Path) -> None:
 def build_model(cfg: FinetuneConfig, image_size: int) -> Sam:
     spec = get_spec(cfg.model)
     if spec.family != "efficientvit-sam":
-        raise TrainingError(f"--model must be an EfficientViT-SAM model (l0 ... xl1), not {spec.name}")
+        raise ConfigError(
+            f"model must name an EfficientViT-SAM variant (l0 ... xl1), not {spec.name}", "model"
+        )
     if cfg.init:
         return create_model(spec.name, checkpoint=cfg.init, input_size=image_size)
     model = create_model(spec.name, input_size=image_size)
     if cfg.sam_head_checkpoint:
         load_sam_head(model, cfg.sam_head_checkpoint)
     else:
-        log.warning("no --init and no --sam-head-checkpoint: the whole model starts from random weights")
+        log.warning("no init and no sam_head_checkpoint: the whole model starts from random weights")
     return model
 
 
@@ -285,6 +286,7 @@ def finetune(
     output.mkdir(parents=True, exist_ok=True)
     if not resume:
         apply_epochs(cfg.loop, cfg.data, source, info.world_size)
+        finalize(cfg, val_images=source.val_images)
 
     model = PromptedSam(sam, freeze_bn=cfg.freeze_bn).to(device).train()
     stream = batch_stream(

@@ -33,9 +33,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..utils import distributed as dist_utils
 from ..data.sa1b import BatchStream, Collate, Sa1bStream, Transform, count_train_images
 from ..errors import CheckpointError, EvsamError
+from ..models.checkpoints import load_file
+from ..utils import distributed as dist_utils
 from ..utils.devices import resolve_device
 from ..utils.io import atomic_path, write_json_atomic
 from .config import DataConfig, DistillConfig, FinetuneConfig, LoopConfig, OptimConfig, from_dict
@@ -66,8 +67,8 @@ def prepare_output(output: Path, *, resume: bool, overwrite: bool) -> None:
     holds_run = any((output / name).exists() for name in RUN_FILES)
     if holds_run and not overwrite:
         raise TrainingError(
-            f"{output} already holds a training run; pass --resume to continue it or --overwrite to replace it"
-        )
+            f"{output} already holds a training run; set resume to continue it or overwrite to replace it"
+        ).naming("resume", "overwrite")
     if holds_run and dist_utils.is_main():
         for name in RUN_FILES:
             path = output / name
@@ -126,9 +127,9 @@ def batch_stream(
         seed=seed,
         rank=info.rank,
         world_size=info.world_size,
-        num_workers=data.workers,
+        num_workers=data.worker_count(),
     )
-    return BatchStream(dataset, num_workers=data.workers, pin_memory=device.type == "cuda")
+    return BatchStream(dataset, num_workers=data.worker_count(), pin_memory=device.type == "cuda")
 
 
 # ---------------------------------------------------------------------------- optimisation
@@ -145,10 +146,11 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
 
 def lr_at(step: int, total: int, cfg: OptimConfig) -> float:
     """Linear warmup over ``warmup_steps``, then cosine from ``lr`` down to ``min_lr_ratio * lr``."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(1, total - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    warmup = cfg.warmup_for(total)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    span = max(1, total - warmup)
+    progress = min(1.0, (step - warmup) / span)
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
 
@@ -160,15 +162,35 @@ def seed_everything(seed: int) -> None:
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as tensors and plain numbers (what ``weights_only=True`` reads back)."""
+    version, mt_state, gauss_next = random.getstate()
+    bit_generator, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    state = {
+        "python": {
+            "version": version,
+            "state": torch.tensor(mt_state, dtype=torch.int64),
+            "gauss": gauss_next,
+        },
+        "numpy": {
+            "bit_generator": bit_generator,
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
+    npy = state["numpy"]
+    keys = npy["keys"].numpy().astype(np.uint32)
+    np.random.set_state((npy["bit_generator"], keys, npy["pos"], npy["has_gauss"], npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -243,12 +265,13 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 
 def load_checkpoint_file(path: Path) -> dict[str, Any]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # a truncated or foreign file: say which
-        raise CheckpointError(
-            f"cannot read training checkpoint {path}: {type(exc).__name__}: {exc}"
-        ) from None
+    """A training checkpoint, read with the safe loader like every other file (it holds only
+    tensors, numbers, strings and containers: see ``_rng_state``)."""
+    ckpt = load_file(path, what="training checkpoint")
+    meta = ckpt.get("evsam") if isinstance(ckpt, dict) else None
+    if not isinstance(meta, dict) or meta.get("format") != "evsam-train-checkpoint":
+        raise CheckpointError(f"{path} is not an evsam training checkpoint")
+    return ckpt
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -414,7 +437,8 @@ def train(
         lr = lr_at(step, loop.steps, optim)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        data_wait, step_loss, step_images, extra = 0.0, 0.0, 0, {}
+        data_wait, step_loss, step_images = 0.0, 0.0, 0
+        extra: dict[str, float] = {}
         for micro in range(loop.grad_accum):
             t_data = time.perf_counter()
             batch = next(stream)
@@ -422,7 +446,7 @@ def train(
             step_images += len(batch["image_id"])
             batch["step"] = step
             sync = micro == loop.grad_accum - 1 or not info.distributed
-            with nullcontext() if sync else model.no_sync():
+            with nullcontext() if sync else model.no_sync():  # type: ignore[operator]  # DDP when not sync
                 with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                     loss, parts = loss_fn(model, batch)
                 _check_finite(loss, step, info.distributed)
@@ -483,8 +507,8 @@ def _check_finite(loss: Tensor, step: int, distributed: bool) -> None:
     if bad.item() > 0:
         raise TrainingError(
             f"the loss became non-finite ({float(loss.detach())}) at step {step + 1}; "
-            "lower --lr, raise --warmup-steps or check the data (the last checkpoint is intact)"
-        )
+            "lower lr, raise warmup_steps or check the data (the last checkpoint is intact)"
+        ).naming("lr", "warmup_steps")
 
 
 def _log_record(window: _Window, step: int, epoch: int, lr: float, device: torch.device) -> dict[str, Any]:

@@ -15,8 +15,8 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise DeviceError(
-                f"device {device!r} was requested but no CUDA GPU is available (use --device cpu)"
-            )
+                f"device {device!r} was requested but no CUDA GPU is available (use device 'cpu')"
+            ).naming("device")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise DeviceError(f"device {device!r} does not exist: {torch.cuda.device_count()} GPU(s) visible")
     elif dev.type == "mps" and not torch.backends.mps.is_available():

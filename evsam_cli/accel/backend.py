@@ -1,0 +1,336 @@
+"""Decode backends: how a predictor runs the model, chosen once per predictor.
+
+A backend holds one image embedding (``set_embedding``) and decodes prompts, already in the
+prompt frame, against it. The predictor (``predictor/sam_predictor.py``) owns everything
+around that: input checks, prompt transforms, batching. Two backends compute the same
+function (up to float rounding, pinned by ``tests/test_optimize.py``):
+
+* ``ReferenceBackend`` runs the model's own modules (``models/``): GPUs, autograd, tracing and
+  ``torch.compile``, per-prompt image embeddings.
+* ``CpuBackend`` runs the speed-ups of this package: the encoder's inference copy
+  (``encoder.py``), the streamed decoder (``streaming.py``) with its per-image state held on the
+  backend instance, the banded mask upscaling (``upscale.py``) and decoder passes on two threads
+  (``passes.py``). It takes copies of the weights it reads when it is built, so that state
+  stays valid: weights changed later (training, loading) are not seen by it.
+
+``select_backend`` picks one from a name ("auto": ``CpuBackend`` for a model on the CPU whose
+decoder the streamed form supports, ``ReferenceBackend`` otherwise).
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from ..models.mask_decoder import MaskDecoder
+from .passes import chunks, map_passes
+from .streaming import (
+    SharedImage,
+    StreamedTokens,
+    can_stream,
+    decoder_streamable,
+    stream_decode,
+    stream_transformer,
+)
+from .upscale import upscale_binary, upscale_logits
+
+if TYPE_CHECKING:
+    from ..models.sam import Sam
+
+T = TypeVar("T")
+M = TypeVar("M", bound=nn.Module)
+BACKENDS = ("auto", "reference", "cpu")
+# Prompts whose masks go through the mask head at once in ``mask_logits``.
+_MASK_HEAD_PROMPTS = 32
+
+
+@dataclass
+class DecodedTokens:
+    """The transformer's outputs for N prompts, kept for ``mask_logits`` (``decode_tokens``)."""
+
+    mask_tokens: Tensor  # (N, num_mask_tokens, C) output mask tokens
+    indices: list[int]  # the mask tokens the IoU predictions are for
+    grid: tuple[int, int]  # the image-token grid (H, W)
+    image: Tensor | None = None  # (N, H*W, C) final image tokens (reference)
+    streamed: StreamedTokens | None = None  # the same, streamed (CpuBackend)
+
+
+class ReferenceBackend:
+    """The model's own modules (see the module doc)."""
+
+    name = "reference"
+
+    def __init__(self, model: Sam, *, optimize_encoder: bool = False) -> None:
+        """
+        Args:
+          model: the model whose modules run.
+          optimize_encoder: run the image encoder through an inference copy with BatchNorm
+            folded and channels-last layout (``encoder.optimize_encoder``; same outputs up to
+            float rounding; taken now, so later weight changes are not seen).
+        """
+        from .encoder import optimize_encoder as make_inference_copy
+
+        self.model = model
+        self.image_encoder: nn.Module = (
+            make_inference_copy(model.image_encoder) if optimize_encoder else model.image_encoder
+        )
+        self.prompt_encoder = model.prompt_encoder
+        self.mask_decoder = model.mask_decoder
+        self.embedding: Tensor | None = None
+
+    # ------------------------------------------------------------------ image
+    def encode(self, images: Tensor) -> Tensor:
+        """(B, 3, S, S) encoder input -> (B, 256, 64, 64) embeddings."""
+        return self.image_encoder(images)
+
+    def set_embedding(self, embedding: Tensor) -> None:
+        """The (1 or N, 256, 64, 64) image embedding the following decodes run against."""
+        self.embedding = embedding
+
+    def _image(self) -> Tensor:
+        if self.embedding is None:
+            raise RuntimeError("the decode backend has no image embedding (call set_embedding first)")
+        return self.embedding
+
+    # ------------------------------------------------------------------ decoding
+    def _embed(
+        self,
+        point_coords: Tensor | None,
+        point_labels: Tensor | None,
+        boxes: Tensor | None,
+        mask_input: Tensor | None,
+    ) -> tuple[Tensor, Tensor]:
+        points = (point_coords, point_labels) if point_coords is not None else None
+        return self.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
+
+    def decode(
+        self,
+        point_coords: Tensor | None = None,
+        point_labels: Tensor | None = None,
+        boxes: Tensor | None = None,
+        mask_input: Tensor | None = None,
+        multimask_output: bool = True,
+    ) -> tuple[Tensor, Tensor]:
+        """Prompts in the prompt frame -> (N, M, 256, 256) low-res logits and (N, M) IoU
+        predictions, M = 3 with ``multimask_output`` else 1 (``Sam.decode``)."""
+        sparse, dense = self._embed(point_coords, point_labels, boxes, mask_input)
+        return self.mask_decoder(
+            self._image(), self.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output
+        )
+
+    def decode_tokens(
+        self,
+        point_coords: Tensor | None = None,
+        point_labels: Tensor | None = None,
+        boxes: Tensor | None = None,
+    ) -> tuple[Tensor, DecodedTokens]:
+        """The first half of a multimask decode: the transformer and the IoU head only.
+
+        Returns the IoU predictions (N, 3) of the multimask outputs and what ``mask_logits``
+        needs to compute the masks of some of them later (automatic mask generation runs the
+        mask head only for the masks its IoU filter keeps).
+        """
+        sparse, dense = self._embed(point_coords, point_labels, boxes, None)
+        dec = self.mask_decoder
+        iou, mask_tokens, image, grid = dec.run_transformer(
+            self._image(), self.prompt_encoder.get_dense_pe(), sparse, dense
+        )
+        indices = list(range(1, dec.num_mask_tokens))
+        return iou[:, indices], DecodedTokens(mask_tokens, indices, grid, image=image)
+
+    def mask_logits(self, tokens: DecodedTokens, prompt_idx: Tensor, token_idx: Tensor) -> Tensor:
+        """The second half: low-res logits (K, 256, 256) of the outputs ``token_idx`` (positions
+        in the IoU predictions' columns) of the prompts ``prompt_idx`` (both (K,))."""
+        needed, inverse = torch.unique(prompt_idx, return_inverse=True)
+        out = [self._mask_head(tokens, ids) for ids in needed.split(_MASK_HEAD_PROMPTS)]
+        return torch.cat(out)[inverse, token_idx]
+
+    def _mask_head(self, tokens: DecodedTokens, ids: Tensor) -> Tensor:
+        assert tokens.image is not None
+        return self.mask_decoder.mask_head(
+            tokens.image[ids], tokens.grid, tokens.mask_tokens[ids], tokens.indices
+        )
+
+    # ------------------------------------------------------------------ masks and passes
+    def upscale(
+        self, low_res: Tensor, input_size: tuple[int, int], original_size: tuple[int, int], *, binary: bool
+    ) -> Tensor:
+        """Low-res logits (N, M, 256, 256) -> logits at the original size (N, M, H, W), or with
+        ``binary`` the masks ``logits > mask_threshold`` (bool)."""
+        logits = self.model.postprocess_masks(low_res, input_size, original_size)
+        return logits > self.model.mask_threshold if binary else logits
+
+    def map_passes(self, fn: Callable[[slice], T], n: int, step: int) -> list[T]:
+        """``fn`` over consecutive slices of ``n`` prompts, at most ``step`` each, in order."""
+        return [fn(sl) for sl in chunks(0, n, step)]
+
+
+class CpuBackend(ReferenceBackend):
+    """The speed-ups of this package, for inference on the CPU (see the module doc)."""
+
+    name = "cpu"
+
+    def __init__(self, model: Sam, *, optimize_encoder: bool = True) -> None:
+        """
+        Args:
+          model: a model on the CPU whose decoder the streamed form supports
+            (``streaming.decoder_streamable``). Its prompt encoder and mask decoder are copied
+            now, so the per-image state below stays valid however the model changes later.
+          optimize_encoder: as for ``ReferenceBackend`` (on by default here).
+        Raises:
+          ValueError: the model is not on the CPU, or its decoder is not supported.
+        """
+        if model.device.type != "cpu":
+            raise ValueError(f"the cpu decode backend needs a model on the CPU, not {model.device}")
+        if not decoder_streamable(model.mask_decoder):
+            raise ValueError("the cpu decode backend supports SAM's mask decoder configuration only")
+        super().__init__(model, optimize_encoder=optimize_encoder)
+        self.prompt_encoder = _inference_copy(model.prompt_encoder)
+        self.mask_decoder = _inference_copy(model.mask_decoder)
+        self._lock = threading.Lock()
+        self._pe: Tensor | None = None
+        self._shared: SharedImage | None = None
+
+    def set_embedding(self, embedding: Tensor) -> None:
+        with self._lock:
+            super().set_embedding(embedding)
+            self._shared = None  # computed on the first decode that streams
+
+    def _streamed_image(self, dense: Tensor, *, masks: bool) -> tuple[Tensor, SharedImage] | None:
+        """The positional encoding and what the streamed decoder computes from the image alone,
+        when these inputs stream (inference, one shared image, one dense embedding), else None.
+        Kept until the next ``set_embedding`` for prompts without mask inputs, whose dense
+        embedding is the no-mask embedding, fixed with the copied weights."""
+        image = self._image()
+        if not can_stream(self.mask_decoder, image, dense):
+            return None
+        with self._lock:  # two decoder passes may ask at once (``map_passes``)
+            if self._pe is None:
+                self._pe = self.prompt_encoder.get_dense_pe()
+            if masks:  # a mask input's dense embedding: for this call only
+                return self._pe, SharedImage.compute(self.mask_decoder.transformer, image + dense, self._pe)
+            if self._shared is None:
+                self._shared = SharedImage.compute(self.mask_decoder.transformer, image + dense, self._pe)
+            return self._pe, self._shared
+
+    def decode(
+        self,
+        point_coords: Tensor | None = None,
+        point_labels: Tensor | None = None,
+        boxes: Tensor | None = None,
+        mask_input: Tensor | None = None,
+        multimask_output: bool = True,
+    ) -> tuple[Tensor, Tensor]:
+        sparse, dense = self._embed(point_coords, point_labels, boxes, mask_input)
+        streamed = self._streamed_image(dense, masks=mask_input is not None)
+        if streamed is None:
+            pe = self.prompt_encoder.get_dense_pe()
+            return self.mask_decoder(self._image(), pe, sparse, dense, multimask_output)
+        pe, shared = streamed
+        mask_slice = slice(1, None) if multimask_output else slice(0, 1)
+        return stream_decode(self.mask_decoder, self._image(), pe, sparse, dense, mask_slice, shared)
+
+    def decode_tokens(
+        self,
+        point_coords: Tensor | None = None,
+        point_labels: Tensor | None = None,
+        boxes: Tensor | None = None,
+    ) -> tuple[Tensor, DecodedTokens]:
+        sparse, dense = self._embed(point_coords, point_labels, boxes, None)
+        streamed = self._streamed_image(dense, masks=False)
+        if streamed is None:
+            return super().decode_tokens(point_coords, point_labels, boxes)
+        pe, shared = streamed
+        dec = self.mask_decoder
+        indices = list(range(1, dec.num_mask_tokens))
+        read_out = [0] + [1 + i for i in indices]  # the IoU token and the multimask tokens
+        tokens = dec.prompt_tokens(sparse)
+        hs, image_tokens = stream_transformer(
+            dec.transformer, self._image() + dense, pe, tokens, read_out, shared
+        )
+        iou = dec.iou_prediction_head(hs[:, 0])[:, indices]
+        # mask tokens laid out as the module path's, those not read out left at zero
+        mask_tokens = hs.new_zeros(hs.shape[0], dec.num_mask_tokens, hs.shape[2])
+        mask_tokens[:, indices] = hs[:, 1:]
+        grid = (self._image().shape[-2], self._image().shape[-1])
+        return iou, DecodedTokens(mask_tokens, indices, grid, streamed=image_tokens)
+
+    def _mask_head(self, tokens: DecodedTokens, ids: Tensor) -> Tensor:
+        if tokens.streamed is None:
+            return super()._mask_head(tokens, ids)
+        return _streamed_mask_head(self.mask_decoder, tokens, ids)
+
+    def upscale(
+        self, low_res: Tensor, input_size: tuple[int, int], original_size: tuple[int, int], *, binary: bool
+    ) -> Tensor:
+        prompt_size = self.model.prompt_size
+        if not binary:
+            return upscale_logits(low_res, input_size, original_size, prompt_size)
+        # Every upscaled pixel is a convex combination of low-res logits (weights summing to 1),
+        # so the threshold is subtracted first and the rest compares with 0.
+        threshold = self.model.mask_threshold
+        if threshold != 0.0:
+            low_res = low_res - threshold
+        return upscale_binary(low_res, input_size, original_size, prompt_size)
+
+    def map_passes(self, fn: Callable[[slice], T], n: int, step: int) -> list[T]:
+        return map_passes(fn, n, step, torch.device("cpu"))
+
+
+def _streamed_mask_head(decoder: MaskDecoder, tokens: DecodedTokens, ids: Tensor) -> Tensor:
+    from .streaming import upscale_tiles
+
+    assert tokens.streamed is not None
+    hyper = torch.stack(
+        [decoder.output_hypernetworks_mlps[i](tokens.mask_tokens[ids, i]) for i in tokens.indices], dim=1
+    )
+    return upscale_tiles(decoder, tokens.streamed.select(ids), hyper, tokens.grid)
+
+
+def _inference_copy(module: M) -> M:
+    out = copy.deepcopy(module).eval()
+    for p in out.parameters():
+        p.requires_grad_(False)
+    return out
+
+
+def cpu_backend_applies(model: Sam) -> bool:
+    """Whether ``CpuBackend`` can run ``model`` (CPU, float32, a supported decoder)."""
+    weight = next(model.mask_decoder.parameters())
+    return (
+        model.device.type == "cpu"
+        and weight.dtype == torch.float32
+        and decoder_streamable(model.mask_decoder)
+    )
+
+
+def select_backend(
+    model: Sam, backend: str | ReferenceBackend = "auto", *, optimize_encoder: bool = True
+) -> ReferenceBackend:
+    """The decode backend ``backend`` ("auto", "reference", "cpu", or a backend instance) for
+    ``model``. "auto" is "cpu" where ``cpu_backend_applies``, "reference" otherwise."""
+    if isinstance(backend, ReferenceBackend):
+        return backend
+    if backend == "auto":
+        backend = "cpu" if cpu_backend_applies(model) else "reference"
+    if backend == "cpu":
+        return CpuBackend(model, optimize_encoder=optimize_encoder)
+    if backend == "reference":
+        return ReferenceBackend(model, optimize_encoder=optimize_encoder)
+    raise ValueError(f"unknown decode backend {backend!r}: use one of {', '.join(BACKENDS)}")
+
+
+__all__ = [
+    "BACKENDS",
+    "CpuBackend",
+    "DecodedTokens",
+    "ReferenceBackend",
+    "cpu_backend_applies",
+    "select_backend",
+]
