@@ -183,3 +183,90 @@ def test_export_dtype_errors(tmp_path, kwargs, message):
 
     with pytest.raises(ExportError, match=message):
         export_model(model="l0", output_dir=tmp_path, input_size=64, **kwargs)
+
+
+# ---------------------------------------------------------------------------- the dtype setting
+def _one_error_line(result) -> str:
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["bench", "--engine", "torch", "--dtype", "int8", "--device", "cpu"], "use --engine onnxruntime"),
+        (["bench", "--engine", "onnxruntime", "--dtype", "bf16", "--device", "cpu"], "fp32 or int8"),
+        (["bench", "--engine", "torch", "--dtype", "fp16", "--device", "cpu"], "fp16 on the CPU"),
+        (["export", "--model", "l0", "--format", "trt", "--dtype", "int8", "-o", "{tmp}"], "--format onnx"),
+        (["export", "--model", "l0", "--calibration", "{tmp}", "-o", "{tmp}"], "--dtype int8 only"),
+        (["predict", "{image}", "--box", "1,1,20,20", "--dtype", "fp16", "-o", "{tmp}"], "fp16 needs a GPU"),
+    ],
+)
+def test_cli_unsupported_combinations(tmp_path, args, message):
+    from typer.testing import CliRunner
+
+    from evsam_cli.cli.app import app
+
+    image = tmp_path / "image.png"
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(image)
+    args = [a.format(tmp=tmp_path / "out", image=image) for a in args]
+    assert message in _one_error_line(CliRunner().invoke(app, args))
+
+
+def test_cli_bf16_without_instructions_is_one_error_line(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from evsam_cli.cli.app import app
+
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: ())
+    image = tmp_path / "image.png"
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(image)
+    result = CliRunner().invoke(
+        app, ["predict", str(image), "--box", "1,1,20,20", "--dtype", "bf16", "-o", str(tmp_path)]
+    )
+    assert "bf16 instructions" in _one_error_line(result)
+
+
+@needs_bf16
+def test_bf16_through_predictor_backends_and_bench(tiny_model, held_out):
+    from evsam_cli.accel.backend import CpuBackend, ReferenceBackend
+    from evsam_cli.throughput.engines import make_engine
+
+    reference = SamPredictor(tiny_model)
+    item, boxes = held_out[0]
+    for backend in ("cpu", "reference"):
+        pred = SamPredictor(tiny_model, dtype="bf16", backend=backend)
+        assert isinstance(pred.backend, CpuBackend if backend == "cpu" else ReferenceBackend)
+        assert next(pred.backend.mask_decoder.parameters()).dtype == torch.bfloat16
+        pred.set_image(item.image)
+        best = pred.predict_best(boxes=boxes)
+        assert best.shape == (len(boxes), *item.image.shape[:2]) and best.dtype == torch.bool
+    report = measure_agreement(reference, pred, held_out)  # the reference backend's
+    assert 0 < report["embedding_rel_l2"]["max"] < 0.03 and report["mask_iou"]["mean"] > 0.9
+    # `evsam bench --engine torch --dtype bf16` runs the predictor's backend (no autocast)
+    engine = make_engine(
+        "torch",
+        model=tiny_model,
+        checkpoint=None,
+        device=torch.device("cpu"),
+        dtype="bf16",
+        batch_size=1,
+        prompts=2,
+    )
+    assert engine.backend.dtype == "bf16" and engine.autocast_dtype is None
+    low_res, iou = engine.decode(engine.encode())
+    assert low_res.dtype == iou.dtype == torch.float32 and low_res.shape == (2, 3, 256, 256)
+
+
+@needs_bf16
+def test_automatic_masks_in_bf16(tiny_model, held_out):
+    from evsam_cli.predictor.automatic import AutomaticMaskGenerator
+
+    generator = AutomaticMaskGenerator(
+        tiny_model, dtype="bf16", points_per_side=4, pred_iou_thresh=0, stability_score_thresh=0
+    )
+    assert generator.predictor.dtype == "bf16"
+    masks = generator.generate(held_out[0][0].image)
+    assert masks and all(m["segmentation"].dtype == bool for m in masks)

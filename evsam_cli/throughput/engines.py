@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import DeviceError, EvsamError
 
 ENGINES = ("torch", "compile", "onnxruntime", "trt")
-DTYPES = ("fp32", "fp16", "bf16")
+DTYPES = ("fp32", "fp16", "bf16", "int8")  # int8: onnxruntime only (a quantized encoder.onnx)
 
 
 class BenchError(EvsamError):
@@ -94,7 +94,11 @@ class TorchEngine(Engine):
         self.torch = torch
         self.device = device
         self.model = model.to(device).eval()
-        self.autocast_dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+        # Eager runs the predictor's reduced-precision backend (``accel/precision.py``);
+        # torch.compile traces the model's modules under autocast.
+        self.autocast_dtype = (
+            {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype] if compile else None
+        )
         gen = torch.Generator().manual_seed(0)
         size = model.input_size
         self.images = torch.randn(batch_size, 3, size, size, generator=gen).to(device)
@@ -118,7 +122,7 @@ class TorchEngine(Engine):
 
             decode = torch.compile(one_pass, **compile_options(device))
         else:
-            backend = self.backend = select_backend(model)
+            backend = self.backend = select_backend(model, dtype=dtype)
             context = self._context  # inference mode and autocast are per thread
             encoder = backend.encode
 
@@ -138,7 +142,9 @@ class TorchEngine(Engine):
         self._encoder = encoder
         self._decode = decode
         with self._context():
-            self.embedding = model.image_encoder(self.images[:1]).clone()
+            self.embedding = (model.image_encoder if compile else self.backend.encode)(
+                self.images[:1]
+            ).clone()
 
     def _context(self) -> Any:
         import contextlib
@@ -169,7 +175,8 @@ class TorchEngine(Engine):
 
 
 class OnnxRuntimeEngine(Engine):
-    """onnxruntime sessions on ``encoder.onnx`` / ``decoder.onnx`` (float32 graphs)."""
+    """onnxruntime sessions on ``encoder.onnx`` / ``decoder.onnx`` (float32 graphs, or an int8
+    encoder)."""
 
     name = "onnxruntime"
 
@@ -177,6 +184,7 @@ class OnnxRuntimeEngine(Engine):
         from ..export.runtime import graph_metadata, open_session
 
         super().__init__(batch_size=batch_size, prompts=prompts)
+        self.encoder_path, self.decoder_path = Path(encoder), Path(decoder)
         self.encoder = open_session(encoder, device=device)
         self.decoder = open_session(decoder, device=device)
         size = self.encoder.get_inputs()[0].shape[-1]
@@ -272,10 +280,6 @@ def make_engine(
             compile=engine == "compile",
         )
     if engine == "onnxruntime":
-        if dtype != "fp32":
-            raise BenchError(
-                "onnxruntime runs the float32 graphs: use --dtype fp32 (fp16 is for torch, compile, trt)"
-            )
         folder, tmp = _exported_folder(
             exported,
             model,
@@ -348,6 +352,7 @@ def _exported_folder(
             output_dir=tmp.name,
             fmt=fmt,
             precision=dtype if fmt == "trt" else "fp32",
+            dtype="int8" if dtype == "int8" else "fp32",
             input_size=model.input_size,
             max_batch=batch_size,
             max_prompts=max(prompts, 1),
