@@ -4,7 +4,7 @@ Same weights (the official model's random init, loaded into evsam through the of
 layout), same inputs, one process; runs are interleaved so drifts in machine load hit all of
 them. Reports medians, p10-p90 and ratios:
 
-* encoder, batch 1: official fp32, evsam fp32 (torch), evsam bf16 (torch, ``reduced_model``),
+* encoder, batch 1: official fp32, evsam fp32 (torch), evsam bf16 (torch, ``SamPredictor(dtype=)``),
   evsam int8 (onnxruntime, ``quantize_encoder`` with the default calibration set);
 * end to end: one 640x480 image embedded and 16 box prompts decoded (images/s), for evsam fp32,
   bf16 and int8 (onnxruntime encoder int8, decoder float32);
@@ -99,7 +99,6 @@ INT8_VARIANTS = {
 def run(args) -> dict:
     from efficientsam.sam_model_zoo import create_efficientvit_sam_model
 
-    from evsam_cli.accel.precision import reduced_model
     from evsam_cli.export.agreement import agreement_images, measure_agreement
     from evsam_cli.export.onnx import ONNXRUNTIME_OPSET, export_onnx
     from evsam_cli.export.parity import synthetic_image
@@ -120,7 +119,7 @@ def run(args) -> dict:
     quant = quantize_encoder(tmp / "encoder.onnx", tmp / "encoder.int8.onnx", images=synthetic_calibration())
     quantize_s = time.perf_counter() - t
     threads = torch.get_num_threads()
-    fp32, bf16 = SamPredictor(ours), SamPredictor(reduced_model(ours, "bf16"))
+    fp32, bf16 = SamPredictor(ours), SamPredictor(ours, dtype="bf16")
     int8 = OnnxSamPredictor(tmp / "encoder.int8.onnx", tmp / "decoder.onnx", threads=threads)
     x = torch.randn(1, 3, size, size)
     feed = {int8.encoder_input: x.numpy()}
