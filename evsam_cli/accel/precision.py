@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import functools
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -34,6 +35,9 @@ from torch import nn
 from ..errors import DeviceError
 from ..models.layers import ConvNormAct
 from .encoder import _post_op, _replace_children_, fold_batchnorm_, use_matmul_resize_
+
+if TYPE_CHECKING:
+    from ..models.sam import Sam
 
 DTYPES = ("fp32", "bf16", "fp16")
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -241,7 +245,7 @@ def reduced_decoder(decoder: nn.Module, dtype: str, *, device: torch.device | st
     return ReducedDecoder(low, torch_dtype)
 
 
-def reduced_model(model: nn.Module, dtype: str, *, decoder: bool = True) -> nn.Module:
+def reduced_model(model: Sam, dtype: str, *, decoder: bool = True) -> Sam:
     """A copy of a ``Sam`` whose image encoder (and, with ``decoder``, mask decoder) run in
     ``dtype``; the prompt encoder and the mask post-processing stay float32. ``model`` itself
     for "fp32"."""
@@ -252,5 +256,6 @@ def reduced_model(model: nn.Module, dtype: str, *, decoder: bool = True) -> nn.M
     # Shared (not copied) until replaced below: the copies are made from them.
     out = copy.deepcopy(model, {id(encoder): encoder, id(mask_decoder): mask_decoder})
     out.image_encoder = reduced_encoder(encoder, dtype)
-    out.mask_decoder = reduced_decoder(mask_decoder, dtype) if decoder else mask_decoder
+    if decoder:  # a wrapper with MaskDecoder's call signature
+        out.mask_decoder = reduced_decoder(mask_decoder, dtype)  # type: ignore[assignment]
     return out.eval()

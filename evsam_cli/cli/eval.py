@@ -204,13 +204,17 @@ def _scores(metrics: dict[str, Any]) -> dict[str, float | None]:
     return metrics["miou"] if metrics["miou"] is not None else metrics["segm"]
 
 
+def _minus(x: float | None, y: float | None) -> float | None:
+    return None if x is None or y is None else x - y
+
+
 def _render_comparison(reduced: dict[str, Any], fp32: dict[str, Any], output: Path) -> None:
     """The metric difference (percentage points) of the reduced-precision run against fp32,
     printed and written to OUTPUT/compare_fp32.json."""
     from ..utils.io import write_json_atomic
 
     a, b = _scores(reduced), _scores(fp32)
-    diff = {k: None if a[k] is None or b[k] is None else a[k] - b[k] for k in a}
+    diff = {k: _minus(a[k], b[k]) for k in a}
     write_json_atomic(
         output / "compare_fp32.json",
         {"dtype": reduced["dtype"], reduced["dtype"]: a, "fp32": b, "difference_points": diff},

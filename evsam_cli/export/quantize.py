@@ -89,7 +89,7 @@ def _import_quantization() -> Any:
 
 
 def _calibration_reader(quantization: Any, inputs: Sequence[np.ndarray], input_name: str) -> Any:
-    class Reader(quantization.CalibrationDataReader):  # type: ignore[misc]
+    class Reader(quantization.CalibrationDataReader):
         def __init__(self) -> None:
             self._it: Iterator[np.ndarray] = iter(inputs)
 
@@ -144,7 +144,7 @@ def quantize_encoder(
     """
     import onnx
 
-    from .runtime import ExportedSamPredictor, graph_metadata, open_session
+    from .runtime import PIXEL_MEAN, PIXEL_STD, ExportedSamPredictor, graph_metadata, open_session
 
     quantization = _import_quantization()
     methods = {
@@ -164,7 +164,8 @@ def quantize_encoder(
     enc_in = session.get_inputs()[0]
     runtime = ExportedSamPredictor(
         input_size=int(enc_in.shape[-1]),
-        **{k: tuple(meta[k]) for k in ("pixel_mean", "pixel_std") if k in meta},
+        pixel_mean=tuple(meta.get("pixel_mean", PIXEL_MEAN)),
+        pixel_std=tuple(meta.get("pixel_std", PIXEL_STD)),
     )
     del session
     inputs = [runtime.preprocess(item.image) for item in images]
