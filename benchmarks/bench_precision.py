@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 import time
 import types
@@ -97,6 +98,14 @@ INT8_VARIANTS = {
 
 
 def run(args) -> dict:
+    tmp = Path(tempfile.mkdtemp(prefix="evsam-bench-precision-"))
+    try:
+        return _run(args, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run(args, tmp: Path) -> dict:
     from efficientsam.sam_model_zoo import create_efficientvit_sam_model
 
     from evsam_cli.export.agreement import agreement_images, measure_agreement
@@ -110,7 +119,6 @@ def run(args) -> dict:
     name = "efficientvit-sam-l0"
     torch.manual_seed(0)
     ref = create_efficientvit_sam_model(name, pretrained=False).eval()
-    tmp = Path(tempfile.mkdtemp(prefix="evsam-bench-precision-"))
     torch.save(ref.state_dict(), tmp / "weights.pt")
     ours = create_model(name, checkpoint=tmp / "weights.pt")
     size = ours.input_size
