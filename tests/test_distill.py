@@ -83,9 +83,9 @@ def test_cold_run_fills_the_cache_and_second_epoch_skips_the_teacher(env, cold):
     assert summary["teacher_forwards"] == 2  # one training image, one validation image: once each
     train_records = [r for r in metrics_records(output) if "loss" in r]
     assert [(r["epoch"], r["cache_misses"], r["cache_hits"]) for r in train_records] == [(0, 1, 0), (1, 0, 1)]
-    assert len(list((env / "cache").glob("vit_b-*/*/*.npy"))) == 2
-    meta = json.loads(next((env / "cache").glob("vit_b-*/teacher.json")).read_text())
-    assert meta["teacher"] == "vit_b" and len(meta["sha256"]) == 64
+    assert len(list((env / "cache").glob("vit_b-*/*/*.pt"))) == 2
+    meta = json.loads(next((env / "cache").glob("vit_b-*/cache.json")).read_text())
+    assert meta["encoder"] == "vit_b" and len(meta["weights_sha256"]) == 64 and meta["dtype"] == "float16"
     val = [r["val_mse"] for r in metrics_records(output) if "val_mse" in r]
     assert len(val) == 2 and all(v > 0 for v in val)
 
@@ -213,4 +213,4 @@ def test_distill_on_gpu_with_amp(env, tmp_path):
     cfg.teacher_cache = str(tmp_path / "cache")
     summary = distill(cfg)
     assert summary["teacher_forwards"] == 2 and summary["final_loss"] > 0
-    assert len(list((tmp_path / "cache").glob("vit_b-*/*/*.npy"))) == 2
+    assert len(list((tmp_path / "cache").glob("vit_b-*/*/*.pt"))) == 2

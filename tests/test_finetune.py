@@ -128,10 +128,15 @@ def test_short_run_raises_val_iou_and_trains_the_encoder(env, reference):
     records = metrics_records(output)
     val = [(r["step"], r["val_iou"]) for r in records if "val_iou" in r]
     assert [s for s, _ in val] == [0, 4, 8, 12]
-    # Eight-odd CPU steps are noisy (thread counts change reduction order), so the claim is on the
-    # best validation: the model clearly learns the object (tested values: 67-81 from 26).
-    assert max(v for _, v in val[1:]) > 50 and max(v for _, v in val[1:]) > val[0][1] + 15, val
     train = [r for r in records if "loss" in r]
+    # A dozen CPU steps are noisy (thread counts and the torch version change reduction order), so
+    # the claims are on trends that a model which learns nothing cannot show: the training loss
+    # falls by half (tested: 2.5 -> 0.66 over the first/last three steps; with lr 0 it hovers near
+    # its start) and validation ends clearly above step 0 (tested: 26 -> 42-81 depending on the
+    # machine; eval-mode BatchNorm makes validation lag the training fit).
+    first, last = (sum(r["loss"] for r in part) / 3 for part in (train[:3], train[-3:]))
+    assert last < 0.5 * first, [r["loss"] for r in train]
+    assert val[-1][1] > val[0][1] + 8, val
     assert [r["multimask"] for r in train] == [0.0, 1.0] * (STEPS // 2)  # every other step: 3 outputs
     assert all({"focal", "dice", "iou_loss", "data_wait_s"} <= r.keys() for r in train)
     # gradients reached the encoder (not only the decoder)

@@ -27,7 +27,7 @@ PAPER_MACS_G = {
 }
 
 
-def test_zoo_lists_eight_models():
+def test_zoo_lists_ten_models():
     assert list_models() == [
         "efficientvit-sam-l0",
         "efficientvit-sam-l1",
@@ -37,6 +37,8 @@ def test_zoo_lists_eight_models():
         "sam-vit-b",
         "sam-vit-l",
         "sam-vit-h",
+        "mobile-sam",
+        "lite-medsam",
     ]
 
 
@@ -47,6 +49,8 @@ def test_zoo_lists_eight_models():
         ("XL1", "efficientvit-sam-xl1"),
         ("vit_h", "sam-vit-h"),
         ("vit-b", "sam-vit-b"),
+        ("mobile_sam", "mobile-sam"),
+        ("lite_medsam", "lite-medsam"),
     ],
 )
 def test_aliases(alias, name):
@@ -98,6 +102,22 @@ def test_sam_vit_large_shapes_on_meta_device(name):
         model = get_spec(name).build()
         emb = model.image_encoder(torch.empty(1, 3, 1024, 1024))
     assert tuple(emb.shape) == (1, 256, 64, 64)
+
+
+# TinyViT-5M (MobileSAM, LiteMedSAM): 5.7M encoder parameters (+0.32M of MobileSAM's unused
+# ImageNet classifier, kept for its file's layout) and SAM's 4.1M head.
+@pytest.mark.parametrize(
+    "name,size,prompt_size,preprocessing,params_m",
+    [("mobile-sam", 1024, 1024, "sam", 10.1), ("lite-medsam", 256, 256, "minmax-area", 9.8)],
+)
+def test_tiny_vit_sams_on_meta_device(name, size, prompt_size, preprocessing, params_m):
+    with torch.device("meta"):
+        model = get_spec(name).build()
+        emb = model.image_encoder(torch.empty(1, 3, size, size))
+    assert tuple(emb.shape) == (1, 256, 64, 64)
+    assert (model.input_size, model.prompt_size, model.preprocessing) == (size, prompt_size, preprocessing)
+    assert model.prompt_encoder.input_image_size == (prompt_size, prompt_size)
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6, 1) == params_m
 
 
 def test_input_size_override_rules():

@@ -581,9 +581,7 @@ def stream_decode(
     mask_ids = list(range(decoder.num_mask_tokens))[mask_slice]
     read_out = [0] + [1 + i for i in mask_ids]  # the IoU token and the decoded mask tokens
     image = image_embeddings + dense_prompt_embeddings
-    queries, image_tokens = stream_transformer(
-        cast(TwoWayTransformer, decoder.transformer), image, image_pe, tokens, read_out, shared
-    )
+    queries, image_tokens = stream_transformer(decoder.transformer, image, image_pe, tokens, read_out, shared)
 
     iou_pred = decoder.iou_prediction_head(queries[:, 0])[:, mask_slice]
     hyper = torch.stack(

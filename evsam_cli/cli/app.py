@@ -25,7 +25,7 @@ class EvsamGroup(TyperGroup):
 
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
         try:
-            rv = super().main(*args, standalone_mode=False, **kwargs)
+            rv = super().main(*args, standalone_mode=False, **kwargs)  # type: ignore[misc]  # not in args
         except typer.Abort:
             error("aborted")
             sys.exit(1)

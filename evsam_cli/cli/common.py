@@ -98,7 +98,7 @@ def command(fn: F | None = None, *, aliases: dict[str, str] | None = None) -> An
         finally:
             _leave_process_group()
 
-    return wrapper  # type: ignore[return-value]
+    return wrapper
 
 
 def option_flags(fn: Callable[..., Any]) -> dict[str, str]:

@@ -24,9 +24,14 @@ def distill_cli(
     output: Annotated[
         Path, typer.Option("--output", "-o", help="Run folder (metrics, checkpoints, student.pt).")
     ],
-    teacher: Annotated[TeacherName, typer.Option(help="SAM image encoder to learn from.")] = D["teacher"],
+    teacher: Annotated[
+        TeacherName, typer.Option(help="SAM image encoder to learn from (SAM ViTs, MobileSAM or LiteMedSAM).")
+    ] = D["teacher"],
     teacher_checkpoint: Annotated[
-        Path | None, typer.Option(help="Meta's sam_vit_*.pth for the teacher (required unless --resume).")
+        Path | None,
+        typer.Option(
+            help="The teacher's official file (sam_vit_*.pth, mobile_sam.pt, lite_medsam.pth); required unless --resume."
+        ),
     ] = None,
     student: Annotated[str, typer.Option(help="EfficientViT-SAM variant to train (l0 ... xl1).")] = D[
         "student"

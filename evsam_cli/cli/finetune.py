@@ -59,6 +59,19 @@ def finetune_cli(
             "--freeze-bn/--train-bn", help="Keep the encoder's BatchNorm statistics fixed while training."
         ),
     ] = D["freeze_bn"],
+    freeze_encoder: Annotated[
+        bool,
+        typer.Option(
+            "--freeze-encoder",
+            help="Freeze the image encoder; train the prompt encoder and mask decoder on cached embeddings.",
+        ),
+    ] = D["freeze_encoder"],
+    embedding_cache: Annotated[
+        Path | None,
+        typer.Option(
+            help="With --freeze-encoder: embedding cache to share between runs (default: in --output)."
+        ),
+    ] = D["embedding_cache"],
     lr: opt.LrOption = D["lr"],
     weight_decay: opt.WeightDecayOption = D["weight_decay"],
     warmup_steps: opt.WarmupStepsOption = D["warmup_steps"],
@@ -87,6 +100,8 @@ def finetune_cli(
 
       evsam finetune --model l0 --init efficientvit_sam_l0.pt --data my/images --annotations my/instances.json --output runs/mine
 
+      evsam finetune --model l0 --init efficientvit_sam_l0.pt --data my/images --annotations my/instances.json --freeze-encoder --embedding-cache cache/ --output runs/mine_frozen
+
       torchrun --nproc-per-node 8 -m evsam_cli finetune --model l0 --init runs/l0/student.pt --data SA1B_DIR --output runs/l0_ft
     """
     from ..train.config import from_flat
@@ -109,6 +124,8 @@ def finetune_cli(
         masks_per_image=masks_per_image,
         annotations=str(annotations) if annotations else None,
         freeze_bn=freeze_bn,
+        freeze_encoder=freeze_encoder,
+        embedding_cache=str(embedding_cache) if embedding_cache else None,
         **opt.train_settings(locals()),
     )
     summary = finetune(cfg, resume=resume, overwrite=overwrite, progress=progress)
@@ -124,10 +141,16 @@ def finetune_cli(
         ("steps", str(summary["steps"])),
         ("images", str(summary["images"])),
         ("images/s", f"{summary['images_per_s']:.2f}"),
+        ("steps/s", f"{summary['steps_per_s']:.3g}"),
         ("final loss", "-" if summary["final_loss"] is None else f"{summary['final_loss']:.4g}"),
         ("val IoU (%)", "-" if summary["val_iou"] is None else f"{summary['val_iou']:.2f}"),
         ("best val IoU (%)", f"{best['val_iou']:.2f} @ {best['step']}" if best else "-"),
         ("skipped images", str(len(summary["skipped_images"]))),
+        *(
+            [("embedding cache hits / misses", f"{cache['hits']} / {cache['misses']}")]
+            if (cache := summary["embedding_cache"])
+            else []
+        ),
         ("weights", summary["weights"]),
     ):
         table.add_row(name, value)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -34,7 +34,7 @@ def models_cli(
     table.add_column("paper", justify="right", style="dim")
     table.add_column("MACs (G)", justify="right")
     table.add_column("paper", justify="right", style="dim")
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in list_models():
         spec = get_spec(name)
         prof = profile_model(name)
@@ -52,6 +52,8 @@ def models_cli(
                 "paper_macs_g": spec.paper_macs_g,
                 "checkpoint_file": spec.filename,
                 "checkpoint_url": spec.url,
+                "checkpoint_source": spec.source or spec.url,
+                "licence": spec.licence,
             }
         )
         table.add_row(

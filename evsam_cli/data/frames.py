@@ -1,8 +1,9 @@
 """SAM's two coordinate frames, in numpy only (the ONNX runtime imports this without torch).
 
-Images reach the encoder resized so their longest side is the encoder's input size (PIL
-bilinear, SAM's rounding) and padded; prompts and masks live in SAM's 1024 prompt frame, where
-the image occupies ``preprocess_shape(h, w, 1024)``. Every component converts through here,
+Images reach the encoder resized so their longest side is the encoder's input size (SAM's
+rounding), normalised and zero-padded bottom/right, as the model's ``preprocessing`` says
+(``PREPROCESSING``); prompts and masks live in the model's prompt frame (SAM's 1024), where the
+image occupies ``preprocess_shape(h, w, prompt_size)``. Every component converts through here,
 and masks come back to the original image through ``upscale_matrices``.
 """
 
@@ -25,13 +26,82 @@ def preprocess_shape(height: int, width: int, long_side: int) -> tuple[int, int]
     return int(height * scale + 0.5), int(width * scale + 0.5)
 
 
-def resize_longest(image: np.ndarray, long_side: int) -> np.ndarray:
-    """HxWx3 uint8 -> longest side ``long_side`` (PIL bilinear); returned as is if already so."""
+# Preprocessing modes -> the interpolation of their resize.
+# "sam": SAM's (PIL bilinear, then (x - pixel_mean) / pixel_std per channel).
+# "minmax-area": LiteMedSAM's official inference (area interpolation as OpenCV's INTER_AREA, then
+#   (x - min) / max(max - min, 1e-8) over the whole resized image, all channels together).
+PREPROCESSING: dict[str, str] = {"sam": "bilinear", "minmax-area": "area"}
+MINMAX_EPS = 1e-8
+
+
+def check_preprocessing(mode: str) -> str:
+    if mode not in PREPROCESSING:
+        raise ValueError(f"unknown preprocessing {mode!r}; known: {', '.join(PREPROCESSING)}")
+    return mode
+
+
+def area_matrix(out_size: int, in_size: int) -> np.ndarray:
+    """(out_size, in_size) float64 weights of 1-D area resampling (OpenCV's ``INTER_AREA``).
+
+    Output pixel i covers ``[i, i + 1) * in / out`` of the input axis; its weights are the
+    overlaps with the input pixels, divided by the footprint. Shrinking averages whole and
+    partial pixels; enlarging mixes at most two neighbours, as OpenCV does.
+    """
+    scale = in_size / out_size
+    lo = np.arange(out_size, dtype=np.float64)[:, None] * scale
+    edges = np.arange(in_size, dtype=np.float64)[None, :]
+    overlap = np.clip(np.minimum(lo + scale, edges + 1) - np.maximum(lo, edges), 0.0, None)
+    return overlap / overlap.sum(axis=1, keepdims=True)
+
+
+def resize_area(image: np.ndarray, new_h: int, new_w: int) -> np.ndarray:
+    """HxWxC uint8 -> new_h x new_w x C uint8 by area interpolation (rounded to nearest)."""
+    h, w = image.shape[:2]
+    ay, ax = area_matrix(new_h, h), area_matrix(new_w, w)
+    channels = np.moveaxis(image, -1, 0).astype(np.float64)  # (C, H, W)
+    out = ay @ channels @ ax.T
+    return np.ascontiguousarray(np.moveaxis(np.clip(np.rint(out), 0, 255).astype(np.uint8), 0, -1))
+
+
+def resize_longest(image: np.ndarray, long_side: int, interpolation: str = "bilinear") -> np.ndarray:
+    """HxWx3 uint8 -> longest side ``long_side``; returned as is if already so.
+
+    ``interpolation``: "bilinear" (PIL's, as SAM) or "area" (``resize_area``, as LiteMedSAM).
+    """
     h, w = image.shape[:2]
     if max(h, w) == long_side:
         return image
     new_h, new_w = preprocess_shape(h, w, long_side)
-    return np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
+    if interpolation == "area":
+        return resize_area(image, new_h, new_w)
+    if interpolation != "bilinear":
+        raise ValueError(f"unknown interpolation {interpolation!r}; known: bilinear, area")
+    return np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BILINEAR))
+
+
+def preprocess_image(
+    image: np.ndarray,
+    size: int,
+    *,
+    mode: str = "sam",
+    pixel_mean: np.ndarray | tuple[float, ...] = (123.675, 116.28, 103.53),
+    pixel_std: np.ndarray | tuple[float, ...] = (58.395, 57.12, 57.375),
+) -> np.ndarray:
+    """HxWx3 uint8 RGB -> (size, size, 3) float32 encoder input: resized (longest side ``size``),
+    normalised as ``mode`` says and zero-padded bottom/right. The numpy twin of
+    ``Sam.preprocess`` for runtimes without torch."""
+    resized = resize_longest(image, size, PREPROCESSING[check_preprocessing(mode)])
+    x = resized.astype(np.float32)
+    if mode == "sam":
+        mean = np.asarray(pixel_mean, dtype=np.float32).reshape(1, 1, 3)
+        std = np.asarray(pixel_std, dtype=np.float32).reshape(1, 1, 3)
+        x = (x - mean) / std
+    else:
+        low, high = x.min(), x.max()
+        x = (x - low) / max(float(high - low), MINMAX_EPS)
+    padded = np.zeros((size, size, 3), dtype=np.float32)
+    padded[: x.shape[0], : x.shape[1]] = x
+    return padded
 
 
 def coords_to_frame(

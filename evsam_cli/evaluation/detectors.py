@@ -272,7 +272,7 @@ class YoloDetector(RegisteredDetector):
         cls, options: DetectorOptions, *, categories: Sequence[dict[str, Any]], device: Any, lvis: bool
     ) -> YoloDetector:
         return cls(
-            weights=options.weights or cls.default_weights,  # type: ignore[arg-type]
+            weights=options.weights or cls.default_weights,
             categories=categories,
             device=device,
             max_det=_max_det(options, lvis),
@@ -325,7 +325,7 @@ class YoloDetector(RegisteredDetector):
 
     def __call__(self, image: np.ndarray) -> list[dict[str, Any]]:
         bgr = np.ascontiguousarray(image[..., ::-1])  # ultralytics reads numpy images as BGR
-        result = self.model.predict(
+        results: Any = self.model.predict(
             source=bgr,
             conf=self.conf,
             iou=self.iou,
@@ -333,7 +333,8 @@ class YoloDetector(RegisteredDetector):
             imgsz=self.image_size,
             device=self.device,
             verbose=False,
-        )[0]
+        )
+        result = results[0]
         boxes = result.boxes.xyxy.cpu().double().numpy()
         classes = result.boxes.cls.cpu().numpy().astype(int)
         scores = result.boxes.conf.cpu().double().numpy()

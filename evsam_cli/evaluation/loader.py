@@ -48,6 +48,7 @@ class EvalImages(Dataset):
         input_size: int,
         with_gt: bool,
         keep_rgb: bool,
+        interpolation: str = "bilinear",
     ) -> None:
         self.images = images
         self.indices = list(indices)
@@ -55,6 +56,7 @@ class EvalImages(Dataset):
         self.input_size = input_size
         self.with_gt = with_gt
         self.keep_rgb = keep_rgb
+        self.interpolation = interpolation  # the model's (``Sam.interpolation``)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -71,7 +73,7 @@ class EvalImages(Dataset):
         h, w = rgb.shape[:2]
         item.original_size = (h, w)
         item.encoder_input = torch.from_numpy(
-            np.array(resize_longest(rgb, self.input_size), dtype=np.uint8, copy=True)
+            np.array(resize_longest(rgb, self.input_size, self.interpolation), dtype=np.uint8, copy=True)
         ).permute(2, 0, 1)
         if self.keep_rgb:
             item.rgb = rgb

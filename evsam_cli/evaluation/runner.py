@@ -133,6 +133,7 @@ def evaluate(
         indices=shard,
         annotations=data.annotations,
         input_size=sam.input_size,
+        interpolation=sam.interpolation,
         with_gt=prompt != "detector",
         keep_rgb=run_detector is not None,
     )

@@ -94,7 +94,7 @@ class DecoderOnnxWrapper(nn.Module):
         has_mask = has_mask_input.reshape(-1, 1, 1, 1)
         no_mask = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
         dense = has_mask * self.prompt_encoder.embed_masks(mask_input) + (1 - has_mask) * no_mask
-        return self.mask_decoder.predict_masks(image_embeddings, self.image_pe, sparse, dense)
+        return self.mask_decoder.predict_masks(image_embeddings, self.image_pe, sparse, dense)  # type: ignore[arg-type]  # a buffer
 
 
 @dataclass
@@ -227,13 +227,13 @@ def _owner_module(node: Any, exporter: str) -> str:
     # TorchScript names nodes after their scope: "/backbone/stages.0/op_list.1/conv/Conv"; a called
     # nn.Sequential opens its own scope before its children's ("/output_upscaling/output_upscaling.1").
     parts = node.name.strip("/").split("/")[:-1]
-    scopes: list[str] = []
+    opened: list[str] = []
     for part in parts:
-        if scopes and "." in part and part.rsplit(".", 1)[0] == scopes[-1]:
-            scopes[-1] = part
+        if opened and "." in part and part.rsplit(".", 1)[0] == opened[-1]:
+            opened[-1] = part
         else:
-            scopes.append(part)
-    return ".".join(scopes)
+            opened.append(part)
+    return ".".join(opened)
 
 
 def tag_fp32_nodes(model_proto: Any, root: nn.Module, exporter: str) -> int:
@@ -337,6 +337,7 @@ def export_onnx(
         "model": model.name,
         "input_size": size,
         "prompt_size": model.prompt_size,
+        "preprocessing": model.preprocessing,
         "pixel_mean": list(PIXEL_MEAN),
         "pixel_std": list(PIXEL_STD),
         "opset": opset,

@@ -150,6 +150,7 @@ def export_model(
         "encoder_dtype": "float32",  # weights of encoder.onnx ("int8" when quantized)
         "input_size": net.input_size,
         "prompt_size": net.prompt_size,
+        "preprocessing": net.preprocessing,
         "pixel_mean": list(PIXEL_MEAN),
         "pixel_std": list(PIXEL_STD),
         "opset": onnx_export.opset,

@@ -23,8 +23,8 @@ from ..data.frames import (
     PIXEL_MEAN,
     PIXEL_STD,
     PROMPT_SIZE,
+    preprocess_image,
     preprocess_shape,
-    resize_longest,
     upscale_bands,
     upscale_matrices,
 )
@@ -107,6 +107,7 @@ class ExportedSamPredictor(PromptablePredictor):
         pixel_std: tuple[float, ...] = PIXEL_STD,
         mask_batch: str = "broadcast",
         max_prompts_per_pass: int = 256,
+        preprocessing: str = "sam",
     ) -> None:
         """
         Args:
@@ -116,7 +117,9 @@ class ExportedSamPredictor(PromptablePredictor):
           mask_batch: "broadcast" (the decoder takes one shared mask input for all prompts) or
             "prompts" (the decoder's mask-input batch must equal the prompt count).
           max_prompts_per_pass: prompts per decoder call in ``predict_batch``.
+          preprocessing: the model's ("sam" or "minmax-area"; ``data.frames.PREPROCESSING``).
         """
+        self.preprocessing = preprocessing
         self.image_size = int(input_size)
         self.prompt_size = int(prompt_size)
         self.pixel_mean = np.asarray(pixel_mean, dtype=np.float32).reshape(1, 1, 3)
@@ -141,11 +144,15 @@ class ExportedSamPredictor(PromptablePredictor):
         return preprocess_shape(*original_size, self.prompt_size)
 
     def preprocess(self, image: np.ndarray) -> np.ndarray:
-        """HxWx3 uint8 RGB -> (1, 3, S, S) float32: resize longest side, normalise, zero-pad."""
-        image = resize_longest(image, self.image_size)
-        x = (image.astype(np.float32) - self.pixel_mean) / self.pixel_std
-        padded = np.zeros((self.image_size, self.image_size, 3), dtype=np.float32)
-        padded[: x.shape[0], : x.shape[1]] = x
+        """HxWx3 uint8 RGB -> (1, 3, S, S) float32: resize longest side, normalise, zero-pad, as
+        the model's ``preprocessing`` does (``Sam.preprocess``)."""
+        padded = preprocess_image(
+            image,
+            self.image_size,
+            mode=self.preprocessing,
+            pixel_mean=self.pixel_mean,
+            pixel_std=self.pixel_std,
+        )
         return np.ascontiguousarray(padded.transpose(2, 0, 1)[None])
 
     def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
@@ -320,6 +327,7 @@ class OnnxSamPredictor(ExportedSamPredictor):
             pixel_std=tuple(enc_meta.get("pixel_std", PIXEL_STD)),
             mask_batch=str(dec_meta.get("mask_batch", "broadcast")),
             max_prompts_per_pass=max_prompts_per_pass,
+            preprocessing=str(enc_meta.get("preprocessing", "sam")),
         )
 
     def _encode(self, images: np.ndarray) -> np.ndarray:

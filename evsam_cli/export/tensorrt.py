@@ -338,11 +338,13 @@ class TrtSamPredictor(ExportedSamPredictor):
         images = self.encoder.input_spec("images")
         coords = self.decoder.input_spec("point_coords")
         max_prompts = coords.profile[2][0] if coords.profile else max_prompts_per_pass
+        record = _export_json(Path(decoder_path))
         if mask_batch is None:
-            mask_batch = _export_json(Path(decoder_path)).get("onnx", {}).get("mask_batch", "broadcast")
+            mask_batch = record.get("onnx", {}).get("mask_batch", "broadcast")
         super().__init__(
             input_size=int(images.shape[-1]),
-            prompt_size=PROMPT_SIZE,
+            prompt_size=int(record.get("prompt_size", PROMPT_SIZE)),
+            preprocessing=str(record.get("preprocessing", "sam")),
             pixel_mean=PIXEL_MEAN,
             pixel_std=PIXEL_STD,
             mask_batch=str(mask_batch),

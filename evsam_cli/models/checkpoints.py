@@ -50,6 +50,11 @@ def download_checkpoint(name: str, *, progress: bool = True) -> Path:
     target = hub_dir() / spec.filename
     if target.is_file():
         return target
+    if spec.url is None:  # no direct address (e.g. a Google Drive folder)
+        raise CheckpointError(
+            f"{spec.filename} for {spec.name} cannot be downloaded automatically; get it from "
+            f"{spec.source} and put it at {target} (or pass checkpoint=PATH)"
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(target.suffix + ".part")
     try:

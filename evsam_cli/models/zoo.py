@@ -18,22 +18,32 @@ from .efficientvit import BACKBONES, EfficientViTBackbone
 from .encoder import EfficientViTSamImageEncoder, SamNeck
 from .sam import Sam, build_sam_head
 from .sam_vit import build_sam_vit
+from .tiny_vit import build_tiny_vit_sam
 
 EFFICIENTVIT_HUB = "https://huggingface.co/mit-han-lab/efficientvit-sam/resolve/main/"
 META_HUB = "https://dl.fbaipublicfiles.com/segment_anything/"
+MOBILE_SAM_URL = "https://raw.githubusercontent.com/ChaoningZhang/MobileSAM/master/weights/mobile_sam.pt"
+# LiteMedSAM's weights are shared from a Google Drive folder (linked from the LiteMedSAM branch
+# of bowang-lab/MedSAM), which has no stable direct-download address.
+LITE_MEDSAM_SOURCE = (
+    "the MedSAM LiteMedSAM release: https://github.com/bowang-lab/MedSAM/tree/LiteMedSAM "
+    "(checkpoint folder https://drive.google.com/drive/folders/1ETWmi4AiniJeWOt6HAsYgTjYv_fkgzoN)"
+)
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
-    family: str  # "efficientvit-sam" or "sam"
+    family: str  # "efficientvit-sam", "sam" or "tiny-vit-sam" (decides the checkpoint key layout)
     input_size: int
     build: Callable[[], Sam]
     filename: str  # the official release file
-    url: str
+    url: str | None  # direct download address; None: fetched by hand from ``source``
     paper_params_m: float | None  # as reported by the EfficientViT-SAM paper (None: not reported)
     paper_macs_g: float | None
     aliases: tuple[str, ...] = ()
+    source: str = ""  # where the official file comes from, in words (defaults to ``url``)
+    licence: str = ""
 
 
 _MODELS: dict[str, ModelSpec] = {}
@@ -144,11 +154,12 @@ def _sam_vit(name: str, kind: str) -> Callable[[], Sam]:
     return build
 
 
-for _kind, _file, _params, _macs in (
+_sam_vits: tuple[tuple[str, str, float | None, float | None], ...] = (
     ("vit_b", "sam_vit_b_01ec64.pth", None, None),
     ("vit_l", "sam_vit_l_0b3195.pth", None, None),
     ("vit_h", "sam_vit_h_4b8939.pth", 641.1, 2973.0),
-):
+)
+for _kind, _file, _params, _macs in _sam_vits:
     _name = "sam-" + _kind.replace("_", "-")
     register(
         ModelSpec(
@@ -163,6 +174,83 @@ for _kind, _file, _params, _macs in (
             aliases=(_kind, _kind.replace("_", "-")),
         )
     )
+
+
+# ---------------------------------------------------------------------------- TinyViT SAMs
+def _tiny_vit_sam(
+    name: str,
+    *,
+    input_size: int,
+    patch_kernel_size: int,
+    patch_stride: int,
+    num_classes: int,
+    preprocessing: str,
+) -> Callable[[], Sam]:
+    def build() -> Sam:
+        # Both releases build SAM's head with Meta's defaults (LayerNorm eps 1e-5); the prompt
+        # frame is the encoder's input frame.
+        prompt_encoder, mask_decoder = build_sam_head(norm_eps=1e-5, prompt_size=input_size)
+        return Sam(
+            image_encoder=build_tiny_vit_sam(
+                patch_kernel_size=patch_kernel_size, patch_stride=patch_stride, num_classes=num_classes
+            ),
+            prompt_encoder=prompt_encoder,
+            mask_decoder=mask_decoder,
+            input_size=input_size,
+            name=name,
+            family="tiny-vit-sam",
+            prompt_size=input_size,
+            preprocessing=preprocessing,
+        )
+
+    return build
+
+
+register(
+    ModelSpec(
+        name="mobile-sam",
+        family="tiny-vit-sam",
+        input_size=1024,
+        # MobileSAM's release keeps TinyViT's unused ImageNet classifier (1000 classes).
+        build=_tiny_vit_sam(
+            "mobile-sam",
+            input_size=1024,
+            patch_kernel_size=3,
+            patch_stride=2,
+            num_classes=1000,
+            preprocessing="sam",
+        ),
+        filename="mobile_sam.pt",
+        url=MOBILE_SAM_URL,
+        paper_params_m=None,
+        paper_macs_g=None,
+        aliases=("mobile_sam", "mobilesam", "vit_t"),
+        source="the MobileSAM repository (ChaoningZhang/MobileSAM, weights/mobile_sam.pt)",
+        licence="Apache-2.0",
+    )
+)
+register(
+    ModelSpec(
+        name="lite-medsam",
+        family="tiny-vit-sam",
+        input_size=256,
+        build=_tiny_vit_sam(
+            "lite-medsam",
+            input_size=256,
+            patch_kernel_size=1,
+            patch_stride=1,
+            num_classes=0,
+            preprocessing="minmax-area",
+        ),
+        filename="lite_medsam.pth",
+        url=None,
+        paper_params_m=None,
+        paper_macs_g=None,
+        aliases=("lite_medsam", "litemedsam", "medsam-lite"),
+        source=LITE_MEDSAM_SOURCE,
+        licence="Apache-2.0",
+    )
+)
 
 
 # ---------------------------------------------------------------------------- public API
@@ -209,7 +297,8 @@ def create_model(
     Args:
       name: a name from ``list_models()`` or an alias (``l0``, ``vit_h`` ...).
       checkpoint: None (random init), a file path, or ``"hub"`` (the official release file,
-        downloaded to ``hub_dir()`` when there is a network).
+        downloaded to ``hub_dir()`` when there is a network; files without a direct address,
+        such as LiteMedSAM's, are expected there under ``spec.filename``).
       device: where the model lives.
       input_size: encoder input side other than the model's own (EfficientViT-SAM only, a
         multiple of 32: the neck resizes every scale to 64x64, so weights are unchanged).

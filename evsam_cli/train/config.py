@@ -27,7 +27,7 @@ from ..errors import SettingError
 
 log = logging.getLogger("evsam.train")
 
-TEACHERS = ("vit_b", "vit_l", "vit_h")
+TEACHERS = ("vit_b", "vit_l", "vit_h", "mobile_sam", "lite_medsam")  # train.distill.TEACHER_MODELS
 
 
 class ConfigError(SettingError):
@@ -179,6 +179,8 @@ class FinetuneConfig:
     masks_per_image: int = 16
     annotations: str | None = None  # COCO-format data: the instances JSON (``data.path`` is the image folder)
     freeze_bn: bool = False  # keep BatchNorm statistics fixed (BN layers in eval mode) while training
+    freeze_encoder: bool = False  # train the prompt encoder and mask decoder on cached image embeddings
+    embedding_cache: str | None = None  # with freeze_encoder; None: OUTPUT/embedding_cache
     focal_weight: float = 20.0
     dice_weight: float = 1.0
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(output="runs/finetune"))
@@ -206,6 +208,12 @@ class FinetuneConfig:
             "focal_weight",
             "dice_weight",
         )
+        _check(
+            self.freeze_encoder or self.embedding_cache is None,
+            "embedding_cache needs freeze_encoder",
+            "embedding_cache",
+            "freeze_encoder",
+        )
 
 
 C = TypeVar("C")
@@ -232,7 +240,7 @@ def defaults(cls: type[Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         if f.name in _SECTIONS:
-            section = f.default_factory()  # type: ignore[misc]
+            section = f.default_factory()  # type: ignore[operator]  # sections have one
             out.update({s.name: getattr(section, s.name) for s in dataclasses.fields(section)})
         elif f.default is not dataclasses.MISSING:
             out[f.name] = f.default
@@ -248,7 +256,8 @@ def from_flat(cls: type[C], **settings: Any) -> C:
         own = {f.name for f in dataclasses.fields(section_cls)}
         given = {k: settings.pop(k) for k in list(settings) if k in own}
         if name in top:
-            base = next(f for f in dataclasses.fields(cls) if f.name == name).default_factory()  # type: ignore[arg-type,misc]
+            field = next(f for f in dataclasses.fields(cls) if f.name == name)  # type: ignore[arg-type]
+            base = field.default_factory()  # type: ignore[operator]  # sections have one
             kwargs[name] = dataclasses.replace(base, **given)
     unknown = set(settings) - top
     if unknown:

@@ -1,10 +1,13 @@
-"""Knowledge distillation: an EfficientViT-SAM image encoder learns SAM-ViT's image embedding.
+"""Knowledge distillation: an EfficientViT-SAM image encoder learns a SAM teacher's image embedding.
 
 As in the paper, the loss is the mean squared error between the student's and the frozen
 teacher's (256, 64, 64) embeddings of SA-1B images, each model seeing the image at its own
-input size. The teacher's forward pass is the dominant cost (ViT-H is ~3 TFLOPs per image), so
-its embeddings go through a ``TeacherCache``: computed once per image, reused across epochs and
-runs, and the teacher is not even built while every image it is asked for is cached.
+input size and with its own preprocessing. Teachers are SAM's ViTs (the paper's) or the
+cheaper TinyViT SAMs: MobileSAM (1024 px) and LiteMedSAM (256 px, min-max normalised). The
+teacher's forward pass is the dominant cost (ViT-H is ~3 TFLOPs per image), so its embeddings
+go through an ``EmbeddingCache`` (the one ``finetune --freeze-encoder`` uses): computed once per
+image, reused across epochs and runs, and the teacher is not even built while every image it is
+asked for is cached.
 
 The distilled ``student.pt`` is a complete model: the student's encoder plus SAM's prompt
 encoder and mask decoder taken from the teacher checkpoint (the paper keeps SAM's head), so
@@ -31,6 +34,7 @@ from ..models.checkpoints import describe_mismatch, read_state_dict, to_model_la
 from ..models.zoo import guess_model
 from ..utils import distributed as dist_utils
 from .config import ConfigError, DistillConfig, finalize, to_dict
+from .embedding_cache import CachedEmbeddings, EmbeddingCache, collate_lookups, file_sha256, lookup
 from .loop import (
     amp_dtype,
     apply_epochs,
@@ -43,17 +47,38 @@ from .loop import (
     write_summary,
 )
 from .losses import mse
-from .teacher_cache import TeacherCache, file_sha256
 
 log = logging.getLogger("evsam.distill")
 
-TEACHER_SIZE = 1024
-TEACHER_MODELS = {"vit_b": "sam-vit-b", "vit_l": "sam-vit-l", "vit_h": "sam-vit-h"}
+# --teacher choices -> zoo models (train/config.py and cli/distill.py list the same names).
+TEACHER_MODELS = {
+    "vit_b": "sam-vit-b",
+    "vit_l": "sam-vit-l",
+    "vit_h": "sam-vit-h",
+    "mobile_sam": "mobile-sam",
+    "lite_medsam": "lite-medsam",
+}
+
+
+@dataclass(frozen=True)
+class TeacherFrame:
+    """How the teacher sees an image: its input side and its preprocessing."""
+
+    size: int
+    interpolation: str
+    preprocessing: str
+
+
+def teacher_frame(teacher: str) -> TeacherFrame:
+    """The input frame of ``--teacher`` (read off its zoo model, built on the meta device)."""
+    with torch.device("meta"):
+        model = get_spec(TEACHER_MODELS[teacher]).build()
+    return TeacherFrame(model.input_size, model.interpolation, model.preprocessing)
 
 
 # ---------------------------------------------------------------------------- teacher
 def read_teacher_head(teacher: str, checkpoint: str | os.PathLike[str]) -> dict[str, Tensor]:
-    """Check that ``checkpoint`` is a SAM ``teacher`` file and return its prompt encoder + mask decoder.
+    """Check that ``checkpoint`` is a ``teacher`` file and return its prompt encoder + mask decoder.
 
     Only tensor names and shapes are compared (the file is memory-mapped), so a wrong file fails
     in a second, before any training starts. Raises ``CheckpointError`` naming the file, the
@@ -71,10 +96,11 @@ def read_teacher_head(teacher: str, checkpoint: str | os.PathLike[str]) -> dict[
     if problem is not None:
         found = guess_model(state)
         hint = ""
-        if found in TEACHER_MODELS.values():
-            hint = f"; it is a {found} checkpoint: use teacher {found.removeprefix('sam-').replace('-', '_')}"
+        by_model = {model: choice for choice, model in TEACHER_MODELS.items()}
+        if found in by_model:
+            hint = f"; it is a {found} checkpoint: use teacher {by_model[found]}"
         elif found:
-            hint = f"; it is a {found} checkpoint, not a SAM ViT"
+            hint = f"; it is a {found} checkpoint, which is not a teacher model"
         raise CheckpointError(f"teacher_checkpoint does not fit teacher {teacher}: {problem}{hint}").naming(
             "teacher_checkpoint", "teacher"
         )
@@ -82,10 +108,12 @@ def read_teacher_head(teacher: str, checkpoint: str | os.PathLike[str]) -> dict[
 
 
 class Teacher:
-    """SAM ViT image encoder, frozen and in eval mode, built on first use (a warm cache never builds it)."""
+    """The teacher's image encoder, frozen and in eval mode, built on first use (a warm cache never
+    builds it)."""
 
     def __init__(self, teacher: str, checkpoint: str, device: torch.device, *, amp: bool) -> None:
         self.name = TEACHER_MODELS[teacher]
+        self.frame = teacher_frame(teacher)
         self.checkpoint = checkpoint
         self.device = device
         self.dtype = amp_dtype(device, amp)
@@ -102,12 +130,13 @@ class Teacher:
 
     @torch.no_grad()
     def __call__(self, images: Tensor, sizes: Tensor) -> Tensor:
-        """(M, 3, 1024, 1024) uint8 padded + (M, 2) sizes -> (M, 256, 64, 64) embeddings, fp16-rounded.
+        """(M, 3, S, S) uint8 padded (S: the teacher's input size) + (M, 2) sizes -> (M, 256, 64, 64)
+        embeddings, fp16-rounded.
 
         Rounded to float16 whether or not a cache stores them, so a cold and a warm run train on
         identical targets.
         """
-        x = normalize_padded(images.to(self.device), sizes)
+        x = normalize_padded(images.to(self.device), sizes, self.frame.preprocessing)
         with torch.autocast(
             self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None
         ):
@@ -119,75 +148,46 @@ class Teacher:
 # ---------------------------------------------------------------------------- data
 @dataclass(frozen=True)
 class DistillTransform:
-    """Record -> student input, plus either the cached teacher embedding or the teacher input."""
+    """Record -> student input, plus the cached teacher embedding or the teacher's input (``lookup``)."""
 
     student_size: int
-    cache: TeacherCache | None
+    cache: EmbeddingCache | None
+    teacher: TeacherFrame = TeacherFrame(1024, "bilinear", "sam")
 
     def __call__(self, record: Sa1bRecord, rng: np.random.Generator) -> dict[str, Any]:
         student, student_hw = resize_longest_padded(record.image, self.student_size)
-        target = self.cache.load(record.image_id) if self.cache is not None else None
-        teacher, teacher_hw = (
-            (None, None) if target is not None else resize_longest_padded(record.image, TEACHER_SIZE)
-        )
         return {
             "image_id": record.image_id,
             "student": student,
             "student_hw": torch.tensor(student_hw),
-            "target": target,
-            "teacher": teacher,
-            "teacher_hw": None if teacher_hw is None else torch.tensor(teacher_hw),
+            "lookup": lookup(self.cache, record.image, self.teacher.size, self.teacher.interpolation),
         }
 
 
 def collate_distill(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack students; cached targets and teacher inputs go in separate stacks with their indices."""
-    hit = [i for i, s in enumerate(samples) if s["target"] is not None]
-    miss = [i for i, s in enumerate(samples) if s["target"] is None]
+    """Stack students; the teacher side goes through ``collate_lookups`` (hits and misses apart)."""
     return {
         "image_id": [s["image_id"] for s in samples],
         "student": torch.stack([s["student"] for s in samples]),
         "student_hw": torch.stack([s["student_hw"] for s in samples]),
-        "hit_index": hit,
-        "targets": torch.stack([samples[i]["target"] for i in hit]) if hit else None,
-        "miss_index": miss,
-        "teacher": torch.stack([samples[i]["teacher"] for i in miss]) if miss else None,
-        "teacher_hw": torch.stack([samples[i]["teacher_hw"] for i in miss]) if miss else None,
+        "lookup": collate_lookups([s["lookup"] for s in samples]),
     }
-
-
-def teacher_targets(
-    batch: dict[str, Any], teacher: Teacher, cache: TeacherCache | None, device: torch.device
-) -> Tensor:
-    """(B, 256, 64, 64) float targets: cached ones as they are, the rest from the teacher (then cached)."""
-    n = len(batch["image_id"])
-    targets = torch.empty(n, 256, 64, 64, dtype=torch.float16, device=device)
-    if batch["hit_index"]:
-        targets[batch["hit_index"]] = batch["targets"].to(device)
-    if batch["miss_index"]:
-        fresh = teacher(batch["teacher"], batch["teacher_hw"])
-        targets[batch["miss_index"]] = fresh
-        if cache is not None:
-            for i, emb in zip(batch["miss_index"], fresh, strict=True):
-                cache.store(batch["image_id"][i], emb)
-    return targets.float()
 
 
 class DistillLoss:
     """``(student_encoder, batch) -> (MSE to the teacher embedding, cache statistics)``."""
 
-    def __init__(self, teacher: Teacher, cache: TeacherCache | None, device: torch.device) -> None:
-        self.teacher = teacher
-        self.cache = cache
+    def __init__(self, targets: CachedEmbeddings, device: torch.device) -> None:
+        self.targets = targets
         self.device = device
 
     def __call__(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
-        target = teacher_targets(batch, self.teacher, self.cache, self.device)
+        target = self.targets(batch["lookup"]).float()
         x = normalize_padded(batch["student"].to(self.device), batch["student_hw"])
         loss = mse(model(x), target)
         return loss, {
-            "cache_hits": float(len(batch["hit_index"])),
-            "cache_misses": float(len(batch["miss_index"])),
+            "cache_hits": float(len(batch["lookup"]["hit_index"])),
+            "cache_misses": float(len(batch["lookup"]["miss_index"])),
         }
 
 
@@ -207,9 +207,7 @@ class DistillValidation:
         if not self.targets:
             for s in self.samples:
                 batch = collate_distill([s])
-                self.targets.append(
-                    teacher_targets(batch, self.loss.teacher, self.loss.cache, device).half().cpu()
-                )
+                self.targets.append(self.loss.targets(batch["lookup"]).half().cpu())
         total = torch.zeros(2, dtype=torch.float64, device=device)
         for s, target in zip(self.samples, self.targets, strict=True):
             x = normalize_padded(s["student"][None].to(device), s["student_hw"][None])
@@ -250,9 +248,15 @@ def distill(
     cache = None
     if cfg.teacher_cache:
         digest = dist_utils.broadcast_object(file_sha256(cfg.teacher_checkpoint) if info.is_main else None)
-        cache = TeacherCache(cfg.teacher_cache, teacher=cfg.teacher, checkpoint_hash=digest)
+        cache = EmbeddingCache(
+            cfg.teacher_cache,
+            encoder=cfg.teacher,
+            weights_hash=digest,
+            input_size=teacher_frame(cfg.teacher).size,
+            dtype=torch.float16,
+        )
         if info.is_main:
-            cache.describe(cfg.teacher_checkpoint)
+            cache.describe(checkpoint=str(cfg.teacher_checkpoint))
     if not resume:
         apply_epochs(cfg.loop, cfg.data, source, info.world_size)
         finalize(cfg, val_images=source.val_images)
@@ -261,7 +265,7 @@ def distill(
     student = create_model(spec.name, input_size=image_size, device=device)
     encoder = student.image_encoder.train()
 
-    transform = DistillTransform(image_size, cache)
+    transform = DistillTransform(image_size, cache, teacher_frame(cfg.teacher))
     stream = batch_stream(
         source,
         transform=transform,
@@ -272,7 +276,7 @@ def distill(
         device=device,
     )
     teacher = Teacher(cfg.teacher, cfg.teacher_checkpoint, device, amp=cfg.loop.amp)
-    loss = DistillLoss(teacher, cache, device)
+    loss = DistillLoss(CachedEmbeddings(teacher, cache, device), device)
     val_records = [r for r in source.validation_records() if isinstance(r, Sa1bRecord)]
     validate = DistillValidation(val_records, transform, loss) if val_records else None
 

@@ -11,14 +11,22 @@ horizontally at random and resized (longest side) and padded like at inference.
 
 Validation: mean box-prompt IoU (percent) of single-mask predictions, at the original image
 resolution, over every mask of the held-out images.
+
+With ``freeze_encoder`` the image encoder is frozen (no gradients, eval mode, saved unchanged)
+and only the prompt encoder and mask decoder train. Its embeddings then depend on the image
+alone, so they go through an ``EmbeddingCache``: a first pass encodes every image this rank
+trains on (``fill_cache``), and every step after that costs the decoder only. The random flip is
+off in this mode: a flipped image has another embedding, and flipping the embedding instead is
+not exact (the encoder is not mirror-symmetric and pads at the bottom/right).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -26,17 +34,27 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.coco_train import open_coco
-from ..data.sa1b import Sa1bRecord, collate_stack, decode_mask, open_sa1b
+from ..data.sa1b import Sa1bRecord, Sa1bStream, collate_stack, count_train_images, decode_mask, open_sa1b
 from ..data.transforms import normalize_padded, resize_longest_padded, resize_mask_padded
 from ..errors import CheckpointError
 from ..models import Sam, create_model, get_spec, read_state_dict, save_weights
 from ..utils import distributed as dist_utils
 from .config import ConfigError, FinetuneConfig, finalize, to_dict
+from .embedding_cache import (
+    CachedEmbeddings,
+    EmbeddingCache,
+    collate_lookups,
+    image_key,
+    lookup,
+    weights_sha256,
+)
 from .loop import (
+    amp_dtype,
     apply_epochs,
     batch_stream,
     environment,
     init_device,
+    load_checkpoint_file,
     prepare_output,
     run_config,
     train,
@@ -51,12 +69,19 @@ log = logging.getLogger("evsam.finetune")
 # ---------------------------------------------------------------------------- data
 @dataclass(frozen=True)
 class FinetuneTransform:
-    """Record -> image, K ground-truth masks in the input frame and their prompts (prompt frame)."""
+    """Record -> image, K ground-truth masks in the input frame and their prompts (prompt frame).
+
+    With ``embed`` (a frozen encoder) the image is replaced by ``lookup``: its cached embedding,
+    or the encoder input when it is not cached yet; the flip is then never applied.
+    """
 
     input_size: int
     masks_per_image: int
     prompt_size: int = 1024
     flip: bool = True
+    embed: bool = False
+    cache: EmbeddingCache | None = None
+    interpolation: str = "bilinear"  # the model's resize (``Sam.interpolation``)
 
     def __call__(self, record: Sa1bRecord, rng: np.random.Generator) -> dict[str, Any] | None:
         image = record.image
@@ -73,16 +98,23 @@ class FinetuneTransform:
             return None  # an image without usable masks is skipped, not a crash
         chosen = list(masks.values())
         chosen = [chosen[k % len(chosen)] for k in range(self.masks_per_image)]  # repeat when fewer
-        if self.flip and rng.random() < 0.5:
+        if self.flip and not self.embed and rng.random() < 0.5:
             image = image[:, ::-1]
             chosen = [m[:, ::-1] for m in chosen]
-        pixels, hw = resize_longest_padded(np.ascontiguousarray(image), self.input_size)
+        if self.embed:
+            pixels: dict[str, Any] = {
+                "lookup": lookup(self.cache, image, self.input_size, self.interpolation)
+            }
+        else:
+            resized, hw = resize_longest_padded(
+                np.ascontiguousarray(image), self.input_size, self.interpolation
+            )
+            pixels = {"image": resized, "image_hw": torch.tensor(hw)}
         boxes = np.stack([mask_box(m) for m in chosen])
         points = [sample_points(m, rng) for m in chosen]
         return {
             "image_id": record.image_id,
-            "image": pixels,
-            "image_hw": torch.tensor(hw),
+            **pixels,
             "masks": torch.stack([resize_mask_padded(m, self.input_size) for m in chosen]).bool(),
             "boxes": torch.from_numpy(to_prompt_frame(boxes, (h, w), self.prompt_size)),
             "points": torch.from_numpy(
@@ -93,6 +125,14 @@ class FinetuneTransform:
         }
 
 
+def collate_finetune(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """``collate_stack``, with the lookups of a frozen-encoder run batched by ``collate_lookups``."""
+    batch = collate_stack([{k: v for k, v in s.items() if k != "lookup"} for s in samples])
+    if "lookup" in samples[0]:
+        batch["lookup"] = collate_lookups([s["lookup"] for s in samples])
+    return batch
+
+
 # ---------------------------------------------------------------------------- model and loss
 class PromptedSam(nn.Module):
     """The trained module: encoder on a batch of images, decoder on each image's K prompts.
@@ -100,15 +140,22 @@ class PromptedSam(nn.Module):
     With ``freeze_bn`` the encoder's BatchNorm layers stay in eval mode while training: they
     normalise with their stored statistics and do not update them (usual when finetuning with
     a few images per GPU, and what makes validation match training from the first steps).
+    With ``freeze_encoder`` the whole image encoder stays in eval mode without gradients, and
+    ``forward`` takes its embeddings instead of images.
     """
 
-    def __init__(self, sam: Sam, *, freeze_bn: bool = False) -> None:
+    def __init__(self, sam: Sam, *, freeze_bn: bool = False, freeze_encoder: bool = False) -> None:
         super().__init__()
         self.sam = sam
         self.freeze_bn = freeze_bn
+        self.freeze_encoder = freeze_encoder
+        if freeze_encoder:
+            sam.image_encoder.requires_grad_(False)
 
     def train(self, mode: bool = True) -> PromptedSam:
         super().train(mode)
+        if self.freeze_encoder:
+            self.sam.image_encoder.eval()
         if self.freeze_bn:
             for module in self.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -117,7 +164,7 @@ class PromptedSam(nn.Module):
 
     def forward(
         self,
-        images: Tensor,
+        inputs: Tensor,
         boxes: Tensor,
         points: Tensor,
         point_labels: Tensor,
@@ -126,15 +173,16 @@ class PromptedSam(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """
         Args:
-          images: (B, 3, S, S) normalised, padded.
+          inputs: (B, 3, S, S) normalised, padded images; with ``freeze_encoder`` their
+            (B, 256, 64, 64) image embeddings instead.
           boxes: (B, K, 4) xyxy; points: (B, K, P, 2) x,y; point_labels: (B, K, P) (1 or -1 padding),
             all in the prompt frame; use_box: (B,) bool, box or points for each image.
           multimask: three outputs per prompt instead of one.
         Returns: (B, K, M, 256, 256) mask logits and (B, K, M) predicted IoUs (M = 3 or 1).
         """
-        embeddings = self.sam.image_encoder(images)
+        embeddings = inputs if self.freeze_encoder else self.sam.image_encoder(inputs)
         logits, ious = [], []
-        for b in range(len(images)):
+        for b in range(len(inputs)):
             if bool(use_box[b]):
                 out = self.sam.decode(embeddings[b : b + 1], boxes=boxes[b], multimask_output=multimask)
             else:
@@ -149,18 +197,63 @@ class PromptedSam(nn.Module):
         return torch.stack(logits), torch.stack(ious)
 
 
-class FinetuneLoss:
-    """``(PromptedSam, batch) -> (focal/dice loss of the best output + IoU-head MSE, parts)``."""
+class FrozenEncoder:
+    """``(pixels, hw) -> embeddings`` of a frozen image encoder, in the run's precision (autocast
+    dtype on CUDA with AMP, else float32), whether called in a step, a validation or ``fill_cache``."""
 
-    def __init__(self, device: torch.device, *, focal_weight: float, dice_weight: float) -> None:
+    def __init__(
+        self, encoder: nn.Module, device: torch.device, dtype: torch.dtype | None, preprocessing: str = "sam"
+    ) -> None:
+        self.encoder = encoder
         self.device = device
+        self.dtype = dtype
+        self.preprocessing = preprocessing
+
+    @torch.no_grad()
+    def __call__(self, pixels: Tensor, hw: Tensor) -> Tensor:
+        x = normalize_padded(pixels.to(self.device), hw, self.preprocessing)
+        with torch.autocast(
+            self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None
+        ):
+            out = self.encoder(x)
+        return out.to(self.dtype or torch.float32)
+
+
+class FinetuneLoss:
+    """``(PromptedSam, batch) -> (focal/dice loss of the best output + IoU-head MSE, parts)``.
+
+    ``embed`` (frozen encoder): the batch's embeddings come from it (the cache, misses encoded).
+    """
+
+    def __init__(
+        self,
+        device: torch.device,
+        *,
+        focal_weight: float,
+        dice_weight: float,
+        embed: CachedEmbeddings | None = None,
+        preprocessing: str = "sam",
+    ) -> None:
+        self.device = device
+        self.preprocessing = preprocessing
         self.focal_weight = focal_weight
         self.dice_weight = dice_weight
+        self.embed = embed
+        self.calls = 0  # micro-batches this process trained on (for steps/s)
 
     def __call__(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
         multimask = batch.get("step", 0) % 2 == 1
         d = self.device
-        x = normalize_padded(batch["image"].to(d), batch["image_hw"])
+        self.calls += 1
+        cache_parts = {}
+        if "lookup" in batch:
+            x = self.embed(batch["lookup"])  # type: ignore[misc]
+            cache_parts = {
+                "cache_hits": float(len(batch["lookup"]["hit_index"])),
+                "cache_misses": float(len(batch["lookup"]["miss_index"])),
+            }
+        else:
+            x = normalize_padded(batch["image"].to(d), batch["image_hw"], self.preprocessing)
         logits, iou_pred = model(
             x,
             batch["boxes"].to(d),
@@ -169,7 +262,7 @@ class FinetuneLoss:
             batch["use_box"],
             multimask,
         )
-        size = x.shape[-1]
+        size = batch["masks"].shape[-1]
         b, k, m = logits.shape[:3]
         up = F.interpolate(logits.flatten(0, 1).float(), (size, size), mode="bilinear", align_corners=False)
         gt = batch["masks"].to(d).flatten(0, 1).unsqueeze(1).float().expand_as(up)
@@ -187,33 +280,46 @@ class FinetuneLoss:
             "iou_loss": float(iou_loss.detach()),
             "train_iou": float(true_iou.mean() * 100),
             "multimask": float(multimask),
+            **cache_parts,
         }
 
 
 class BoxValidation:
-    """Mean box-prompt IoU (percent) over every mask of the held-out images, split across ranks."""
+    """Mean box-prompt IoU (percent) over every mask of the held-out images, split across ranks.
 
-    def __init__(self, records: list[Sa1bRecord], device: torch.device) -> None:
+    ``embed`` (frozen encoder): embeddings come from it instead of the model's encoder.
+    """
+
+    def __init__(
+        self, records: list[Sa1bRecord], device: torch.device, embed: CachedEmbeddings | None = None
+    ) -> None:
         info = dist_utils.get_info()
         self.records = [
             records[i] for i in dist_utils.shard_indices(len(records), info.rank, info.world_size)
         ]
         self.device = device
+        self.embed = embed
         self.masks = [
             [m for a in r.annotations if (m := decode_mask(a["segmentation"], *r.image.shape[:2])).any()]
             for r in self.records
         ]
 
     def __call__(self, model: nn.Module) -> dict[str, float]:
-        sam: Sam = model.sam
+        sam = cast(Sam, model.sam)
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         for record, masks in zip(self.records, self.masks, strict=True):
             if not masks:
                 continue
             hw = record.image.shape[:2]
-            pixels, resized = resize_longest_padded(record.image, sam.input_size)
-            x = normalize_padded(pixels[None].to(self.device), torch.tensor([resized]))
-            embedding = sam.image_encoder(x)
+            if self.embed is not None:
+                cache = self.embed.cache
+                embedding = self.embed(
+                    collate_lookups([lookup(cache, record.image, sam.input_size, sam.interpolation)])
+                )
+            else:
+                pixels, resized = resize_longest_padded(record.image, sam.input_size, sam.interpolation)
+                x = normalize_padded(pixels[None].to(self.device), torch.tensor([resized]), sam.preprocessing)
+                embedding = sam.image_encoder(x)
             boxes = to_prompt_frame(np.stack([mask_box(m) for m in masks]), hw, sam.prompt_size)
             low, _ = sam.decode(
                 embedding, boxes=torch.from_numpy(boxes).to(self.device), multimask_output=False
@@ -226,6 +332,78 @@ class BoxValidation:
         if dist_utils.get_info().distributed:
             torch.distributed.all_reduce(total)
         return {"val_iou": float(100 * total[0] / total[1].clamp(min=1))}
+
+
+# ---------------------------------------------------------------------------- cache fill
+@dataclass(frozen=True)
+class _FillTransform:
+    """Record -> its key, plus the encoder input when it is not cached yet."""
+
+    cache: EmbeddingCache
+    input_size: int
+    interpolation: str = "bilinear"
+
+    def __call__(self, record: Sa1bRecord, rng: np.random.Generator) -> dict[str, Any]:
+        key = image_key(record.image)
+        if self.cache.path(key).is_file():
+            return {"key": key, "pixels": None}
+        pixels, hw = resize_longest_padded(record.image, self.input_size, self.interpolation)
+        return {"key": key, "pixels": pixels, "hw": torch.tensor(hw)}
+
+
+def _collate_fill(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """The misses of a fill batch, shaped like ``collate_lookups`` (no hits: nothing is read)."""
+    miss = [s for s in samples if s["pixels"] is not None]
+    return {
+        "images": len(samples),
+        "keys": [s["key"] for s in miss],
+        "hit_index": [],
+        "embeddings": None,
+        "miss_index": list(range(len(miss))),
+        "pixels": torch.stack([s["pixels"] for s in miss]) if miss else None,
+        "hw": torch.stack([s["hw"] for s in miss]) if miss else None,
+    }
+
+
+def fill_cache(
+    source: Any,
+    embed: CachedEmbeddings,
+    *,
+    input_size: int,
+    batch_size: int,
+    workers: int,
+    progress: bool,
+    interpolation: str = "bilinear",
+) -> None:
+    """Encode every training image of this rank's share that the cache lacks (one pass, in file
+    order, with a progress bar on rank 0); then every rank waits for the others."""
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    assert embed.cache is not None
+    info = dist_utils.get_info()
+    stream = Sa1bStream(
+        source,
+        transform=_FillTransform(embed.cache, input_size, interpolation),
+        collate=_collate_fill,
+        batch_size=batch_size,
+        seed=0,
+        rank=info.rank,
+        world_size=info.world_size,
+        num_workers=workers,
+        shuffle=False,
+    )
+    total = math.ceil(count_train_images(source) / info.world_size)
+    bar = tqdm(total=total, desc="embedding cache", unit="image", disable=not (progress and info.is_main))
+    for batch in DataLoader(stream, batch_size=None, num_workers=workers):
+        if batch["_empty"]:
+            continue
+        if batch["miss_index"]:
+            embed(batch)
+        embed.hits += batch["images"] - len(batch["miss_index"])
+        bar.update(batch["images"])
+    bar.close()
+    dist_utils.barrier()
 
 
 # ---------------------------------------------------------------------------- entry point
@@ -243,10 +421,8 @@ def load_sam_head(model: Sam, checkpoint: str | Path) -> None:
 
 def build_model(cfg: FinetuneConfig, image_size: int) -> Sam:
     spec = get_spec(cfg.model)
-    if spec.family != "efficientvit-sam":
-        raise ConfigError(
-            f"model must name an EfficientViT-SAM variant (l0 ... xl1), not {spec.name}", "model"
-        )
+    if image_size != spec.input_size and spec.family != "efficientvit-sam":
+        raise ConfigError(f"{spec.name} only runs at image_size {spec.input_size}", "image_size")
     if cfg.init:
         return create_model(spec.name, checkpoint=cfg.init, input_size=image_size)
     model = create_model(spec.name, input_size=image_size)
@@ -288,25 +464,66 @@ def finetune(
         apply_epochs(cfg.loop, cfg.data, source, info.world_size)
         finalize(cfg, val_images=source.val_images)
 
-    model = PromptedSam(sam, freeze_bn=cfg.freeze_bn).to(device).train()
+    model = PromptedSam(sam, freeze_bn=cfg.freeze_bn, freeze_encoder=cfg.freeze_encoder).to(device).train()
+    embed, cache = None, None
+    if cfg.freeze_encoder:
+        if resume:  # the cache key is the hash of the weights the run trains with: load them first
+            model.load_state_dict(load_checkpoint_file(output / "checkpoints" / "last.pt")["model"])
+        dtype = amp_dtype(device, cfg.loop.amp)
+        digest = weights_sha256(sam.image_encoder.state_dict()) if info.is_main else None
+        cache = EmbeddingCache(
+            cfg.embedding_cache or output / "embedding_cache",
+            encoder=spec.name,
+            weights_hash=dist_utils.broadcast_object(digest),
+            input_size=image_size,
+            dtype=dtype or torch.float32,
+        )
+        if info.is_main:
+            cache.describe(init=cfg.init)
+        embed = CachedEmbeddings(
+            FrozenEncoder(sam.image_encoder, device, dtype, sam.preprocessing), cache, device
+        )
+        fill_cache(
+            source,
+            embed,
+            input_size=image_size,
+            interpolation=sam.interpolation,
+            batch_size=cfg.data.batch_size,
+            workers=cfg.data.worker_count(),
+            progress=progress,
+        )
     stream = batch_stream(
         source,
-        transform=FinetuneTransform(image_size, cfg.masks_per_image, prompt_size=sam.prompt_size),
-        collate=collate_stack,
+        transform=FinetuneTransform(
+            image_size,
+            cfg.masks_per_image,
+            prompt_size=sam.prompt_size,
+            embed=cfg.freeze_encoder,
+            cache=cache,
+            interpolation=sam.interpolation,
+        ),
+        collate=collate_finetune,
         data=cfg.data,
         seed=cfg.loop.seed,
         info=info,
         device=device,
     )
     val_records = [r for r in source.validation_records() if isinstance(r, Sa1bRecord)]
-    validate = BoxValidation(val_records, device) if val_records else None
+    validate = BoxValidation(val_records, device, embed) if val_records else None
+    loss = FinetuneLoss(
+        device,
+        focal_weight=cfg.focal_weight,
+        dice_weight=cfg.dice_weight,
+        embed=embed,
+        preprocessing=sam.preprocessing,
+    )
 
     def save_model(m: nn.Module, path: Path) -> None:
-        save_weights(m.sam, path, input_size=image_size, finetuned=True)
+        save_weights(cast(Sam, m.sam), path, input_size=image_size, finetuned=True)
 
     result = train(
         model=model,
-        loss_fn=FinetuneLoss(device, focal_weight=cfg.focal_weight, dice_weight=cfg.dice_weight),
+        loss_fn=loss,
         stream=stream,
         loop=cfg.loop,
         optim=cfg.optim,
@@ -321,13 +538,22 @@ def finetune(
         progress=progress,
         find_unused_parameters=True,
     )
+    cache_stats = None
+    if embed is not None:
+        counts = dist_utils.all_gather_objects((embed.hits, embed.misses))
+        hits, misses = sum(h for h, _ in counts), sum(m for _, m in counts)
+        assert embed.cache is not None
+        cache_stats = {"folder": str(embed.cache.folder), "hits": hits, "misses": misses}
     summary = {
         "model": spec.name,
         "init": cfg.init,
         "image_size": image_size,
         "data": cfg.data.path,
         "annotations": cfg.annotations,
+        "freeze_encoder": cfg.freeze_encoder,
         **result.totals(),
+        "steps_per_s": loss.calls / cfg.loop.grad_accum / max(result.seconds, 1e-9),
+        "embedding_cache": cache_stats,  # lookups of this run (all ranks); misses = images encoded
         "val_iou": result.validation.get("val_iou"),
         "best": result.best,
         "val_images": len(val_records),
