@@ -272,6 +272,11 @@ def main() -> None:
 
     from evsam_cli.utils.io import write_json_atomic
 
+    if args.real_only:
+        real = {"machine": _machine(), **real_weights()}
+        print(json.dumps(real, indent=1))
+        write_json_atomic(args.out, real)
+        return
     result = {"machine": _machine(), **run(args)}
     print(f"\n{result['model']} at {result['input_size']}, batch 1, {result['threads']} threads")
     print(f"{'encoder':30s} {'median ms':>10s} {'p10-p90 ms':>14s} {'img/s':>7s} {'x official':>10s}")
