@@ -13,6 +13,11 @@ function (up to float rounding, pinned by ``tests/test_optimize.py``):
   (``passes.py``). It takes copies of the weights it reads when it is built, so that state
   stays valid: weights changed later (training, loading) are not seen by it.
 
+Both run in a ``dtype`` chosen with the backend ("fp32"; "bf16" on CPUs with bf16 instructions
+and GPUs; "fp16" on GPUs): the image encoder and the mask decoder are then reduced-precision
+copies (``precision.py``); the prompt encoder, the image embedding handed out, the returned
+logits and IoU predictions and the mask upscaling stay float32.
+
 ``select_backend`` picks one from a name ("auto": ``CpuBackend`` for a model on the CPU whose
 decoder the streamed form supports, ``ReferenceBackend`` otherwise).
 """
@@ -66,23 +71,37 @@ class ReferenceBackend:
 
     name = "reference"
 
-    def __init__(self, model: Sam, *, optimize_encoder: bool = False) -> None:
+    def __init__(self, model: Sam, *, optimize_encoder: bool = False, dtype: str = "fp32") -> None:
         """
         Args:
           model: the model whose modules run.
           optimize_encoder: run the image encoder through an inference copy with BatchNorm
             folded and channels-last layout (``encoder.optimize_encoder``; same outputs up to
             float rounding; taken now, so later weight changes are not seen).
+          dtype: "fp32", "bf16" or "fp16" (``precision.check_dtype`` says where each runs);
+            other than fp32 the encoder and decoder run as reduced-precision copies, taken now.
+        Raises:
+          PrecisionError: a dtype this device cannot run.
         """
         from .encoder import optimize_encoder as make_inference_copy
+        from .precision import check_dtype, reduced_encoder
 
         self.model = model
-        self.image_encoder: nn.Module = (
-            make_inference_copy(model.image_encoder) if optimize_encoder else model.image_encoder
-        )
+        self.dtype = dtype
+        self.torch_dtype = check_dtype(dtype, model.device)
+        self.image_encoder: nn.Module
+        if dtype != "fp32":
+            self.image_encoder = reduced_encoder(model.image_encoder, dtype)
+        elif optimize_encoder:
+            self.image_encoder = make_inference_copy(model.image_encoder)
+        else:
+            self.image_encoder = model.image_encoder
         self.prompt_encoder = model.prompt_encoder
         self.mask_decoder = model.mask_decoder
+        if dtype != "fp32":
+            self.mask_decoder = _inference_copy(model.mask_decoder).to(self.torch_dtype)
         self.embedding: Tensor | None = None
+        self._low: Tensor | None = None  # the embedding in the backend's dtype
 
     # ------------------------------------------------------------------ image
     def encode(self, images: Tensor) -> Tensor:
@@ -90,13 +109,23 @@ class ReferenceBackend:
         return self.image_encoder(images)
 
     def set_embedding(self, embedding: Tensor) -> None:
-        """The (1 or N, 256, 64, 64) image embedding the following decodes run against."""
+        """The (1 or N, 256, 64, 64) image embedding the following decodes run against (as
+        given; ``_image`` is what the decoder reads, in the backend's dtype)."""
         self.embedding = embedding
+        self._low = None
 
     def _image(self) -> Tensor:
         if self.embedding is None:
             raise RuntimeError("the decode backend has no image embedding (call set_embedding first)")
-        return self.embedding
+        if self.embedding.dtype == self.torch_dtype:
+            return self.embedding
+        low = self._low
+        if low is None:  # cast once per image (a race between two passes only casts twice)
+            low = self._low = self.embedding.to(self.torch_dtype)
+        return low
+
+    def _dense_pe(self) -> Tensor:
+        return self.prompt_encoder.get_dense_pe().to(self.torch_dtype)
 
     # ------------------------------------------------------------------ decoding
     def _embed(
@@ -107,7 +136,8 @@ class ReferenceBackend:
         mask_input: Tensor | None,
     ) -> tuple[Tensor, Tensor]:
         points = (point_coords, point_labels) if point_coords is not None else None
-        return self.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
+        sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
+        return sparse.to(self.torch_dtype), dense.to(self.torch_dtype)
 
     def decode(
         self,
@@ -120,9 +150,8 @@ class ReferenceBackend:
         """Prompts in the prompt frame -> (N, M, 256, 256) low-res logits and (N, M) IoU
         predictions, M = 3 with ``multimask_output`` else 1 (``Sam.decode``)."""
         sparse, dense = self._embed(point_coords, point_labels, boxes, mask_input)
-        return self.mask_decoder(
-            self._image(), self.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output
-        )
+        low_res, iou = self.mask_decoder(self._image(), self._dense_pe(), sparse, dense, multimask_output)
+        return low_res.float(), iou.float()
 
     def decode_tokens(
         self,
@@ -138,18 +167,16 @@ class ReferenceBackend:
         """
         sparse, dense = self._embed(point_coords, point_labels, boxes, None)
         dec = self.mask_decoder
-        iou, mask_tokens, image, grid = dec.run_transformer(
-            self._image(), self.prompt_encoder.get_dense_pe(), sparse, dense
-        )
+        iou, mask_tokens, image, grid = dec.run_transformer(self._image(), self._dense_pe(), sparse, dense)
         indices = list(range(1, dec.num_mask_tokens))
-        return iou[:, indices], DecodedTokens(mask_tokens, indices, grid, image=image)
+        return iou[:, indices].float(), DecodedTokens(mask_tokens, indices, grid, image=image)
 
     def mask_logits(self, tokens: DecodedTokens, prompt_idx: Tensor, token_idx: Tensor) -> Tensor:
         """The second half: low-res logits (K, 256, 256) of the outputs ``token_idx`` (positions
         in the IoU predictions' columns) of the prompts ``prompt_idx`` (both (K,))."""
         needed, inverse = torch.unique(prompt_idx, return_inverse=True)
         out = [self._mask_head(tokens, ids) for ids in needed.split(_MASK_HEAD_PROMPTS)]
-        return torch.cat(out)[inverse, token_idx]
+        return torch.cat(out)[inverse, token_idx].float()
 
     def _mask_head(self, tokens: DecodedTokens, ids: Tensor) -> Tensor:
         assert tokens.image is not None
@@ -176,13 +203,13 @@ class CpuBackend(ReferenceBackend):
 
     name = "cpu"
 
-    def __init__(self, model: Sam, *, optimize_encoder: bool = True) -> None:
+    def __init__(self, model: Sam, *, optimize_encoder: bool = True, dtype: str = "fp32") -> None:
         """
         Args:
           model: a model on the CPU whose decoder the streamed form supports
             (``streaming.decoder_streamable``). Its prompt encoder and mask decoder are copied
             now, so the per-image state below stays valid however the model changes later.
-          optimize_encoder: as for ``ReferenceBackend`` (on by default here).
+          optimize_encoder / dtype: as for ``ReferenceBackend`` (optimize on by default here).
         Raises:
           ValueError: the model is not on the CPU, or its decoder is not supported.
         """
@@ -190,9 +217,10 @@ class CpuBackend(ReferenceBackend):
             raise ValueError(f"the cpu decode backend needs a model on the CPU, not {model.device}")
         if not decoder_streamable(model.mask_decoder):
             raise ValueError("the cpu decode backend supports SAM's mask decoder configuration only")
-        super().__init__(model, optimize_encoder=optimize_encoder)
+        super().__init__(model, optimize_encoder=optimize_encoder, dtype=dtype)
         self.prompt_encoder = _inference_copy(model.prompt_encoder)
-        self.mask_decoder = _inference_copy(model.mask_decoder)
+        if dtype == "fp32":  # (a reduced-precision copy is already one)
+            self.mask_decoder = _inference_copy(model.mask_decoder)
         self._lock = threading.Lock()
         self._pe: Tensor | None = None
         self._shared: SharedImage | None = None
@@ -212,7 +240,7 @@ class CpuBackend(ReferenceBackend):
             return None
         with self._lock:  # two decoder passes may ask at once (``map_passes``)
             if self._pe is None:
-                self._pe = self.prompt_encoder.get_dense_pe()
+                self._pe = self._dense_pe()
             if masks:  # a mask input's dense embedding: for this call only
                 return self._pe, SharedImage.compute(self.mask_decoder.transformer, image + dense, self._pe)
             if self._shared is None:
@@ -230,11 +258,14 @@ class CpuBackend(ReferenceBackend):
         sparse, dense = self._embed(point_coords, point_labels, boxes, mask_input)
         streamed = self._streamed_image(dense, masks=mask_input is not None)
         if streamed is None:
-            pe = self.prompt_encoder.get_dense_pe()
-            return self.mask_decoder(self._image(), pe, sparse, dense, multimask_output)
-        pe, shared = streamed
-        mask_slice = slice(1, None) if multimask_output else slice(0, 1)
-        return stream_decode(self.mask_decoder, self._image(), pe, sparse, dense, mask_slice, shared)
+            low_res, iou = self.mask_decoder(self._image(), self._dense_pe(), sparse, dense, multimask_output)
+        else:
+            pe, shared = streamed
+            mask_slice = slice(1, None) if multimask_output else slice(0, 1)
+            low_res, iou = stream_decode(
+                self.mask_decoder, self._image(), pe, sparse, dense, mask_slice, shared
+            )
+        return low_res.float(), iou.float()
 
     def decode_tokens(
         self,
@@ -254,7 +285,7 @@ class CpuBackend(ReferenceBackend):
         hs, image_tokens = stream_transformer(
             dec.transformer, self._image() + dense, pe, tokens, read_out, shared
         )
-        iou = dec.iou_prediction_head(hs[:, 0])[:, indices]
+        iou = dec.iou_prediction_head(hs[:, 0])[:, indices].float()
         # mask tokens laid out as the module path's, those not read out left at zero
         mask_tokens = hs.new_zeros(hs.shape[0], dec.num_mask_tokens, hs.shape[2])
         mask_tokens[:, indices] = hs[:, 1:]
@@ -311,18 +342,25 @@ def cpu_backend_applies(model: Sam) -> bool:
 
 
 def select_backend(
-    model: Sam, backend: str | ReferenceBackend = "auto", *, optimize_encoder: bool = True
+    model: Sam,
+    backend: str | ReferenceBackend = "auto",
+    *,
+    optimize_encoder: bool = True,
+    dtype: str = "fp32",
 ) -> ReferenceBackend:
     """The decode backend ``backend`` ("auto", "reference", "cpu", or a backend instance) for
-    ``model``. "auto" is "cpu" where ``cpu_backend_applies``, "reference" otherwise."""
+    ``model``, running in ``dtype``. "auto" is "cpu" where ``cpu_backend_applies``, "reference"
+    otherwise."""
     if isinstance(backend, ReferenceBackend):
+        if backend.dtype != dtype:
+            raise ValueError(f"the given backend runs {backend.dtype}, not {dtype}")
         return backend
     if backend == "auto":
         backend = "cpu" if cpu_backend_applies(model) else "reference"
     if backend == "cpu":
-        return CpuBackend(model, optimize_encoder=optimize_encoder)
+        return CpuBackend(model, optimize_encoder=optimize_encoder, dtype=dtype)
     if backend == "reference":
-        return ReferenceBackend(model, optimize_encoder=optimize_encoder)
+        return ReferenceBackend(model, optimize_encoder=optimize_encoder, dtype=dtype)
     raise ValueError(f"unknown decode backend {backend!r}: use one of {', '.join(BACKENDS)}")
 
 

@@ -19,6 +19,7 @@ class DType(str, Enum):
     fp32 = "fp32"
     fp16 = "fp16"
     bf16 = "bf16"
+    int8 = "int8"
 
 
 @command
@@ -35,7 +36,10 @@ def bench_cli(
     ] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
     dtype: Annotated[
-        DType | None, typer.Option(help="Precision (default: fp16 for trt on a GPU, fp32 otherwise).")
+        DType | None,
+        typer.Option(
+            help="Precision (default: fp16 for trt on a GPU, fp32 otherwise); int8 with --engine onnxruntime."
+        ),
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per encoder call.")] = 1,
     prompts: Annotated[int, typer.Option(min=1, help="Box prompts per image for the decoder.")] = 16,
@@ -218,6 +222,14 @@ def _single_table(rec: dict[str, Any]) -> None:
     console.print(table)
     if ref is not None:
         console.print(f"paper: {ref['source']}", highlight=False)
+    if "agreement" in rec:
+        a = rec["agreement"]
+        console.print(
+            f"{rec['dtype']} vs fp32 PyTorch ({len(a['images'])} images, {a['boxes']} boxes): embedding "
+            f"relative L2 {a['embedding_rel_l2']['mean']:.4f}, box-mask IoU mean {a['mask_iou']['mean']:.4f}, "
+            f"min {a['mask_iou']['min']:.4f}",
+            highlight=False,
+        )
 
 
 def _zoo_table(records: list[dict[str, Any]]) -> None:

@@ -20,6 +20,7 @@ import os
 import re
 import sys
 from collections.abc import Callable
+from enum import Enum
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -169,6 +170,22 @@ ModelOption = Annotated[str, typer.Option("--model", "-m", help="Model name or a
 CheckpointOption = Annotated[
     str | None,
     typer.Option(help="Weights file, or 'hub' for the official release. Default: random weights."),
+]
+
+
+class InferenceDtype(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+# `evsam predict` and `evsam eval`: the predictor's precision (accel/precision.py).
+DtypeOption = Annotated[
+    InferenceDtype,
+    typer.Option(
+        help="Precision of the encoder and decoder: bf16 on CPUs with bf16 instructions and GPUs, "
+        "fp16 on GPUs (docs/precision.md)."
+    ),
 ]
 
 # `evsam distill` and `evsam finetune`: the training loop, optimizer and data loading.

@@ -10,7 +10,17 @@ import typer
 
 from ..errors import EvsamError
 from ..evaluation.detectors import detector_names
-from .common import CheckpointOption, ModelOption, command, console, env_rank, error, setup_logging
+from .common import (
+    CheckpointOption,
+    DtypeOption,
+    InferenceDtype,
+    ModelOption,
+    command,
+    console,
+    env_rank,
+    error,
+    setup_logging,
+)
 
 if TYPE_CHECKING:
     DetectorName = str
@@ -89,6 +99,14 @@ def eval_cli(
     ] = "cpu",
     batch_size: Annotated[int, typer.Option(min=1, help="Images per encoder pass.")] = 4,
     workers: Annotated[int, typer.Option(min=0, help="DataLoader processes decoding images.")] = 2,
+    dtype: DtypeOption = InferenceDtype.fp32,
+    compare_fp32: Annotated[
+        bool,
+        typer.Option(
+            "--compare-fp32",
+            help="With --dtype bf16/fp16: also evaluate in fp32 (into OUTPUT/fp32) and report the difference.",
+        ),
+    ] = False,
     input_size: Annotated[
         int | None, typer.Option(hidden=True, help="Encoder input override (quick tests).")
     ] = None,
@@ -110,6 +128,8 @@ def eval_cli(
 
       evsam eval --detector yolov8 coco --detector-weights yolov8x.pt
 
+      evsam eval coco --data-root coco -m l0 --checkpoint efficientvit_sam_l0.pt --dtype bf16 --compare-fp32
+
       torchrun --nproc-per-node 8 -m evsam_cli eval coco --data-root coco --device cuda --detector vitdet --detections coco_vitdet.json
     """
     rank = env_rank()
@@ -126,7 +146,7 @@ def eval_cli(
     if output is None:
         suffix = f"-{detector}" if detector is not None else ""
         output = Path("runs") / "eval" / f"{dataset.value}-{prompt.value}{suffix}"
-    from ..evaluation import DetectorOptions, evaluate
+    from ..evaluation import DetectorOptions
 
     options = DetectorOptions(
         name=detector if detector is not None else "vitdet",
@@ -135,11 +155,16 @@ def eval_cli(
         config=detector_config,
         text_encoder=text_encoder,
     )
-    try:
-        with _progress(rank == 0) as update:
-            metrics = evaluate(
+    if compare_fp32 and dtype is InferenceDtype.fp32:
+        raise typer.BadParameter("--compare-fp32 goes with --dtype bf16 or fp16", param_hint="--compare-fp32")
+    runs = [(dtype.value, output)] + ([("fp32", output / "fp32")] if compare_fp32 else [])
+    results = []
+    for run_dtype, run_output in runs:
+        results.append(
+            _evaluate(
+                rank,
                 dataset=dataset.value,
-                output=output,
+                output=run_output,
                 model=model,
                 checkpoint=checkpoint,
                 prompt=prompt.value,
@@ -153,15 +178,49 @@ def eval_cli(
                 batch_size=batch_size,
                 workers=workers,
                 input_size=input_size,
-                progress=update,
+                dtype=run_dtype,
             )
+        )
+    if rank == 0:
+        _render(results[0], output)
+        if compare_fp32:
+            _render_comparison(results[0], results[1], output)
+
+
+def _evaluate(rank: int, **kwargs: Any) -> dict[str, Any]:
+    from ..evaluation import evaluate
+
+    try:
+        with _progress(rank == 0) as update:
+            return evaluate(**kwargs, progress=update)
     except ValueError as exc:  # e.g. an input size the model cannot take
         if isinstance(exc, EvsamError):
             raise  # the error edge shows its parameters as flags
         error(str(exc))
         raise typer.Exit(1) from None
-    if rank == 0:
-        _render(metrics, output)
+
+
+def _scores(metrics: dict[str, Any]) -> dict[str, float | None]:
+    return metrics["miou"] if metrics["miou"] is not None else metrics["segm"]
+
+
+def _minus(x: float | None, y: float | None) -> float | None:
+    return None if x is None or y is None else x - y
+
+
+def _render_comparison(reduced: dict[str, Any], fp32: dict[str, Any], output: Path) -> None:
+    """The metric difference (percentage points) of the reduced-precision run against fp32,
+    printed and written to OUTPUT/compare_fp32.json."""
+    from ..utils.io import write_json_atomic
+
+    a, b = _scores(reduced), _scores(fp32)
+    diff = {k: _minus(a[k], b[k]) for k in a}
+    write_json_atomic(
+        output / "compare_fp32.json",
+        {"dtype": reduced["dtype"], reduced["dtype"]: a, "fp32": b, "difference_points": diff},
+    )
+    shown = ", ".join(f"{k} {v:+.2f}" for k, v in diff.items() if v is not None)
+    console.print(f"{reduced['dtype']} minus fp32 (points): {shown} -> {output / 'compare_fp32.json'}")
 
 
 class _progress:

@@ -21,6 +21,11 @@ class Exporter(str, Enum):
     dynamo = "dynamo"
 
 
+class ExportDtype(str, Enum):
+    fp32 = "fp32"
+    int8 = "int8"
+
+
 @command
 def export_cli(
     model: Annotated[str, typer.Option(help="Model name or alias (see `evsam models`).")] = ...,  # type: ignore[assignment]
@@ -39,6 +44,14 @@ def export_cli(
         bool, typer.Option("--fp16", help="TensorRT fp16 engines (normalisation kept in fp32).")
     ] = False,
     bf16: Annotated[bool, typer.Option("--bf16", help="TensorRT bf16 engines.")] = False,
+    dtype: Annotated[
+        ExportDtype,
+        typer.Option(help="int8: encoder.onnx statically quantized (QDQ) beside the fp32 decoder.onnx."),
+    ] = ExportDtype.fp32,
+    calibration: Annotated[
+        Path | None,
+        typer.Option(help="--dtype int8: folder of calibration images. Default: evsam's generated photos."),
+    ] = None,
     max_batch: Annotated[int, typer.Option(min=1, help="TensorRT: largest encoder batch.")] = 16,
     max_prompts: Annotated[
         int, typer.Option(min=1, help="TensorRT: largest number of prompts per decoder call.")
@@ -71,6 +84,8 @@ def export_cli(
       [bold]evsam export --model l0 --checkpoint efficientvit_sam_l0.pt --format onnx -o export/l0[/bold]
 
       [bold]evsam export --model xl1 --checkpoint efficientvit_sam_xl1.pt --format trt --fp16 -o export/xl1[/bold]
+
+      [bold]evsam export --model l0 --checkpoint efficientvit_sam_l0.pt --dtype int8 --calibration photos/ -o export/l0-int8[/bold]
     """
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
     from rich.table import Table
@@ -93,7 +108,12 @@ def export_cli(
     from ..models import resolve_name
 
     resolve_name(model)
-    preflight(fmt=fmt.value, precision=precision)  # fail before the progress display starts
+    preflight(
+        fmt=fmt.value, precision=precision, dtype=dtype.value
+    )  # fail before the progress display starts
+    if calibration is not None and dtype is not ExportDtype.int8:
+        error("--calibration applies to --dtype int8 only")
+        raise typer.Exit(1)
     with Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),
@@ -116,6 +136,8 @@ def export_cli(
             max_points=max_points,
             workspace_gb=workspace_gb,
             tolerance=Tolerance(atol=atol, rtol=rtol),
+            dtype=dtype.value,
+            calibration=calibration,
             progress=lambda msg: bar.update(task, description=msg),
         )
 
@@ -146,6 +168,13 @@ def export_cli(
                 )
     if record["parity"]:
         console.print(parity)
+    if "agreement" in record:
+        a = record["agreement"]
+        console.print(
+            f"int8 encoder vs PyTorch fp32 on {len(a['images'])} images, {a['boxes']} boxes: embedding "
+            f"relative L2 {a['embedding_rel_l2']['mean']:.4f} (max {a['embedding_rel_l2']['max']:.4f}), "
+            f"box-mask IoU mean {a['mask_iou']['mean']:.4f}, min {a['mask_iou']['min']:.4f}"
+        )
     console.print(
         f"opset {record['opset']} ({record['exporter']} exporter), precision {record['precision']}; "
         f"details in [bold]{output / 'export.json'}[/bold]"

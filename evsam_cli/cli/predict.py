@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from ..predictor.amg_settings import AmgSettings
-from .common import CheckpointOption, ModelOption, command, console, parse_floats
+from .common import CheckpointOption, DtypeOption, InferenceDtype, ModelOption, command, console, parse_floats
 
 
 def _amg_option(name: str) -> Any:
@@ -55,6 +55,7 @@ def predict_cli(
         ),
     ] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 ...")] = "cpu",
+    dtype: DtypeOption = InferenceDtype.fp32,
     everything: Annotated[
         bool,
         typer.Option(
@@ -97,7 +98,7 @@ def predict_cli(
     if everything:
         if box or point:
             raise typer.BadParameter("--everything prompts a point grid itself; drop --box/--point")
-        _predict_everything(image, output, model, checkpoint, device, everything_options)
+        _predict_everything(image, output, model, checkpoint, device, dtype.value, everything_options)
         return
     given = [k for k, v in everything_options.items() if v is not None]
     if given:
@@ -123,6 +124,7 @@ def predict_cli(
         points=points,
         multimask_output=multimask,
         device=device,
+        dtype=dtype.value,
     )
 
     from rich.table import Table
@@ -145,7 +147,7 @@ def predict_cli(
 
 
 def _predict_everything(
-    image: Path, output: Path, model: str, checkpoint: str | None, device: str, options: dict
+    image: Path, output: Path, model: str, checkpoint: str | None, device: str, dtype: str, options: dict
 ) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -168,6 +170,7 @@ def _predict_everything(
             model_name=model,
             checkpoint=checkpoint,
             device=device,
+            dtype=dtype,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
             **settings,
         )

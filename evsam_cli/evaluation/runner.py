@@ -76,6 +76,7 @@ def evaluate(
     workers: int = 2,
     prompts_per_pass: int | None = None,
     input_size: int | None = None,
+    dtype: str = "fp32",
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Evaluate a zoo model zero-shot; write ``OUTPUT/metrics.json`` (and ``predictions.json``).
@@ -91,6 +92,7 @@ def evaluate(
       batch_size: images per encoder pass. workers: DataLoader processes decoding images.
       prompts_per_pass: prompts per decoder pass (default ``default_prompts_per_pass``).
       input_size: encoder input override (EfficientViT-SAM only; for quick tests).
+      dtype: the predictor's precision ("fp32", "bf16", "fp16"; ``SamPredictor``).
       progress: called on rank 0 with (images done, images in this rank's shard).
     Returns the metrics dict written to metrics.json (on every rank; only rank 0 writes).
     """
@@ -104,6 +106,9 @@ def evaluate(
         det.get_detector(detector.name)  # an unknown name fails before anything is loaded
     output = Path(output)
     dev = resolve_device(device)
+    from ..accel.precision import check_dtype
+
+    check_dtype(dtype, dev)  # before data and model are loaded
     info = dist_utils.init_distributed(dev)
     if dev.type == "cuda" and info.distributed:
         dev = torch.device("cuda", info.local_rank)
@@ -120,7 +125,7 @@ def evaluate(
     if prompts_per_pass is None:
         prompts_per_pass = default_prompts_per_pass(dev)
     # Everything decodes through the predictor (and its encoder's inference copy runs the images).
-    predictor = SamPredictor(sam, max_prompts_per_pass=prompts_per_pass)
+    predictor = SamPredictor(sam, max_prompts_per_pass=prompts_per_pass, dtype=dtype)
 
     shard = dist_utils.shard_indices(len(data), info.rank, info.world_size)
     items = EvalImages(
@@ -178,6 +183,7 @@ def evaluate(
             checkpoint=checkpoint,
             output=output,
             start=start,
+            dtype=dtype,
         )
     metrics = dist_utils.broadcast_object(metrics)
     return metrics
@@ -340,6 +346,7 @@ def _score(
     checkpoint: str | None,
     output: Path,
     start: float,
+    dtype: str = "fp32",
 ) -> dict[str, Any]:
     records = sorted(r for p in parts for r in p.records)
     skipped = [entry for _, entry in sorted((s for p in parts for s in p.skipped), key=lambda s: s[0])]
@@ -371,6 +378,7 @@ def _score(
         "detector": detector.name if prompt == "detector" else None,
         "model": model.name,
         "checkpoint": checkpoint,
+        "dtype": dtype,
         "num_images": num_images,
         "num_prompts": sum(p.num_prompts for p in parts),
         "miou": miou,

@@ -1,7 +1,8 @@
 """``export_model``: the whole ``evsam export`` as one keyword-only function.
 
-ONNX export -> parity with PyTorch under onnxruntime -> (``trt``) TensorRT engines -> parity of
-the engines -> ``export.json``. Every file is written atomically; ``export.json`` is written
+ONNX export -> parity with PyTorch under onnxruntime -> (``dtype="int8"``) static quantization
+of the encoder and its agreement with PyTorch -> (``trt``) TensorRT engines -> parity of the
+engines -> ``export.json``. Every file is written atomically; ``export.json`` is written
 even when a parity check fails (with ``"ok": false``) so that the numbers can be inspected.
 """
 
@@ -20,6 +21,7 @@ from .parity import Tolerance
 from .runtimes import runtime_for_format
 
 PRECISIONS = ("fp32", "fp16", "bf16")
+DTYPES = ("fp32", "int8")  # of the exported ONNX encoder (int8: onnxruntime's quantization)
 
 
 def _versions() -> dict[str, str | None]:
@@ -47,10 +49,14 @@ def _versions() -> dict[str, str | None]:
     return out
 
 
-def preflight(*, fmt: str, precision: str) -> None:
-    """The checks that need no model: a registered format, a precision it builds, its runtime
-    (and device) present."""
+def preflight(*, fmt: str, precision: str, dtype: str = "fp32") -> None:
+    """The checks that need no model: a registered format, a precision it builds, an encoder
+    dtype it runs, its runtime (and device) present."""
     runtime = runtime_for_format(fmt)
+    if dtype not in DTYPES:
+        raise ExportError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    if dtype == "int8" and fmt != "onnx":
+        raise ExportError("int8 is an onnxruntime quantization of encoder.onnx: use --format onnx")
     if precision not in PRECISIONS:
         raise ExportError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     runtime.check(precision=precision)
@@ -73,6 +79,8 @@ def export_model(
     workspace_gb: float = 4.0,
     tolerance: Tolerance | None = None,
     check: bool = True,
+    dtype: str = "fp32",
+    calibration: str | os.PathLike[str] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Export ``model`` to ``output_dir``; returns what is written to ``export.json``.
@@ -89,12 +97,18 @@ def export_model(
         kernels are tuned for max_batch, the decoder's for ``opt_prompts``, default min(16, max)).
       tolerance: allowed onnxruntime-vs-PyTorch difference (``Tolerance``).
       check: measure parity (off only for throwaway exports, e.g. inside ``evsam bench``).
+      dtype: "fp32", or "int8": ``encoder.onnx`` statically quantized (QDQ, ``quantize.py``)
+        beside the float32 ``decoder.onnx``, with an ``"agreement"`` object in export.json
+        (always measured: it is the only accuracy figure an int8 export has).
+      calibration: folder of calibration images for int8 (default: evsam's generated photos).
       progress: called with a short description before each step.
     Raises:
       ExportError when a graph cannot be produced or parity is outside tolerance;
       MissingDependencyError / DeviceError for ``trt`` without TensorRT or a GPU.
     """
-    preflight(fmt=fmt, precision=precision)
+    preflight(fmt=fmt, precision=precision, dtype=dtype)
+    if calibration is not None and dtype != "int8":
+        raise ExportError("--calibration applies to --dtype int8 only")
 
     from ..models import create_model
     from ..models.sam import PIXEL_MEAN, PIXEL_STD
@@ -119,6 +133,7 @@ def export_model(
         "format": fmt,
         "precision": precision,
         "dtype": "float32",  # I/O dtype of every graph and engine
+        "encoder_dtype": "float32",  # weights of encoder.onnx ("int8" when quantized)
         "input_size": net.input_size,
         "prompt_size": net.prompt_size,
         "preprocessing": net.preprocessing,
@@ -146,6 +161,8 @@ def export_model(
         except ExportError as exc:
             failure = exc
             record["parity"]["onnxruntime"] = getattr(exc, "parity", {})
+    if failure is None and dtype == "int8":
+        failure = _quantize(net, onnx_export, record, calibration=calibration, step=step)
     if failure is None:
         failure = runtime_for_format(fmt).build(
             net,
@@ -170,3 +187,33 @@ def export_model(
     if failure is not None:
         raise failure
     return record
+
+
+def _quantize(
+    net: Any,
+    onnx_export: Any,
+    record: dict[str, Any],
+    *,
+    calibration: str | os.PathLike[str] | None,
+    step: Callable[[str], None],
+) -> ExportError | None:
+    """Replace encoder.onnx by its int8 quantization and record how it agrees with PyTorch."""
+    from ..predictor.sam_predictor import SamPredictor
+    from .agreement import measure_agreement
+    from .quantize import calibration_images, quantize_encoder
+    from .runtime import OnnxSamPredictor
+
+    images = calibration_images(calibration)
+    step(f"quantizing the encoder to int8 ({len(images)} calibration images)")
+    try:
+        record["quantization"] = quantize_encoder(
+            onnx_export.encoder_path, onnx_export.encoder_path, images=images
+        )
+    except ExportError as exc:
+        return exc
+    record["encoder_dtype"] = "int8"
+    step("measuring the int8 encoder's agreement with PyTorch")
+    record["agreement"] = measure_agreement(
+        SamPredictor(net), OnnxSamPredictor(onnx_export.encoder_path, onnx_export.decoder_path)
+    )
+    return None

@@ -112,11 +112,14 @@ class _Candidates:
 
 
 class AutomaticMaskGenerator:
-    def __init__(self, model: Sam, settings: AmgSettings | None = None, **overrides: Any) -> None:
+    def __init__(
+        self, model: Sam, settings: AmgSettings | None = None, *, dtype: str = "fp32", **overrides: Any
+    ) -> None:
         """
         Args:
           model: any zoo model (``create_model``); its device is used.
           settings: an ``AmgSettings`` (default: segment-anything's defaults).
+          dtype: the predictor's precision ("fp32", "bf16", "fp16"; ``SamPredictor``).
           **overrides: any ``AmgSettings`` field by name, e.g. ``points_per_side=16``; they
             replace the same fields of ``settings``. See ``AmgSettings`` for each setting.
         Raises:
@@ -126,7 +129,7 @@ class AutomaticMaskGenerator:
         settings = dataclasses.replace(settings or AmgSettings(), **overrides)
         self.settings = settings
         self.model = model
-        self.predictor = SamPredictor(model)
+        self.predictor = SamPredictor(model, dtype=dtype)
         self.point_grids = settings.layer_grids()
         self.points_per_batch = settings.points_per_batch
         self.pred_iou_thresh = settings.pred_iou_thresh

@@ -33,6 +33,7 @@ class SamPredictor(PromptablePredictor):
         max_prompts_per_pass: int | None = None,
         optimize: bool = True,
         backend: str | ReferenceBackend = "auto",
+        dtype: str = "fp32",
     ) -> None:
         """
         Args:
@@ -45,12 +46,17 @@ class SamPredictor(PromptablePredictor):
             float32 model on the CPU, the model's own modules otherwise), "cpu", "reference",
             or a backend instance. The CPU backend and ``optimize`` copy the weights they use
             now: weights changed later are not seen by this predictor.
+          dtype: "fp32"; "bf16" (CPUs with bf16 instructions, GPUs) or "fp16" (GPUs) run the
+            image encoder and mask decoder as reduced-precision copies, with normalisation,
+            LiteMLA's attention sums, the prompt encoder and mask upscaling in float32
+            (docs/precision.md). ``PrecisionError`` where the device cannot run it.
         """
         self.model = model
         if max_prompts_per_pass is None:
             max_prompts_per_pass = default_prompts_per_pass(model.device)
         self.max_prompts_per_pass = max_prompts_per_pass
-        self.backend = select_backend(model, backend, optimize_encoder=optimize)
+        self.dtype = dtype
+        self.backend = select_backend(model, backend, optimize_encoder=optimize, dtype=dtype)
         self.image_encoder = self.backend.image_encoder
         self.reset_image()
 

@@ -42,8 +42,11 @@ def predict_image(
     points: Sequence[tuple[float, float, int]] = (),
     multimask_output: bool | None = None,
     device: str = "cpu",
+    dtype: str = "fp32",
 ) -> dict[str, Any]:
     """Run the model on one image and write ``mask_<i>.png``, ``overlay.png`` and ``scores.json``.
+
+    ``dtype``: the predictor's precision ("fp32", "bf16", "fp16"; ``SamPredictor``).
 
     Prompts: every box is its own prompt, except that points (all together) and at most one box
     form a single prompt. ``multimask_output=None`` means multimask only for a lone point.
@@ -55,8 +58,11 @@ def predict_image(
     output = Path(output)
     image = load_image(image_path)
     dev = resolve_device(device)
+    from ..accel.precision import check_dtype
+
+    check_dtype(dtype, dev)  # before the model is built
     model = create_model(model_name, checkpoint=checkpoint, device=dev)
-    predictor = SamPredictor(model)
+    predictor = SamPredictor(model, dtype=dtype)
 
     t0 = time.perf_counter()
     predictor.set_image(image)
@@ -116,6 +122,7 @@ def predict_image(
         "model": model.name,
         "checkpoint": checkpoint,
         "multimask_output": bool(multimask_output),
+        "dtype": dtype,
         "prompts": prompts,
         "encoder_seconds": t1 - t0,
         "decoder_seconds": t2 - t1,
@@ -133,6 +140,7 @@ def predict_everything(
     checkpoint: str | None,
     settings: AmgSettings | None = None,
     device: str = "cpu",
+    dtype: str = "fp32",
     progress: Callable[[int, int], None] | None = None,
     **overrides: Any,
 ) -> dict[str, Any]:
@@ -143,8 +151,8 @@ def predict_everything(
     ``masks.json`` has SA-1B's layout: ``{"image": {"file_name", "height", "width"},
     "annotations": [{"id", "segmentation" (COCO RLE), "area", "bbox" (xywh), "predicted_iou",
     "point_coords", "stability_score", "crop_box"}]}`` plus ``model``, ``checkpoint``,
-    ``settings``, ``num_masks``, ``mean_predicted_iou`` and ``seconds``. Settings are checked
-    before the image and the model are loaded. Returns the content of ``masks.json``.
+    ``settings``, ``dtype``, ``num_masks``, ``mean_predicted_iou`` and ``seconds``. Settings
+    and ``dtype`` are checked before the image and the model are loaded. Returns the content of ``masks.json``.
     """
     from ..models import create_model
     from .automatic import AutomaticMaskGenerator
@@ -152,10 +160,14 @@ def predict_everything(
     t_start = time.perf_counter()
     # Checked here, before the slow loading.
     amg = dataclasses.replace(settings or AmgSettings(), **{**overrides, "output_mode": "coco_rle"})
+    from ..accel.precision import check_dtype
+
+    dev = resolve_device(device)
+    check_dtype(dtype, dev)
     output = Path(output)
     image = load_image(image_path)
-    model = create_model(model_name, checkpoint=checkpoint, device=resolve_device(device))
-    generator = AutomaticMaskGenerator(model, amg)
+    model = create_model(model_name, checkpoint=checkpoint, device=dev)
+    generator = AutomaticMaskGenerator(model, amg, dtype=dtype)
     t0 = time.perf_counter()
     records = generator.generate(image, progress=progress)
     seconds = time.perf_counter() - t0
@@ -172,6 +184,7 @@ def predict_everything(
         "model": model.name,
         "checkpoint": checkpoint,
         "settings": amg.to_dict(),
+        "dtype": dtype,
         "num_masks": len(records),
         "mean_predicted_iou": float(np.mean([r["predicted_iou"] for r in records])) if records else None,
         "seconds": {"generate": seconds, **generator.timings, "total": time.perf_counter() - t_start},

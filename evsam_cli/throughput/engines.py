@@ -21,6 +21,8 @@ from ..export.errors import ExportError
 from ..export.runtimes import RUNTIMES, get_runtime
 from .names import TORCH_ENGINES, engine_names
 
+DTYPES = ("fp32", "fp16", "bf16", "int8")  # int8: onnxruntime only (a quantized encoder.onnx)
+
 
 class BenchError(EvsamError):
     """A benchmark setting that cannot run (an engine/dtype/device combination)."""
@@ -94,7 +96,11 @@ class TorchEngine(Engine):
         self.torch = torch
         self.device = device
         self.model = model.to(device).eval()
-        self.autocast_dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+        # Eager runs the predictor's reduced-precision backend (``accel/precision.py``);
+        # torch.compile traces the model's modules under autocast.
+        self.autocast_dtype = (
+            {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype] if compile else None
+        )
         gen = torch.Generator().manual_seed(0)
         size = model.input_size
         self.images = torch.randn(batch_size, 3, size, size, generator=gen).to(device)
@@ -118,7 +124,7 @@ class TorchEngine(Engine):
 
             decode = torch.compile(one_pass, **compile_options(device))
         else:
-            backend = self.backend = select_backend(model)
+            backend = self.backend = select_backend(model, dtype=dtype)
             context = self._context  # inference mode and autocast are per thread
             encoder = backend.encode
 
@@ -138,7 +144,9 @@ class TorchEngine(Engine):
         self._encoder = encoder
         self._decode = decode
         with self._context():
-            self.embedding = model.image_encoder(self.images[:1]).clone()
+            self.embedding = (model.image_encoder if compile else self.backend.encode)(
+                self.images[:1]
+            ).clone()
 
     def _context(self) -> Any:
         import contextlib
@@ -169,7 +177,8 @@ class TorchEngine(Engine):
 
 
 class OnnxRuntimeEngine(Engine):
-    """onnxruntime sessions on ``encoder.onnx`` / ``decoder.onnx`` (float32 graphs)."""
+    """onnxruntime sessions on ``encoder.onnx`` / ``decoder.onnx`` (float32 graphs, or an int8
+    encoder)."""
 
     name = "onnxruntime"
 
@@ -177,6 +186,7 @@ class OnnxRuntimeEngine(Engine):
         from ..export.runtime import graph_metadata, open_session
 
         super().__init__(batch_size=batch_size, prompts=prompts)
+        self.encoder_path, self.decoder_path = Path(encoder), Path(decoder)
         self.encoder = open_session(encoder, device=device)
         self.decoder = open_session(decoder, device=device)
         size = self.encoder.get_inputs()[0].shape[-1]
@@ -265,8 +275,12 @@ def make_engine(
     if engine not in RUNTIMES:
         raise BenchError(f"unknown engine {engine!r}: use one of {', '.join(engine_names())}")
     runtime = get_runtime(engine)
-    try:
-        runtime.check(precision=dtype, device_type=device.type)
+    if dtype == "int8" and runtime.format != "onnx":
+        raise BenchError(
+            "int8 is an onnxruntime quantization of encoder.onnx: use engine onnxruntime"
+        ).naming("engine")
+    try:  # an int8 export is float32 graphs with a quantized encoder
+        runtime.check(precision="fp32" if dtype == "int8" else dtype, device_type=device.type)
     except ExportError as exc:
         raise BenchError(str(exc)) from None
     folder, tmp = _exported_folder(
@@ -316,7 +330,8 @@ def _exported_folder(
             checkpoint=checkpoint,
             output_dir=tmp.name,
             fmt=fmt,
-            precision=dtype,
+            precision=dtype if fmt == "trt" else "fp32",
+            dtype="int8" if dtype == "int8" else "fp32",
             input_size=model.input_size,
             max_batch=batch_size,
             max_prompts=max(prompts, 1),

@@ -33,6 +33,10 @@ def check_settings(
         raise BenchError(f"unknown engine {engine!r}: use one of {', '.join(engine_names())}")
     if dtype not in DTYPES:
         raise BenchError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    if dtype == "int8" and engine != "onnxruntime":
+        raise BenchError("int8 is an onnxruntime quantization of the encoder: use --engine onnxruntime")
+    if engine == "onnxruntime" and dtype not in ("fp32", "int8"):
+        raise BenchError("onnxruntime runs float32 graphs or an int8 encoder: use --dtype fp32 or int8")
     if engine in ("torch", "compile") and dtype == "fp16" and device_type == "cpu":
         raise BenchError(
             "fp16 on the CPU has no fast kernels in PyTorch (minutes per image): use --dtype bf16 or fp32"
@@ -72,6 +76,10 @@ def preflight(
         warmup=warmup,
         iters=iters,
     )
+    if engine in ("torch", "compile") and dtype != "fp32":
+        from ..accel.precision import check_dtype
+
+        check_dtype(dtype, dev)  # bf16 without bf16 instructions
     if gpu is not None and gpu.lower() not in GPUS:
         raise BenchError(f"no paper figures for --gpu {gpu!r}: known GPUs are {', '.join(known_gpus())}")
     from ..export.runtimes import RUNTIMES
@@ -109,7 +117,9 @@ def run_bench(
         speed does not depend on the values).
       engine: torch, compile (torch.compile) or a registered export runtime
         (``export.runtimes``: onnxruntime, trt).
-      device: cpu, cuda[:i] or auto; dtype: fp32, fp16, bf16 (default: fp16 for trt, else fp32).
+      device: cpu, cuda[:i] or auto; dtype: fp32, fp16, bf16, int8 (onnxruntime; default: fp16
+        for trt, else fp32). Reduced precisions add an ``"agreement"`` with fp32 PyTorch to the
+        record (``export/agreement.py``).
       batch_size: images per encoder call; prompts: box prompts per decoder call (P).
       warmup / iters: untimed calls (at least 1) and timed calls per measurement; default
         1 and 5 on the CPU, 5 and 20 on a GPU.
@@ -182,6 +192,7 @@ def run_bench(
 
             report(phase, 0)
             timings[phase] = measure(fn, warmup=warmup, iters=iters, cuda=eng.cuda, on_step=step)
+        agreement = _agreement(net, dtype, eng) if dtype != "fp32" and engine != "trt" else None
     finally:
         eng.close()
     record = {
@@ -204,9 +215,29 @@ def run_bench(
         "end_to_end": {"images_per_s": timings["end_to_end"].per_second(batch_size)},
         "reference": None if gpu is None else reference_for(net.name, gpu),
     }
+    if agreement is not None:
+        record["agreement"] = agreement
     if gpu is not None and record["reference"] is None:
         warnings.append(f"the paper gives no {gpu} figure for {net.name}")
     return record, warnings
+
+
+def _agreement(net: Any, dtype: str, eng: Any) -> dict[str, Any]:
+    """How the benched precision agrees with fp32 PyTorch (``measure_agreement``)."""
+    from ..export.agreement import measure_agreement
+    from ..predictor.sam_predictor import SamPredictor
+
+    reference = SamPredictor(net)
+    if dtype == "int8":
+        import json
+
+        from ..export.runtime import OnnxSamPredictor
+
+        record = eng.encoder_path.parent / "export.json"  # the int8 export measured it already
+        if record.is_file() and "agreement" in (known := json.loads(record.read_text())):
+            return known["agreement"]
+        return measure_agreement(reference, OnnxSamPredictor(eng.encoder_path, eng.decoder_path))
+    return measure_agreement(reference, SamPredictor(net, dtype=dtype))
 
 
 def bench_zoo(
