@@ -20,7 +20,7 @@ from evsam_cli.predictor.sam_predictor import SamPredictor
 
 METRIC_KEYS = {
     "dataset", "prompt", "detector", "model", "checkpoint", "num_images", "num_prompts", "miou", "segm",
-    "seconds", "images_per_s", "skipped_images",
+    "seconds", "images_per_s", "skipped_images", "dtype",
 }  # fmt: skip
 SIZE = 256
 

@@ -21,8 +21,6 @@ from ..export.errors import ExportError
 from ..export.runtimes import RUNTIMES, get_runtime
 from .names import TORCH_ENGINES, engine_names
 
-DTYPES = ("fp32", "fp16", "bf16", "int8")  # int8: onnxruntime only (a quantized encoder.onnx)
-
 
 class BenchError(EvsamError):
     """A benchmark setting that cannot run (an engine/dtype/device combination)."""

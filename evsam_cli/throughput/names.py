@@ -9,7 +9,7 @@ from __future__ import annotations
 from ..export.runtimes import RUNTIMES
 
 TORCH_ENGINES = ("torch", "compile")
-DTYPES = ("fp32", "fp16", "bf16")
+DTYPES = ("fp32", "fp16", "bf16", "int8")  # int8: onnxruntime only (a quantized encoder.onnx)
 
 
 def engine_names() -> tuple[str, ...]:

@@ -34,9 +34,13 @@ def check_settings(
     if dtype not in DTYPES:
         raise BenchError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     if dtype == "int8" and engine != "onnxruntime":
-        raise BenchError("int8 is an onnxruntime quantization of the encoder: use --engine onnxruntime")
+        raise BenchError("int8 is an onnxruntime quantization of the encoder: use engine onnxruntime").naming(
+            "engine"
+        )
     if engine == "onnxruntime" and dtype not in ("fp32", "int8"):
-        raise BenchError("onnxruntime runs float32 graphs or an int8 encoder: use --dtype fp32 or int8")
+        raise BenchError("onnxruntime runs float32 graphs or an int8 encoder: use dtype fp32 or int8").naming(
+            "dtype"
+        )
     if engine in ("torch", "compile") and dtype == "fp16" and device_type == "cpu":
         raise BenchError(
             "fp16 on the CPU has no fast kernels in PyTorch (minutes per image): use --dtype bf16 or fp32"
