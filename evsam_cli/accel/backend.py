@@ -150,8 +150,14 @@ class ReferenceBackend:
         """Prompts in the prompt frame -> (N, M, 256, 256) low-res logits and (N, M) IoU
         predictions, M = 3 with ``multimask_output`` else 1 (``Sam.decode``)."""
         sparse, dense = self._embed(point_coords, point_labels, boxes, mask_input)
-        low_res, iou = self.mask_decoder(self._image(), self._dense_pe(), sparse, dense, multimask_output)
+        low_res, iou = self._decode_embedded(sparse, dense, multimask_output, mask_input is not None)
         return low_res.float(), iou.float()
+
+    def _decode_embedded(
+        self, sparse: Tensor, dense: Tensor, multimask_output: bool, has_mask_input: bool
+    ) -> tuple[Tensor, Tensor]:
+        """The mask decoder on embedded prompts (sparse (N, T, C), dense) -> logits and IoUs."""
+        return self.mask_decoder(self._image(), self._dense_pe(), sparse, dense, multimask_output)
 
     def decode_tokens(
         self,
@@ -247,25 +253,16 @@ class CpuBackend(ReferenceBackend):
                 self._shared = SharedImage.compute(self.mask_decoder.transformer, image + dense, self._pe)
             return self._pe, self._shared
 
-    def decode(
-        self,
-        point_coords: Tensor | None = None,
-        point_labels: Tensor | None = None,
-        boxes: Tensor | None = None,
-        mask_input: Tensor | None = None,
-        multimask_output: bool = True,
+    def _decode_embedded(
+        self, sparse: Tensor, dense: Tensor, multimask_output: bool, has_mask_input: bool
     ) -> tuple[Tensor, Tensor]:
-        sparse, dense = self._embed(point_coords, point_labels, boxes, mask_input)
-        streamed = self._streamed_image(dense, masks=mask_input is not None)
+        """The streamed decoder where these inputs stream (``_streamed_image``), else the module."""
+        streamed = self._streamed_image(dense, masks=has_mask_input)
         if streamed is None:
-            low_res, iou = self.mask_decoder(self._image(), self._dense_pe(), sparse, dense, multimask_output)
-        else:
-            pe, shared = streamed
-            mask_slice = slice(1, None) if multimask_output else slice(0, 1)
-            low_res, iou = stream_decode(
-                self.mask_decoder, self._image(), pe, sparse, dense, mask_slice, shared
-            )
-        return low_res.float(), iou.float()
+            return super()._decode_embedded(sparse, dense, multimask_output, has_mask_input)
+        pe, shared = streamed
+        mask_slice = slice(1, None) if multimask_output else slice(0, 1)
+        return stream_decode(self.mask_decoder, self._image(), pe, sparse, dense, mask_slice, shared)
 
     def decode_tokens(
         self,

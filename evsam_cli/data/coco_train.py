@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DataError
-from .sa1b import CorruptSample, Sa1bRecord, _Raw, check_val_images, decode_record
+from .sa1b import Sa1bSource, _Raw, check_val_images
 
 log = logging.getLogger("evsam.data")
 
@@ -38,30 +38,9 @@ class CocoUnit:
             yield f"{self.path.name}: {exc.strerror or exc}"
 
 
-@dataclass(frozen=True)
-class CocoSource:
-    root: Path
-    train_units: tuple[CocoUnit, ...]
-    val_unit_list: tuple[CocoUnit, ...]
-    val_images: int
-    is_tar: bool = False
-    missing: tuple[str, ...] = ()
-
-    def validation_records(self) -> Iterator[Sa1bRecord | str]:
-        for unit in self.val_unit_list:
-            for raw in unit.read():
-                if isinstance(raw, str):
-                    yield raw
-                    continue
-                try:
-                    yield decode_record(raw)
-                except CorruptSample as exc:
-                    yield str(exc)
-
-
 def open_coco(
     images: str | os.PathLike[str], annotations: str | os.PathLike[str], *, val_images: int | None = 0
-) -> CocoSource:
+) -> Sa1bSource:
     """Read a COCO instances JSON; image files are ``images / file_name``.
 
     ``val_images``: images held out for validation; ``None`` chooses ``auto_val_images``.
@@ -103,10 +82,11 @@ def open_coco(
     cut = len(units) - val_images
     if val_images:
         log.info("validation: %d of %d annotated image(s) held out (the last by id)", val_images, len(units))
-    return CocoSource(
+    return Sa1bSource(
         root=root,
         train_units=tuple(units[:cut]),
         val_unit_list=tuple(units[cut:]),
         val_images=val_images,
+        is_tar=False,
         missing=tuple(missing),
     )

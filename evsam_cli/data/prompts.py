@@ -204,4 +204,22 @@ class PromptablePredictor:
         multimask_output: bool = True,
         return_logits: bool = False,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """N prompts of the current image in batched decoder passes.
+
+        Args:
+          point_coords: (N, K, 2) x,y pixels; point_labels: (N, K) with 1/0 (-1 pads).
+          boxes: (N, 4) xyxy pixels.
+          mask_input: (N, 1, 256, 256) low-res logits from an earlier prediction.
+        Returns:
+          masks (N, C, H, W) (bool, or float logits with ``return_logits``), scores (N, C) and
+          low-res logits (N, C, 256, 256) as numpy arrays; C = 3 with ``multimask_output`` else 1.
+        """
+        prompts = self._prompts(point_coords, point_labels, boxes, mask_input)
+        return self._predict_prompts(prompts, multimask_output=multimask_output, return_logits=return_logits)
+
+    def _predict_prompts(
+        self, prompts: Prompts, *, multimask_output: bool, return_logits: bool
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``predict_batch`` for prompts already checked and in the prompt frame: the part each
+        predictor runs its own way."""
         raise NotImplementedError

@@ -32,7 +32,7 @@ import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -114,6 +114,19 @@ def decode_mask(segmentation: Any, height: int, width: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- units
+class SampleUnit(Protocol):
+    """What a source is made of: something that reads raw samples (an SA-1B pair or shard, one
+    COCO image); its first ``skip`` samples belong to the validation slice."""
+
+    @property
+    def path(self) -> Path: ...
+
+    @property
+    def skip(self) -> int: ...
+
+    def read(self) -> Iterator[_Raw | str]: ...
+
+
 @dataclass(frozen=True)
 class Unit:
     """A pair (``path`` is the JPEG) or a tar shard; ``skip`` leading samples belong to validation."""
@@ -162,11 +175,12 @@ def _read_tar(path: Path) -> Iterator[_Raw | str]:
 
 @dataclass(frozen=True)
 class Sa1bSource:
-    """The units of an SA-1B copy, split into training units and the validation slice."""
+    """The units of an SA-1B copy (or of a COCO-format set, ``coco_train.open_coco``), split into
+    training units and the validation slice."""
 
     root: Path
-    train_units: tuple[Unit, ...]
-    val_unit_list: tuple[Unit, ...]
+    train_units: tuple[SampleUnit, ...]
+    val_unit_list: tuple[SampleUnit, ...]
     val_images: int
     is_tar: bool
     missing: tuple[str, ...] = ()  # JPEGs without annotation file
@@ -359,7 +373,7 @@ class Sa1bStream(IterableDataset):
             raise ValueError(f"{len(positions)} positions for {self.num_workers} workers")
         self._state.copy_(torch.tensor([epoch, rotation, *positions], dtype=torch.int64))
 
-    def units_for_epoch(self, epoch: int) -> list[Unit]:
+    def units_for_epoch(self, epoch: int) -> list[SampleUnit]:
         units = list(self.source.train_units)
         if self.shuffle:
             order = np.random.default_rng([self.seed, epoch]).permutation(len(units))
@@ -428,7 +442,7 @@ class Sa1bStream(IterableDataset):
         return batch
 
 
-def _skip_leading(unit: Unit) -> Iterator[_Raw | str]:
+def _skip_leading(unit: SampleUnit) -> Iterator[_Raw | str]:
     for i, raw in enumerate(unit.read()):
         if i >= unit.skip:
             yield raw

@@ -28,7 +28,7 @@ from ..data.frames import (
     upscale_bands,
     upscale_matrices,
 )
-from ..data.prompts import PromptablePredictor
+from ..data.prompts import PromptablePredictor, Prompts
 from ..errors import DataError, MissingDependencyError
 from .errors import ExportError
 
@@ -180,20 +180,11 @@ class ExportedSamPredictor(PromptablePredictor):
         return self._prompts(point_coords, point_labels, boxes, None).decoder_points()
 
     # ------------------------------------------------------------------ prediction
-    def predict_batch(
-        self,
-        point_coords: np.ndarray | None = None,
-        point_labels: np.ndarray | None = None,
-        boxes: np.ndarray | None = None,
-        mask_input: np.ndarray | None = None,
-        multimask_output: bool = True,
-        return_logits: bool = False,
+    def _predict_prompts(
+        self, prompts: Prompts, *, multimask_output: bool, return_logits: bool
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """N prompts of the current image: points (N, K, 2)/(N, K), boxes (N, 4), masks (N, 1, 256, 256).
-
-        Returns masks (N, C, H, W), scores (N, C) and low-res logits (N, C, 256, 256).
-        """
-        prompts = self._prompts(point_coords, point_labels, boxes, mask_input)
+        """Passes of ``max_prompts_per_pass`` prompts through the exported decoder, masks
+        upscaled in bands (``upscale_masks``)."""
         assert self.features is not None and self.input_size is not None and self.original_size is not None
         coords, labels = prompts.decoder_points()
         n, masks_in = prompts.count, prompts.mask_input

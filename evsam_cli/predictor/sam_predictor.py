@@ -97,26 +97,11 @@ class SamPredictor(PromptablePredictor):
         }
 
     # ------------------------------------------------------------------ prediction
-    def predict_batch(
-        self,
-        point_coords: np.ndarray | None = None,
-        point_labels: np.ndarray | None = None,
-        boxes: np.ndarray | None = None,
-        mask_input: np.ndarray | None = None,
-        multimask_output: bool = True,
-        return_logits: bool = False,
+    def _predict_prompts(
+        self, prompts: Prompts, *, multimask_output: bool, return_logits: bool
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """N prompts of the current image in batched decoder passes (on a CPU, two halves of the
-        passes may run on two threads at once: ``accel/passes.py``).
-
-        Args:
-          point_coords: (N, K, 2) x,y pixels; point_labels: (N, K) with 1/0 (-1 pads).
-          boxes: (N, 4) xyxy pixels.
-          mask_input: (N, 1, 256, 256) low-res logits from an earlier prediction.
-        Returns:
-          masks (N, C, H, W), scores (N, C), low-res logits (N, C, 256, 256) as numpy arrays.
-        """
-        prompts = self._prompts(point_coords, point_labels, boxes, mask_input)
+        """Passes of ``max_prompts_per_pass`` prompts through the backend (on a CPU, two halves
+        of the passes may run on two threads at once: ``accel/passes.py``)."""
         inputs = self._tensors(prompts)
 
         def decode(sl: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
