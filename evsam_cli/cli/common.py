@@ -226,33 +226,69 @@ ResumeOption = Annotated[
 ]
 OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Replace a run already in --output.")]
 ProgressOption = Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bar on rank 0.")]
+SeedOption = Annotated[int, typer.Option(help="Random seed (data order, prompts, initialisation).")]
 
 
-# The training options above, as the library names them (``train.config.defaults``).
-_TRAIN_OPTIONS = (
-    "steps",
-    "epochs",
-    "batch_size",
-    "grad_accum",
-    "lr",
-    "weight_decay",
-    "warmup_steps",
-    "grad_clip",
-    "val_images",
-    "val_every",
-    "save_every",
-    "log_every",
-    "workers",
-    "seed",
-    "device",
-    "amp",
+# The options distill and finetune share, as the library names them (``train.config.defaults``),
+# in --help order; ``with_train_options`` adds them to both commands.
+_TRAIN_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("steps", StepsOption),
+    ("epochs", EpochsOption),
+    ("batch_size", TrainBatchSizeOption),
+    ("grad_accum", GradAccumOption),
+    ("lr", LrOption),
+    ("weight_decay", WeightDecayOption),
+    ("warmup_steps", WarmupStepsOption),
+    ("grad_clip", GradClipOption),
+    ("val_images", ValImagesOption),
+    ("val_every", ValEveryOption),
+    ("save_every", SaveEveryOption),
+    ("log_every", LogEveryOption),
+    ("workers", TrainWorkersOption),
+    ("seed", SeedOption),
+    ("device", TrainDeviceOption),
+    ("amp", AmpOption),
+    ("resume", ResumeOption),
+    ("overwrite", OverwriteOption),
+    ("progress", ProgressOption),
 )
 
 
-def train_settings(args: dict[str, Any]) -> dict[str, Any]:
-    """The training options among a train command's arguments (its ``locals()``), as flat library
-    settings for ``train.config.from_flat``; ``--output`` and ``--data`` included."""
-    settings = {name: args[name] for name in _TRAIN_OPTIONS}
+def with_train_options(defaults: dict[str, Any]) -> Callable[[F], F]:
+    """Add the training options distill and finetune share to a command, after its own, with the
+    command's library defaults (``train.config.defaults``; --resume, --overwrite and --progress
+    default to off, off, on). The command receives them as ``**train``."""
+    fixed = {"resume": False, "overwrite": False, "progress": True}
+
+    def decorate(fn: F) -> F:
+        signature = inspect.signature(fn)
+        own = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        shared = [
+            inspect.Parameter(
+                name,
+                inspect.Parameter.KEYWORD_ONLY,
+                annotation=kind,
+                default=fixed.get(name, defaults.get(name)),
+            )
+            for name, kind in _TRAIN_OPTIONS
+        ]
+
+        @functools.wraps(fn)
+        def wrapper(**kwargs: Any) -> Any:
+            return fn(**kwargs)
+
+        wrapper.__signature__ = signature.replace(parameters=[*own, *shared])  # type: ignore[attr-defined]
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+def train_settings(args: dict[str, Any], train: dict[str, Any]) -> dict[str, Any]:
+    """A train command's arguments (its ``locals()``, and the shared ``**train`` options) as flat
+    library settings for ``train.config.from_flat``; ``--output`` and ``--data`` included."""
+    settings = {
+        name: train[name] for name, _ in _TRAIN_OPTIONS if name not in ("resume", "overwrite", "progress")
+    }
     settings["output"] = str(args["output"])
     settings["path"] = str(args["data"] or "")
     return settings

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 
@@ -20,6 +20,7 @@ D = defaults(DistillConfig)  # every default of `evsam distill` is the library's
 
 
 @command
+@opt.with_train_options(D)
 def distill_cli(
     output: Annotated[
         Path, typer.Option("--output", "-o", help="Run folder (metrics, checkpoints, student.pt).")
@@ -40,14 +41,6 @@ def distill_cli(
         Path | None,
         typer.Option(help="SA-1B: folder of sa_*.jpg + sa_*.json, or of sa_*.tar shards (or one .tar)."),
     ] = None,
-    steps: opt.StepsOption = D["steps"],
-    epochs: opt.EpochsOption = D["epochs"],
-    batch_size: opt.TrainBatchSizeOption = D["batch_size"],
-    grad_accum: opt.GradAccumOption = D["grad_accum"],
-    lr: opt.LrOption = D["lr"],
-    weight_decay: opt.WeightDecayOption = D["weight_decay"],
-    warmup_steps: opt.WarmupStepsOption = D["warmup_steps"],
-    grad_clip: opt.GradClipOption = D["grad_clip"],
     image_size: Annotated[
         int | None,
         typer.Option(
@@ -60,17 +53,7 @@ def distill_cli(
             help="Folder caching teacher embeddings (fp16, 2 MiB per image) across epochs and runs."
         ),
     ] = None,
-    val_images: opt.ValImagesOption = D["val_images"],
-    val_every: opt.ValEveryOption = D["val_every"],
-    save_every: opt.SaveEveryOption = D["save_every"],
-    log_every: opt.LogEveryOption = D["log_every"],
-    workers: opt.TrainWorkersOption = D["workers"],
-    seed: Annotated[int, typer.Option(help="Random seed (data order, initialisation).")] = D["seed"],
-    device: opt.TrainDeviceOption = D["device"],
-    amp: opt.AmpOption = D["amp"],
-    resume: opt.ResumeOption = False,
-    overwrite: opt.OverwriteOption = False,
-    progress: opt.ProgressOption = True,
+    **train: Any,
 ) -> None:
     """Distil a SAM ViT image encoder into an EfficientViT-SAM student (MSE on image embeddings).
 
@@ -92,6 +75,7 @@ def distill_cli(
     from ..train.distill import distill
     from ..utils import distributed as dist_utils
 
+    resume, overwrite, progress = train["resume"], train["overwrite"], train["progress"]
     check_resume(resume, overwrite)
     if not resume and teacher_checkpoint is None:
         raise typer.BadParameter(
@@ -107,7 +91,7 @@ def distill_cli(
         student=student,
         image_size=image_size,
         teacher_cache=str(teacher_cache) if teacher_cache else None,
-        **opt.train_settings(locals()),
+        **opt.train_settings(locals(), train),
     )
     summary = distill(cfg, resume=resume, overwrite=overwrite, progress=progress)
     if env_rank() != 0:

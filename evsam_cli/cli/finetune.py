@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -15,6 +15,7 @@ D = defaults(FinetuneConfig)  # every default of `evsam finetune` is the library
 
 
 @command
+@opt.with_train_options(D)
 def finetune_cli(
     output: Annotated[
         Path, typer.Option("--output", "-o", help="Run folder (metrics, checkpoints, model.pt).")
@@ -43,10 +44,6 @@ def finetune_cli(
         typer.Option(help="COCO instances JSON: train on your own data (--data is its image folder)."),
     ] = None,
     images: Annotated[Path | None, typer.Option(help="Alias of --data for COCO-format data.")] = None,
-    steps: opt.StepsOption = D["steps"],
-    epochs: opt.EpochsOption = D["epochs"],
-    batch_size: opt.TrainBatchSizeOption = D["batch_size"],
-    grad_accum: opt.GradAccumOption = D["grad_accum"],
     image_size: Annotated[
         int | None, typer.Option(help="Encoder input side (multiple of 32). Default: the model's own.")
     ] = D["image_size"],
@@ -72,21 +69,7 @@ def finetune_cli(
             help="With --freeze-encoder: embedding cache to share between runs (default: in --output)."
         ),
     ] = D["embedding_cache"],
-    lr: opt.LrOption = D["lr"],
-    weight_decay: opt.WeightDecayOption = D["weight_decay"],
-    warmup_steps: opt.WarmupStepsOption = D["warmup_steps"],
-    grad_clip: opt.GradClipOption = D["grad_clip"],
-    val_images: opt.ValImagesOption = D["val_images"],
-    val_every: opt.ValEveryOption = D["val_every"],
-    save_every: opt.SaveEveryOption = D["save_every"],
-    log_every: opt.LogEveryOption = D["log_every"],
-    workers: opt.TrainWorkersOption = D["workers"],
-    seed: Annotated[int, typer.Option(help="Random seed (data order, prompts, initialisation).")] = D["seed"],
-    device: opt.TrainDeviceOption = D["device"],
-    amp: opt.AmpOption = D["amp"],
-    resume: opt.ResumeOption = False,
-    overwrite: opt.OverwriteOption = False,
-    progress: opt.ProgressOption = True,
+    **train: Any,
 ) -> None:
     """Train a whole EfficientViT-SAM end to end: 20 x focal + 1 x dice on box / 1-10 point prompts.
 
@@ -107,6 +90,7 @@ def finetune_cli(
     from ..train.config import from_flat
     from ..train.finetune import finetune
 
+    resume, overwrite, progress = train["resume"], train["overwrite"], train["progress"]
     check_resume(resume, overwrite)
     if images is not None and data is not None and images != data:
         raise typer.BadParameter("--images and --data name the same thing; give one")
@@ -126,7 +110,7 @@ def finetune_cli(
         freeze_bn=freeze_bn,
         freeze_encoder=freeze_encoder,
         embedding_cache=str(embedding_cache) if embedding_cache else None,
-        **opt.train_settings(locals()),
+        **opt.train_settings(locals(), train),
     )
     summary = finetune(cfg, resume=resume, overwrite=overwrite, progress=progress)
     if rank != 0:
