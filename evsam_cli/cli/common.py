@@ -261,7 +261,7 @@ def with_train_options(defaults: dict[str, Any]) -> Callable[[F], F]:
     fixed = {"resume": False, "overwrite": False, "progress": True}
 
     def decorate(fn: F) -> F:
-        signature = inspect.signature(fn)
+        signature = inspect.signature(fn, eval_str=True)  # the Annotated options, not strings
         own = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
         shared = [
             inspect.Parameter(
