@@ -31,26 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from bench_speed import interleaved  # the same interleaving for every comparison
 
 from evsam_cli import tune_cpu_allocator
-
-
-def _stats(times: list[float]) -> dict:
-    q = np.percentile(times, [10, 50, 90])
-    return {"median_s": float(q[1]), "p10_s": float(q[0]), "p90_s": float(q[2]), "runs": len(times)}
-
-
-def interleaved(fns: dict, repeats: int, warmup: int = 1) -> dict:
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    return {k: _stats(v) for k, v in times.items()}
 
 
 def _bf16_attention(self, qkv: torch.Tensor) -> torch.Tensor:

@@ -22,16 +22,21 @@ Random weights (timings do not depend on the values). Not a test.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+from bench_speed import interleaved as interleaved_stats
 from torch import nn
 
 from evsam_cli import tune_cpu_allocator
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each callable, rounds alternating between them (``bench_speed``)."""
+    return {k: v["median_s"] for k, v in interleaved_stats(fns, repeats, warmup=2).items()}
+
 
 # (in, out, pixels) of the dense stride-1 3x3 convolutions in L0 at 512 and XL1 at 1024
 CONV_SHAPES = [
@@ -42,20 +47,6 @@ CONV_SHAPES = [
     (128, 512, 128),
     (256, 1024, 64),
 ]
-
-
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds of each callable, rounds alternating between them after ``warmup`` calls."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 @torch.inference_mode()

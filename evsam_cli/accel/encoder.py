@@ -159,7 +159,8 @@ class FusedConvAct(nn.Module):
 
     The weight is reordered to oneDNN's blocked layout on the first call and kept, and the
     activation (GELU, exact or tanh; ReLU) runs as a post-op on the output while it is still in
-    cache. Anything else (another device or dtype, autograd) takes the plain conv + activation.
+    cache. It runs in the weight's dtype (float32, or bf16 in ``precision.py``'s copies); anything
+    else (another device, an input of another dtype, autograd) takes the plain conv + activation.
     """
 
     def __init__(self, conv: nn.Conv2d, act: nn.Module | None) -> None:
@@ -175,7 +176,7 @@ class FusedConvAct(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.conv
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)
-        if x.device.type != "cpu" or x.dtype != torch.float32 or needs_grad:
+        if x.device.type != "cpu" or x.dtype != conv.weight.dtype or needs_grad:
             y = conv(x)
             return y if self.act is None else self.act(y)
         args = ([*conv.padding], [*conv.stride], [*conv.dilation], conv.groups)

@@ -18,7 +18,7 @@ docs/precision.md):
 
 Everything else (convolutions, matmuls, activations, the decoder's transformer) runs in the
 reduced dtype. On the CPU the encoder's convolutions run as single oneDNN calls with the
-activation fused and the weight prepacked (``PackedConvAct``): bf16 convolutions run on the
+activation fused and the weight prepacked (``encoder.FusedConvAct``): bf16 convolutions run on the
 AVX-512-bf16 / AMX units, and separate elementwise passes would eat most of the gain.
 """
 
@@ -34,7 +34,7 @@ from torch import nn
 
 from ..errors import DeviceError
 from ..models.layers import ConvNormAct
-from .encoder import _post_op, _replace_children_, fold_batchnorm_, use_matmul_resize_
+from .encoder import FusedConvAct, _post_op, _replace_children_, fold_batchnorm_, use_matmul_resize_
 
 if TYPE_CHECKING:
     from ..models.sam import Sam
@@ -102,38 +102,10 @@ class Float32Norm(nn.Module):
         return y if self.keep_float32 else y.to(x.dtype)
 
 
-class PackedConvAct(nn.Module):
-    """A ``ConvNormAct`` without norm as one oneDNN call in a reduced dtype (CPU, no autograd):
-    the weight is reordered to oneDNN's blocked layout on the first call and the activation
-    runs as a post-op. Other inputs take the plain conv + activation."""
-
-    def __init__(self, conv: nn.Conv2d, act: nn.Module | None) -> None:
-        super().__init__()
-        post_op = _post_op(act)
-        if post_op is None:
-            raise ValueError(f"no fused form for activation {act}")
-        self.conv = conv
-        self.act = act
-        self.attr, self.scalars, self.algorithm = post_op
-        self._packed: torch.Tensor | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        conv = self.conv
-        if x.device.type != "cpu" or x.dtype != conv.weight.dtype or torch.is_grad_enabled():
-            y = conv(x)
-            return y if self.act is None else self.act(y)
-        args = ([*conv.padding], [*conv.stride], [*conv.dilation], conv.groups)
-        if self._packed is None:
-            self._packed = torch.ops.mkldnn._reorder_convolution_weight(conv.weight, *args, [*x.shape])
-        return torch.ops.mkldnn._convolution_pointwise(
-            x, self._packed, conv.bias, *args, self.attr, self.scalars, self.algorithm
-        )
-
-
 def _packed_conv(module: nn.Module) -> nn.Module | None:
     if not isinstance(module, ConvNormAct) or module.norm is not None or _post_op(module.act) is None:
         return None
-    return PackedConvAct(module.conv, module.act)
+    return FusedConvAct(module.conv, module.act)
 
 
 def _float32_norms_(module: nn.Module, final: nn.Module | None) -> None:
