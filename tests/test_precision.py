@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from evsam_cli.accel import precision
+from evsam_cli.accel.encoder import FusedConvAct
 from evsam_cli.accel.precision import PrecisionError, check_dtype, reduced_model
 from evsam_cli.errors import DataError, EvsamError
 from evsam_cli.export.agreement import agreement_images, mask_iou, measure_agreement
@@ -60,7 +61,7 @@ def test_bf16_predictor_end_to_end(tiny_model, held_out):
     low = reduced_model(tiny_model, "bf16")
     encoder = low.image_encoder.module
     assert any(p.dtype == torch.bfloat16 for p in encoder.parameters())
-    assert any(isinstance(m, precision.PackedConvAct) for m in encoder.modules())
+    assert any(isinstance(m, FusedConvAct) for m in encoder.modules())
     norms = [m for m in encoder.modules() if isinstance(m, precision.Float32Norm)]
     assert norms and all(p.dtype == torch.float32 for n in norms for p in n.parameters())
     # The model itself is untouched (float32, same values, same modules).
