@@ -178,7 +178,9 @@ class TensorRT(ExportRuntime):
 
         super().check(precision=precision, device_type=device_type)
         if device_type is not None and device_type != "cuda":
-            raise DeviceError("--engine trt needs an NVIDIA GPU (--device cuda); none is in use here")
+            raise DeviceError("engine trt needs an NVIDIA GPU (device cuda); none is in use here").naming(
+                "engine", "device"
+            )
         require_cuda()
         import_tensorrt()
 

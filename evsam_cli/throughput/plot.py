@@ -80,7 +80,9 @@ def plot_throughput(
         labels.add(label)
         points.append((rec["end_to_end"]["images_per_s"], acc, model))
     if not points:
-        raise DataError("nothing to plot: no benchmarked model has an accuracy figure (give --metrics files)")
+        raise DataError(
+            "nothing to plot: no benchmarked model has an accuracy figure (give metrics files)"
+        ).naming("metrics")
     figure, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for x, y, model in points:
         ax.scatter([x], [y], s=40)
