@@ -53,6 +53,7 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     """A conv equal to ``bn(conv(x))`` in eval mode."""
     assert bn.running_var is not None and bn.running_mean is not None  # eval-mode statistics
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    # Built on the meta device: its weights are assigned below, so no random init is spent.
     fused = nn.Conv2d(
         conv.in_channels,
         conv.out_channels,
@@ -62,11 +63,15 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
         dilation=conv.dilation,  # type: ignore[arg-type]
         groups=conv.groups,
         bias=True,
-    ).to(device=conv.weight.device, dtype=conv.weight.dtype)
-    assert fused.bias is not None
-    fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
+        device="meta",
+    )
     bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-    fused.bias.copy_((bias - bn.running_mean) * scale + bn.bias)
+    fused.weight = nn.Parameter(
+        conv.weight * scale.reshape(-1, 1, 1, 1), requires_grad=conv.weight.requires_grad
+    )
+    fused.bias = nn.Parameter(
+        (bias - bn.running_mean) * scale + bn.bias, requires_grad=conv.weight.requires_grad
+    )
     return fused
 
 
