@@ -6,8 +6,18 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from evsam_cli.train.losses import dice_loss, mask_iou, mask_loss, min_over_outputs, mse, sigmoid_focal_loss
+from evsam_cli.train import losses
+from evsam_cli.train.losses import (
+    dice_loss,
+    mask_iou,
+    mask_loss,
+    min_over_outputs,
+    mse,
+    sigmoid_focal_loss,
+    upsampled_mask_losses,
+)
 
 
 def test_focal_loss_matches_hand_computation():
@@ -63,3 +73,37 @@ def test_mask_iou():
     targets = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
     assert mask_iou(logits, targets).item() == pytest.approx(0.5)
     assert mask_iou(-logits.abs(), torch.zeros(2, 2)).item() == 1.0
+
+
+@pytest.mark.parametrize("chunk_elements", [1 << 20, 40 * 40 * 2, 1])
+def test_upsampled_mask_losses_equal_the_reference_and_its_gradient(monkeypatch, chunk_elements):
+    """Fused upsample + focal + dice + IoU == the reference composition, values and gradient,
+    whether masks go one, two or all at a time, and with outputs that get no gradient."""
+    monkeypatch.setattr(losses, "_CPU_CHUNK_ELEMENTS", chunk_elements)
+    torch.manual_seed(0)
+    logits = (torch.randn(4, 3, 16, 16) * 3).requires_grad_(True)
+    targets = torch.rand(4, 40, 40) > 0.6
+    targets[1] = False  # an empty target: Dice's eps and IoU's empty union
+    up = F.interpolate(logits, (40, 40), mode="bilinear", align_corners=False)
+    dense = targets.unsqueeze(1).float().expand_as(up)
+    ref = (sigmoid_focal_loss(up, dense), dice_loss(up, dense), mask_iou(up.detach(), dense))
+    weights = torch.randn(4, 3)
+    weights[0] = 0  # prompt 0 trains nothing; the min-over-outputs rule zeroes two of three
+    (ref_grad,) = torch.autograd.grad((20 * ref[0] * weights + ref[1] * weights).sum(), logits)
+
+    focal, dice, iou = upsampled_mask_losses(logits, targets)
+    (grad,) = torch.autograd.grad((20 * focal * weights + dice * weights).sum(), logits)
+    torch.testing.assert_close(focal, ref[0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(dice, ref[1], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(iou, ref[2])
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-8)
+    assert not iou.requires_grad
+    assert grad[0].abs().sum() == 0
+
+
+def test_upsampled_mask_losses_keep_the_logits_dtype_for_the_gradient():
+    logits = torch.randn(2, 1, 8, 8, dtype=torch.bfloat16, requires_grad=True)
+    focal, dice, _ = upsampled_mask_losses(logits, torch.rand(2, 16, 16) > 0.5)
+    (focal + dice).sum().backward()
+    assert logits.grad is not None and logits.grad.dtype == torch.bfloat16
+    assert focal.dtype == torch.float32

@@ -60,7 +60,7 @@ from .loop import (
     train,
     write_summary,
 )
-from .losses import dice_loss, mask_iou, min_over_outputs, sigmoid_focal_loss
+from .losses import mask_iou, min_over_outputs, upsampled_mask_losses
 from .prompts import mask_box, sample_points, to_prompt_frame
 
 log = logging.getLogger("evsam.finetune")
@@ -262,16 +262,12 @@ class FinetuneLoss:
             batch["use_box"],
             multimask,
         )
-        size = batch["masks"].shape[-1]
-        b, k, m = logits.shape[:3]
-        up = F.interpolate(logits.flatten(0, 1).float(), (size, size), mode="bilinear", align_corners=False)
-        gt = batch["masks"].to(d).flatten(0, 1).unsqueeze(1).float().expand_as(up)
-        focal = sigmoid_focal_loss(up, gt)  # (B*K, M)
-        dice = dice_loss(up, gt)
-        per_output = self.focal_weight * focal + self.dice_weight * dice
+        # Upsampled to the masks' size inside, a few masks at a time (``upsampled_mask_losses``).
+        focal, dice, all_iou = upsampled_mask_losses(logits.flatten(0, 1), batch["masks"].to(d).flatten(0, 1))
+        per_output = self.focal_weight * focal + self.dice_weight * dice  # (B*K, M)
         best, index = min_over_outputs(per_output)
         rows = torch.arange(len(index), device=d)
-        true_iou = mask_iou(up[rows, index].detach(), gt[rows, index])
+        true_iou = all_iou[rows, index]
         iou_loss = F.mse_loss(iou_pred.flatten(0, 1)[rows, index].float(), true_iou)
         loss = best.mean() + iou_loss
         return loss, {
