@@ -172,6 +172,10 @@ class ReferenceBackend:
         mask head only for the masks its IoU filter keeps).
         """
         sparse, dense = self._embed(point_coords, point_labels, boxes, None)
+        return self._decode_tokens_embedded(sparse, dense)
+
+    def _decode_tokens_embedded(self, sparse: Tensor, dense: Tensor) -> tuple[Tensor, DecodedTokens]:
+        """``decode_tokens`` on embedded prompts."""
         dec = self.mask_decoder
         iou, mask_tokens, image, grid = dec.run_transformer(self._image(), self._dense_pe(), sparse, dense)
         indices = list(range(1, dec.num_mask_tokens))
@@ -264,16 +268,11 @@ class CpuBackend(ReferenceBackend):
         mask_slice = slice(1, None) if multimask_output else slice(0, 1)
         return stream_decode(self.mask_decoder, self._image(), pe, sparse, dense, mask_slice, shared)
 
-    def decode_tokens(
-        self,
-        point_coords: Tensor | None = None,
-        point_labels: Tensor | None = None,
-        boxes: Tensor | None = None,
-    ) -> tuple[Tensor, DecodedTokens]:
-        sparse, dense = self._embed(point_coords, point_labels, boxes, None)
+    def _decode_tokens_embedded(self, sparse: Tensor, dense: Tensor) -> tuple[Tensor, DecodedTokens]:
+        """The streamed transformer where these inputs stream (``_streamed_image``), else the module."""
         streamed = self._streamed_image(dense, masks=False)
         if streamed is None:
-            return super().decode_tokens(point_coords, point_labels, boxes)
+            return super()._decode_tokens_embedded(sparse, dense)
         pe, shared = streamed
         dec = self.mask_decoder
         indices = list(range(1, dec.num_mask_tokens))

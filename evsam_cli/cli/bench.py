@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from ..throughput.names import engine_names
-from .common import command, console, err_console
+from .common import command, console, err_console, progress_task
 
 # torch, compile and every registered export runtime (``export.runtimes``)
 EngineName = Enum("EngineName", {name: name for name in engine_names()}, type=str)  # type: ignore[misc]
@@ -92,7 +92,7 @@ def bench_cli(
 
       [bold]evsam bench --all --engine trt --gpu a100 --batch-size 16 --plot zoo.png[/bold]
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
     from ..models import list_models, resolve_name
     from ..throughput import bench_zoo, plot_throughput, read_metrics, run_bench
@@ -136,15 +136,14 @@ def bench_cli(
     if not all_models:
         resolve_name(model)
     steps = warmup + iters
-    with Progress(
+    with progress_task(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
-        console=err_console,
-        transient=True,
-    ) as bar:
-        task = bar.add_task("starting", total=3 * steps)
+        total=3 * steps,
+        out=err_console,
+    ) as (bar, task):
         current = {"model": model}
 
         def report(phase: str, done: int) -> None:

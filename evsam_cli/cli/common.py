@@ -12,6 +12,7 @@ their defaults are the library's, e.g. ``steps: StepsOption = defaults(DistillCo
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
@@ -19,7 +20,7 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from enum import Enum
 from typing import Annotated, Any, TypeVar
 
@@ -146,6 +147,18 @@ def setup_logging(verbose: bool = False, *, main_process: bool = True) -> None:
         handlers=[RichHandler(console=err_console, show_path=False, rich_tracebacks=False)],
         force=True,
     )
+
+
+@contextlib.contextmanager
+def progress_task(
+    *columns: Any, total: float | None = None, out: Console = console
+) -> Iterator[tuple[Any, Any]]:
+    """A rich progress display with ``columns`` that vanishes when done, and its one task
+    (described "starting"): ``with progress_task(...) as (bar, task): ... bar.update(task, ...)``."""
+    from rich.progress import Progress
+
+    with Progress(*columns, console=out, transient=True) as bar:
+        yield bar, bar.add_task("starting", total=total)
 
 
 def parse_floats(text: str, count: int | None, what: str) -> list[float]:

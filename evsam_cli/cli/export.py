@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from ..export.runtimes import RUNTIMES, export_formats
-from .common import command, console
+from .common import command, console, progress_task
 
 # one format per registered export runtime (``export.runtimes``)
 Format = Enum("Format", {fmt: fmt for fmt in export_formats()}, type=str)  # type: ignore[misc]
@@ -87,7 +87,7 @@ def export_cli(
 
       [bold]evsam export --model l0 --checkpoint efficientvit_sam_l0.pt --dtype int8 --calibration photos/ -o export/l0-int8[/bold]
     """
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import SpinnerColumn, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
     from ..export.parity import Tolerance
@@ -114,14 +114,7 @@ def export_cli(
     if calibration is not None and dtype is not ExportDtype.int8:
         error("--calibration applies to --dtype int8 only")
         raise typer.Exit(1)
-    with Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    ) as bar:
-        task = bar.add_task("starting", total=None)
+    with progress_task(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn()) as (bar, task):
         record = export_model(
             model=model,
             output_dir=output,

@@ -95,10 +95,19 @@ def predict_cli(
         "crop_n_layers": crop_n_layers,
         "min_mask_region_area": min_mask_region_area,
     }
+    # What both modes are given alike: the image, the output folder, the model and where it runs.
+    run: dict[str, Any] = dict(
+        image_path=image,
+        output=output,
+        model_name=model,
+        checkpoint=checkpoint,
+        device=device,
+        dtype=dtype.value,
+    )
     if everything:
         if box or point:
             raise typer.BadParameter("--everything prompts a point grid itself; drop --box/--point")
-        _predict_everything(image, output, model, checkpoint, device, dtype.value, everything_options)
+        _predict_everything(run, everything_options)
         return
     given = [k for k, v in everything_options.items() if v is not None]
     if given:
@@ -115,17 +124,7 @@ def predict_cli(
         raise typer.BadParameter(
             "points combine with at most one box (one prompt); several boxes are separate prompts"
         )
-    result = predict_image(
-        image_path=image,
-        output=output,
-        model_name=model,
-        checkpoint=checkpoint,
-        boxes=boxes,
-        points=points,
-        multimask_output=multimask,
-        device=device,
-        dtype=dtype.value,
-    )
+    result = predict_image(**run, boxes=boxes, points=points, multimask_output=multimask)
 
     from rich.table import Table
 
@@ -146,33 +145,23 @@ def predict_cli(
     )
 
 
-def _predict_everything(
-    image: Path, output: Path, model: str, checkpoint: str | None, device: str, dtype: str, options: dict
-) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+def _predict_everything(run: dict[str, Any], options: dict[str, Any]) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
     from ..predictor.segment import predict_everything
+    from .common import progress_task
 
+    image, output = run["image_path"], run["output"]
     settings = {k: v for k, v in options.items() if v is not None}
-    with Progress(
+    with progress_task(
         TextColumn("[bold]segment everything"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("points"),
         TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    ) as bar:
-        task = bar.add_task("points", total=None)
+    ) as (bar, task):
         result = predict_everything(
-            image_path=image,
-            output=output,
-            model_name=model,
-            checkpoint=checkpoint,
-            device=device,
-            dtype=dtype,
-            progress=lambda done, total: bar.update(task, completed=done, total=total),
-            **settings,
+            **run, progress=lambda done, total: bar.update(task, completed=done, total=total), **settings
         )
 
     from rich.table import Table

@@ -13,29 +13,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DataError
-from .sa1b import Sa1bSource, _Raw, check_val_images
+from .sa1b import Sa1bSource, Unit, check_val_images
 
 log = logging.getLogger("evsam.data")
-
-
-@dataclass(frozen=True)
-class CocoUnit:
-    """One image file and its annotations, as SA-1B-shaped JSON bytes."""
-
-    path: Path
-    record: bytes
-    skip: int = 0
-
-    def read(self) -> Iterator[_Raw | str]:
-        try:
-            yield _Raw(self.path.name, self.path.read_bytes(), self.record)
-        except OSError as exc:
-            yield f"{self.path.name}: {exc.strerror or exc}"
 
 
 def open_coco(
@@ -75,7 +58,7 @@ def open_coco(
             missing.append(im["file_name"])
             continue
         meta = {"image_id": int(im["id"]), "width": im.get("width"), "height": im.get("height")}
-        units.append(CocoUnit(path, json.dumps({"image": meta, "annotations": anns}).encode()))
+        units.append(Unit(path, False, record=json.dumps({"image": meta, "annotations": anns}).encode()))
     if not units:
         raise DataError(f"no annotated images of {ann_path} found under {root}")
     val_images = check_val_images(val_images, len(units), f"{ann_path} (annotated, found under {root})")

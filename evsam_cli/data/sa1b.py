@@ -129,23 +129,27 @@ class SampleUnit(Protocol):
 
 @dataclass(frozen=True)
 class Unit:
-    """A pair (``path`` is the JPEG) or a tar shard; ``skip`` leading samples belong to validation."""
+    """A tar shard, or one image (``path``) and its record; ``skip`` leading samples belong to validation.
+
+    An image's record is the JSON file beside it (an SA-1B pair), or ``record``: SA-1B-shaped JSON
+    bytes made from annotations kept elsewhere (``data.coco_train``).
+    """
 
     path: Path
     is_tar: bool
     skip: int = 0
+    record: bytes | None = None
 
     def read(self) -> Iterator[_Raw | str]:
         """Raw samples in stream order; a ``str`` is the name of something unreadable."""
-        if not self.is_tar:
-            try:
-                yield _Raw(
-                    self.path.name, self.path.read_bytes(), self.path.with_suffix(".json").read_bytes()
-                )
-            except OSError as exc:
-                yield f"{self.path.name}: {exc.strerror or exc}"
+        if self.is_tar:
+            yield from _read_tar(self.path)
             return
-        yield from _read_tar(self.path)
+        try:
+            record = self.record if self.record is not None else self.path.with_suffix(".json").read_bytes()
+            yield _Raw(self.path.name, self.path.read_bytes(), record)
+        except OSError as exc:
+            yield f"{self.path.name}: {exc.strerror or exc}"
 
 
 def _read_tar(path: Path) -> Iterator[_Raw | str]:

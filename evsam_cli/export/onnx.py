@@ -179,17 +179,12 @@ def _export_one(
         # Tracer warnings about Python ints are expected: every axis we make dynamic is checked by
         # running the exported graph at other sizes (export/parity.py).
         warnings.simplefilter("ignore")
+        graph: dict[str, Any] = dict(
+            opset_version=opset, input_names=list(input_names), output_names=list(output_names)
+        )
         if exporter == "torchscript":
             torch.onnx.export(
-                module,
-                args,
-                raw,
-                dynamo=False,
-                opset_version=opset,
-                input_names=list(input_names),
-                output_names=list(output_names),
-                dynamic_axes=dynamic_axes,
-                do_constant_folding=True,
+                module, args, raw, dynamo=False, dynamic_axes=dynamic_axes, do_constant_folding=True, **graph
             )
         else:
             dims: dict[str, torch.export.Dim] = {}
@@ -202,14 +197,7 @@ def _export_one(
                 for n in input_names
             )
             program = torch.onnx.export(
-                module,
-                args,
-                dynamo=True,
-                opset_version=opset,
-                input_names=list(input_names),
-                output_names=list(output_names),
-                dynamic_shapes=dynamic_shapes,
-                verbose=False,
+                module, args, dynamo=True, dynamic_shapes=dynamic_shapes, verbose=False, **graph
             )
             assert program is not None
             program.save(raw)

@@ -18,7 +18,7 @@ from .. import __version__
 from ..utils.io import write_json_atomic
 from .errors import ExportError
 from .parity import Tolerance
-from .runtimes import runtime_for_format
+from .runtimes import BuildJob, runtime_for_format
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 DTYPES = ("fp32", "int8")  # of the exported ONNX encoder (int8: onnxruntime's quantization)
@@ -164,22 +164,15 @@ def export_model(
     if failure is None and dtype == "int8":
         failure = _quantize(net, onnx_export, record, calibration=calibration, step=step)
     if failure is None:
-        failure = runtime_for_format(fmt).build(
-            net,
-            out,
-            record,
-            onnx_export,
-            precision=precision,
-            settings=dict(
-                max_batch=max_batch,
-                max_prompts=max_prompts,
-                max_points=max_points,
-                opt_prompts=opt_prompts,
-                workspace_gb=workspace_gb,
-            ),
-            check=check,
-            step=step,
+        settings = dict(
+            max_batch=max_batch,
+            max_prompts=max_prompts,
+            max_points=max_points,
+            opt_prompts=opt_prompts,
+            workspace_gb=workspace_gb,
         )
+        job = BuildJob(net, out, record, onnx_export, precision, settings, check, step)
+        failure = runtime_for_format(fmt).build(job)
     record["ok"] = failure is None
     if failure is not None:
         record["error"] = str(failure)

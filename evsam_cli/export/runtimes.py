@@ -13,6 +13,7 @@ Nothing heavy is imported here: every method imports its runtime on first use, s
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
@@ -23,6 +24,20 @@ if TYPE_CHECKING:
     from .runtime import ExportedSamPredictor
 
 Step = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class BuildJob:
+    """What ``export_model`` hands a runtime's ``build`` once the ONNX graphs are written."""
+
+    net: Any  # the exported Sam
+    out: Path  # the export folder
+    record: dict[str, Any]  # what export.json will hold: ``build`` adds its files and parity
+    onnx_export: Any  # export.onnx.OnnxExport: the graphs and their settings
+    precision: str
+    settings: dict[str, Any]  # export_model's settings for runtimes that build (max_batch ...)
+    check: bool  # measure parity with PyTorch
+    step: Step  # progress: called with a short description before each step
 
 
 class ExportRuntime:
@@ -52,19 +67,9 @@ class ExportRuntime:
     def precision_message(self, precision: str) -> str:
         return f"{self.name} runs {', '.join(self.precisions)}, not {precision}"
 
-    def build(
-        self,
-        net: Any,
-        out: Path,
-        record: dict[str, Any],
-        onnx_export: Any,
-        *,
-        precision: str,
-        settings: dict[str, Any],
-        check: bool,
-        step: Step,
-    ) -> ExportError | None:
-        """Add this runtime's files to an ONNX export in ``out`` (and their parity to ``record``).
+    def build(self, job: BuildJob) -> ExportError | None:
+        """Add this runtime's files to the ONNX export in ``job.out`` (and their parity to
+        ``job.record``).
 
         Returns the parity failure, if any (``export.json`` is written with it before raising)."""
         return None
@@ -184,22 +189,18 @@ class TensorRT(ExportRuntime):
         require_cuda()
         import_tensorrt()
 
-    def build(
-        self,
-        net: Any,
-        out: Path,
-        record: dict[str, Any],
-        onnx_export: Any,
-        *,
-        precision: str,
-        settings: dict[str, Any],
-        check: bool,
-        step: Step,
-    ) -> ExportError | None:
+    def build(self, job: BuildJob) -> ExportError | None:
         from .tensorrt import export_engines
 
         return export_engines(
-            net, out, record, onnx_export, precision=precision, check=check, step=step, **settings
+            job.net,
+            job.out,
+            job.record,
+            job.onnx_export,
+            precision=job.precision,
+            check=job.check,
+            step=job.step,
+            **job.settings,
         )
 
     def predictor(self, folder: str | Path, **kwargs: Any) -> ExportedSamPredictor:

@@ -18,13 +18,14 @@ from .layers import (
     EfficientViTBlock,
     FusedMBConv,
     GELUTanh,
+    LocalBlock,
     MBConv,
     OpSequential,
     ResBlock,
     Residual,
 )
 
-LOCAL_BLOCKS: dict[str, type[nn.Module]] = {"res": ResBlock, "fmb": FusedMBConv, "mb": MBConv}
+LOCAL_BLOCKS: dict[str, type[LocalBlock]] = {"res": ResBlock, "fmb": FusedMBConv, "mb": MBConv}
 
 
 @dataclass(frozen=True)

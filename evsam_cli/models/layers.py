@@ -8,7 +8,7 @@ from the module (and from the state dict), exactly as in the released files.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import torch
@@ -107,8 +107,15 @@ class Residual(nn.Module):
         return self.main(x) + x
 
 
-class ResBlock(nn.Module):
-    """Two 3x3 convolutions (the stem's local block)."""
+class LocalBlock(nn.Module):
+    """The constructor shared by EfficientViT's local blocks (ResBlock, FusedMBConv, MBConv).
+
+    Each is a short chain of :class:`ConvNormAct` from ``in_channels`` through
+    ``mid = round(in_channels * expand_ratio)`` channels to ``out_channels``; ``stride`` applies to
+    its spatial conv. Every conv before the final projection carries ``act_layer``, and with
+    ``fewer_norm`` a bias instead of BatchNorm; the projection has BatchNorm and no activation.
+    Subclasses name their convs in :meth:`build` (the names are the checkpoint keys).
+    """
 
     def __init__(
         self,
@@ -121,62 +128,50 @@ class ResBlock(nn.Module):
         fewer_norm: bool = False,
     ) -> None:
         super().__init__()
-        mid = round(in_channels * expand_ratio)
-        self.conv1 = ConvNormAct(
-            in_channels, mid, 3, stride=stride, bias=fewer_norm, norm=not fewer_norm, act_layer=act_layer
-        )
+        inner = partial(ConvNormAct, bias=fewer_norm, norm=not fewer_norm, act_layer=act_layer)
+        self.build(in_channels, round(in_channels * expand_ratio), out_channels, stride=stride, inner=inner)
+
+    def build(
+        self, in_channels: int, mid: int, out_channels: int, *, stride: int, inner: Callable[..., ConvNormAct]
+    ) -> None:
+        """Create the convs; ``inner(c_in, c_out, kernel_size, ...)`` makes one before the projection."""
+        raise NotImplementedError
+
+
+class ResBlock(LocalBlock):
+    """Two 3x3 convolutions (the stem's local block)."""
+
+    def build(
+        self, in_channels: int, mid: int, out_channels: int, *, stride: int, inner: Callable[..., ConvNormAct]
+    ) -> None:
+        self.conv1 = inner(in_channels, mid, 3, stride=stride)
         self.conv2 = ConvNormAct(mid, out_channels, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv2(self.conv1(x))
 
 
-class FusedMBConv(nn.Module):
+class FusedMBConv(LocalBlock):
     """Fused inverted residual: a full 3x3 expansion conv, then a 1x1 projection."""
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        *,
-        stride: int = 1,
-        expand_ratio: float,
-        act_layer: type[nn.Module],
-        fewer_norm: bool = False,
+    def build(
+        self, in_channels: int, mid: int, out_channels: int, *, stride: int, inner: Callable[..., ConvNormAct]
     ) -> None:
-        super().__init__()
-        mid = round(in_channels * expand_ratio)
-        self.spatial_conv = ConvNormAct(
-            in_channels, mid, 3, stride=stride, bias=fewer_norm, norm=not fewer_norm, act_layer=act_layer
-        )
+        self.spatial_conv = inner(in_channels, mid, 3, stride=stride)
         self.point_conv = ConvNormAct(mid, out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.point_conv(self.spatial_conv(x))
 
 
-class MBConv(nn.Module):
+class MBConv(LocalBlock):
     """Inverted residual: 1x1 expansion, 3x3 depthwise, 1x1 projection."""
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        *,
-        stride: int = 1,
-        expand_ratio: float,
-        act_layer: type[nn.Module],
-        fewer_norm: bool = False,
+    def build(
+        self, in_channels: int, mid: int, out_channels: int, *, stride: int, inner: Callable[..., ConvNormAct]
     ) -> None:
-        super().__init__()
-        mid = round(in_channels * expand_ratio)
-        # "fewer norm": biases instead of BatchNorm in the first two convs.
-        self.inverted_conv = ConvNormAct(
-            in_channels, mid, 1, bias=fewer_norm, norm=not fewer_norm, act_layer=act_layer
-        )
-        self.depth_conv = ConvNormAct(
-            mid, mid, 3, stride=stride, groups=mid, bias=fewer_norm, norm=not fewer_norm, act_layer=act_layer
-        )
+        self.inverted_conv = inner(in_channels, mid, 1)
+        self.depth_conv = inner(mid, mid, 3, stride=stride, groups=mid)
         self.point_conv = ConvNormAct(mid, out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

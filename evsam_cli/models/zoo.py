@@ -11,12 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ..errors import UnknownModelError
 from .checkpoints import download_checkpoint, load_checkpoint, to_model_layout
 from .efficientvit import BACKBONES, EfficientViTBackbone
 from .encoder import EfficientViTSamImageEncoder, SamNeck
-from .sam import Sam, build_sam_head
+from .sam import PROMPT_SIZE, Sam, build_sam_head
 from .sam_vit import build_sam_vit
 from .tiny_vit import build_tiny_vit_sam
 
@@ -57,6 +58,30 @@ def register(spec: ModelSpec) -> ModelSpec:
     return spec
 
 
+def _with_sam_head(
+    image_encoder: nn.Module,
+    *,
+    name: str,
+    family: str,
+    input_size: int,
+    norm_eps: float,
+    prompt_size: int = PROMPT_SIZE,
+    preprocessing: str = "sam",
+) -> Sam:
+    """``image_encoder`` with SAM's released prompt encoder and mask decoder (``build_sam_head``)."""
+    prompt_encoder, mask_decoder = build_sam_head(norm_eps=norm_eps, prompt_size=prompt_size)
+    return Sam(
+        image_encoder=image_encoder,
+        prompt_encoder=prompt_encoder,
+        mask_decoder=mask_decoder,
+        input_size=input_size,
+        name=name,
+        family=family,
+        prompt_size=prompt_size,
+        preprocessing=preprocessing,
+    )
+
+
 # ---------------------------------------------------------------------------- EfficientViT-SAM
 def _efficientvit_sam(
     name: str,
@@ -78,15 +103,7 @@ def _efficientvit_sam(
             expand_ratio=expand_ratio,
         ),
     )
-    prompt_encoder, mask_decoder = build_sam_head(norm_eps=1e-6)
-    return Sam(
-        image_encoder=encoder,
-        prompt_encoder=prompt_encoder,
-        mask_decoder=mask_decoder,
-        input_size=input_size,
-        name=name,
-        family="efficientvit-sam",
-    )
+    return _with_sam_head(encoder, name=name, family="efficientvit-sam", input_size=input_size, norm_eps=1e-6)
 
 
 def _l_variant(name: str, backbone: str, head_depth: int) -> Callable[[], Sam]:
@@ -141,15 +158,7 @@ for _name, _backbone, _depth, _size, _params, _macs in (
 # ---------------------------------------------------------------------------- SAM (Meta)
 def _sam_vit(name: str, kind: str) -> Callable[[], Sam]:
     def build() -> Sam:
-        prompt_encoder, mask_decoder = build_sam_head(norm_eps=1e-5)
-        return Sam(
-            image_encoder=build_sam_vit(kind),
-            prompt_encoder=prompt_encoder,
-            mask_decoder=mask_decoder,
-            input_size=1024,
-            name=name,
-            family="sam",
-        )
+        return _with_sam_head(build_sam_vit(kind), name=name, family="sam", input_size=1024, norm_eps=1e-5)
 
     return build
 
@@ -187,18 +196,17 @@ def _tiny_vit_sam(
     preprocessing: str,
 ) -> Callable[[], Sam]:
     def build() -> Sam:
+        encoder = build_tiny_vit_sam(
+            patch_kernel_size=patch_kernel_size, patch_stride=patch_stride, num_classes=num_classes
+        )
         # Both releases build SAM's head with Meta's defaults (LayerNorm eps 1e-5); the prompt
         # frame is the encoder's input frame.
-        prompt_encoder, mask_decoder = build_sam_head(norm_eps=1e-5, prompt_size=input_size)
-        return Sam(
-            image_encoder=build_tiny_vit_sam(
-                patch_kernel_size=patch_kernel_size, patch_stride=patch_stride, num_classes=num_classes
-            ),
-            prompt_encoder=prompt_encoder,
-            mask_decoder=mask_decoder,
-            input_size=input_size,
+        return _with_sam_head(
+            encoder,
             name=name,
             family="tiny-vit-sam",
+            input_size=input_size,
+            norm_eps=1e-5,
             prompt_size=input_size,
             preprocessing=preprocessing,
         )

@@ -25,33 +25,6 @@ def default_dtype(engine: str, device_type: str) -> str:
     return "fp16" if engine == "trt" and device_type == "cuda" else "fp32"
 
 
-def check_settings(
-    *, engine: str, dtype: str, device_type: str, batch_size: int, prompts: int, warmup: int, iters: int
-) -> None:
-    """``BenchError`` for settings that cannot run, before anything slow happens."""
-    if engine not in engine_names():
-        raise BenchError(f"unknown engine {engine!r}: use one of {', '.join(engine_names())}")
-    if dtype not in DTYPES:
-        raise BenchError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
-    if dtype == "int8" and engine != "onnxruntime":
-        raise BenchError("int8 is an onnxruntime quantization of the encoder: use engine onnxruntime").naming(
-            "engine"
-        )
-    if engine == "onnxruntime" and dtype not in ("fp32", "int8"):
-        raise BenchError("onnxruntime runs float32 graphs or an int8 encoder: use dtype fp32 or int8").naming(
-            "dtype"
-        )
-    if engine in ("torch", "compile") and dtype == "fp16" and device_type == "cpu":
-        raise BenchError(
-            "fp16 on the CPU has no fast kernels in PyTorch (minutes per image): use --dtype bf16 or fp32"
-        )
-    for name, value, low in (("batch size", batch_size, 1), ("prompts", prompts, 1), ("iters", iters, 1)):
-        if value < low:
-            raise BenchError(f"{name} must be at least {low}, got {value}")
-    if warmup < 1:
-        raise BenchError(f"warmup must be at least 1 (the first call is never timed), got {warmup}")
-
-
 def preflight(
     *,
     engine: str,
@@ -71,15 +44,27 @@ def preflight(
     default_warmup, default_iters = default_repeats(dev.type)
     warmup = default_warmup if warmup is None else warmup
     iters = default_iters if iters is None else iters
-    check_settings(
-        engine=engine,
-        dtype=dtype,
-        device_type=dev.type,
-        batch_size=batch_size,
-        prompts=prompts,
-        warmup=warmup,
-        iters=iters,
-    )
+    if engine not in engine_names():
+        raise BenchError(f"unknown engine {engine!r}: use one of {', '.join(engine_names())}")
+    if dtype not in DTYPES:
+        raise BenchError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    if dtype == "int8" and engine != "onnxruntime":
+        raise BenchError("int8 is an onnxruntime quantization of the encoder: use engine onnxruntime").naming(
+            "engine"
+        )
+    if engine == "onnxruntime" and dtype not in ("fp32", "int8"):
+        raise BenchError("onnxruntime runs float32 graphs or an int8 encoder: use dtype fp32 or int8").naming(
+            "dtype"
+        )
+    if engine in ("torch", "compile") and dtype == "fp16" and dev.type == "cpu":
+        raise BenchError(
+            "fp16 on the CPU has no fast kernels in PyTorch (minutes per image): use --dtype bf16 or fp32"
+        )
+    for name, value, low in (("batch size", batch_size, 1), ("prompts", prompts, 1), ("iters", iters, 1)):
+        if value < low:
+            raise BenchError(f"{name} must be at least {low}, got {value}")
+    if warmup < 1:
+        raise BenchError(f"warmup must be at least 1 (the first call is never timed), got {warmup}")
     if engine in ("torch", "compile") and dtype != "fp32":
         from ..accel.precision import check_dtype
 

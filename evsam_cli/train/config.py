@@ -137,6 +137,13 @@ class LoopConfig:
         )
 
 
+# Each command's own defaults of the section settings left at None.
+COMMAND_DEFAULTS: dict[str, dict[str, Any]] = {
+    "distill": {"lr": 1e-3, "batch_size": 8, "val_every": 1000, "save_every": 1000},
+    "finetune": {"lr": 1e-4, "batch_size": 2, "val_every": 500, "save_every": 500},
+}
+
+
 @dataclass
 class DistillConfig:
     """``evsam distill``: the student's image encoder learns the teacher's image embedding (MSE)."""
@@ -150,13 +157,7 @@ class DistillConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
 
-    # Distillation's own defaults of section settings left at None.
-    section_defaults: ClassVar[dict[str, Any]] = {
-        "lr": 1e-3,
-        "batch_size": 8,
-        "val_every": 1000,
-        "save_every": 1000,
-    }
+    section_defaults: ClassVar[dict[str, Any]] = COMMAND_DEFAULTS["distill"]
 
     def __post_init__(self) -> None:
         _fill_sections(self)
@@ -187,13 +188,7 @@ class FinetuneConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
 
-    # Finetuning's own defaults of section settings left at None.
-    section_defaults: ClassVar[dict[str, Any]] = {
-        "lr": 1e-4,
-        "batch_size": 2,
-        "val_every": 500,
-        "save_every": 500,
-    }
+    section_defaults: ClassVar[dict[str, Any]] = COMMAND_DEFAULTS["finetune"]
 
     def __post_init__(self) -> None:
         _fill_sections(self)
