@@ -17,7 +17,7 @@ import time
 
 import torch
 
-import evsam_cli
+from evsam_cli.accel.allocator import tune_cpu_allocator_for_training
 from evsam_cli.models import create_model
 from evsam_cli.train.finetune import FinetuneLoss, PromptedSam
 
@@ -35,7 +35,7 @@ def main() -> None:
     ap.add_argument("--masks", type=int, default=16, help="masks (prompts) per image")
     ap.add_argument("--steps", type=int, default=5, help="steps of each kind; the first is left out")
     args = ap.parse_args()
-    evsam_cli.tune_cpu_allocator()  # as the evsam command does
+    tune_cpu_allocator_for_training()  # as the training commands do
     torch.manual_seed(0)
     b, k = args.batch_size, args.masks
     runs = {}
