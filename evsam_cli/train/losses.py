@@ -86,9 +86,10 @@ def mask_iou(logits: Tensor, targets: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------- fused, for training
-# Masks per chunk in ``upsampled_mask_losses`` on the CPU: about 4 MiB of float32 per chunk, so a
-# chunk's upsampled logits and intermediates stay in the CPU's caches.
-_CPU_CHUNK_ELEMENTS = 1 << 20
+# Elements of upsampled logits per chunk in ``upsampled_mask_losses`` on the CPU (16 masks of
+# 512x512): bounds the memory of the intermediates while keeping each kernel call large enough
+# that its thread start-up stays negligible, also when another process holds a core.
+_CPU_CHUNK_ELEMENTS = 1 << 22
 
 
 def upsampled_mask_losses(
@@ -104,10 +105,11 @@ def upsampled_mask_losses(
     ``F.interpolate(logits, size, mode="bilinear", align_corners=False)`` (up to float rounding)
     and the same gradient.
 
-    What differs is the order of work: masks are processed a few at a time (on the CPU, a chunk
-    that stays in cache) and nothing of the upsampled size is kept for the backward pass, which
-    recomputes it for the outputs whose losses receive a gradient only (under SAM's multimask
-    rule, one of three). The gradient is written out analytically (see ``_grad_logits``).
+    What differs is the order of work: masks are processed a chunk at a time (on the CPU) and
+    nothing of the upsampled size is kept for the backward pass, which recomputes it only for the
+    outputs whose losses receive a gradient (under SAM's multimask rule, one of three), with the
+    gradient written out analytically (``_grad_logits``) rather than as autograd's chain of
+    elementwise steps.
 
     Args:
       logits: (N, M, h, w) mask logits, M outputs per prompt (any float dtype).
