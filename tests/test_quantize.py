@@ -46,17 +46,20 @@ def test_attention_matmuls_and_softmax_stay_float_linear_layers_are_quantized():
         helper.make_node("MatMul", ["q", "kt"], ["logits"], name="q_kt"),  # activation x activation
         helper.make_node("Softmax", ["logits"], ["attn"], name="softmax", axis=-1),
         helper.make_node("MatMul", ["attn", "tokens"], ["mixed"], name="attn_v"),
-        # (N, C, H, W) x constant: a resize
+        # (N, C, H, W) x an interpolation matrix (columns of weights summing to 1): a resize
         helper.make_node("MatMul", ["fmap", "resize_w"], ["resized"], name="resize"),
+        # (B, H, W, C) x constant: a linear layer on a channels-last map (TinyViT's MLP)
+        helper.make_node("MatMul", ["fmap", "w_mlp"], ["hidden"], name="mlp"),
     ]
     model = _model(
         nodes,
         [_value("tokens", [1, 16, 8]), _value("fmap", [1, 8, 4, 4])],
-        [_value("mixed", None), _value("resized", None)],
+        [_value("mixed", None), _value("resized", None), _value("hidden", None)],
         [
             _init("w_q", rng.normal(size=(8, 8)).astype(np.float32)),
             _init("w_k", rng.normal(size=(8, 8)).astype(np.float32)),
-            _init("resize_w", rng.normal(size=(4, 8)).astype(np.float32)),
+            _init("resize_w", np.full((4, 8), 0.25, np.float32)),
+            _init("w_mlp", rng.normal(size=(4, 8)).astype(np.float32)),
         ],
     )
     exclude, _ = float_nodes(model, DEFAULT_KEEP_FLOAT)

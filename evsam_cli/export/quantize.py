@@ -14,9 +14,9 @@ What stays float by default (``DEFAULT_KEEP_FLOAT``; measured in docs/precision.
 * ``"attention"``: softmax attention (TinyViT, SAM's ViT): the Softmax and the MatMuls whose two
   inputs are both activations (``Q K^T``, ``attn V``). Their operands have no fixed range to
   calibrate and the softmax is exponential in its input.
-* ``"resize"``: MatMuls with a constant operand applied to a 4-D (N, C, H, W) feature map: the
-  neck's bicubic resizes. Quantizing them added quantize/dequantize pairs for no accuracy or speed
-  gain. (The linear layers of a transformer are MatMuls on (B, L, C) tokens and are quantized.)
+* ``"resize"``: MatMuls against a constant interpolation matrix (weights summing to 1 along the
+  contracted axis): the neck's bicubic resizes. Quantizing them added quantize/dequantize pairs
+  for no accuracy or speed gain. (A transformer's linear layers are MatMuls too, and quantized.)
 * ``"sensitive"``: the producers and readers of the activations that
   ``sensitivity.sensitive_tensors`` finds on the calibration images: those whose per-tensor
   rounding noise, carried through the next weighted layers, comes out too large against the
@@ -127,33 +127,41 @@ def _calibration_reader(quantization: Any, inputs: Sequence[np.ndarray], input_n
     return Reader()
 
 
-def _feature_map_inputs(model_proto: Any) -> set[str]:
-    """Names of the 4-D (N, C, H, W) tensors of the graph (from shape inference)."""
-    values = list(model_proto.graph.value_info) + list(model_proto.graph.input)
-    return {
-        v.name
-        for v in values
-        if v.type.HasField("tensor_type")
-        and v.type.tensor_type.HasField("shape")
-        and len(v.type.tensor_type.shape.dim) == 4
-    }
+def _interpolation_matmuls(model_proto: Any) -> set[str]:
+    """Names of the MatMuls against a constant interpolation matrix (the neck's resizes): every
+    output a weighted average of its inputs, the weights along the contracted axis summing to 1.
+    A linear layer's weights do not; the layout of the activation cannot tell them apart (TinyViT
+    runs its MLPs on (B, H, W, C) maps, the resizes act on (N, C, H, W) ones)."""
+    from onnx import numpy_helper
+
+    constants = {i.name: i for i in model_proto.graph.initializer}
+    found = set()
+    for node in model_proto.graph.node:
+        if node.op_type != "MatMul" or len(node.input) != 2:
+            continue
+        for position, name in enumerate(node.input):
+            if name not in constants or len(constants[name].dims) != 2:
+                continue
+            weights = numpy_helper.to_array(constants[name]).astype(np.float64)
+            sums = weights.sum(axis=1 if position == 0 else 0)  # over the contracted axis
+            if np.allclose(sums, 1.0, atol=1e-3):
+                found.add(node.name)
+    return found
 
 
 def float_nodes(
     model_proto: Any, keep_float: Sequence[str], sensitive: Sequence[str] = ()
 ) -> tuple[list[str], list[str]]:
-    """(nodes to exclude from quantization, op types to quantize) for ``keep_float``.
-
-    ``model_proto`` has been through shape inference (``quant_pre_process``); ``sensitive`` names
-    the activations ``sensitivity.sensitive_tensors`` found (used when "sensitive" is kept float).
-    """
+    """(nodes to exclude from quantization, op types to quantize) for ``keep_float``;
+    ``sensitive`` names the activations ``sensitivity.sensitive_tensors`` found (used when
+    "sensitive" is kept float)."""
     unknown = sorted(set(keep_float) - set(KEEP_FLOAT_CHOICES))
     if unknown:
         raise ExportError(f"unknown keep-float groups {unknown}: use any of {', '.join(KEEP_FLOAT_CHOICES)}")
     constants = {i.name for i in model_proto.graph.initializer} | {
         o for n in model_proto.graph.node if n.op_type == "Constant" for o in n.output
     }
-    feature_maps = _feature_map_inputs(model_proto)
+    resizes = _interpolation_matmuls(model_proto) if "resize" in keep_float else set()
     weak = set(sensitive) if "sensitive" in keep_float else set()
     exclude = []
     for node in model_proto.graph.node:
@@ -165,12 +173,7 @@ def float_nodes(
                 "attention" in keep_float
                 and (node.op_type == "Softmax" or (matmul and not any(const_inputs)))
             )
-            or (
-                "resize" in keep_float
-                and matmul
-                and any(const_inputs)
-                and any(i in feature_maps for i in node.input if i not in constants)
-            )
+            or node.name in resizes
             or any(t in weak for t in (*node.input, *node.output))
         ):
             exclude.append(node.name)
