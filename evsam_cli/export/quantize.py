@@ -23,17 +23,17 @@ What stays float by default (``DEFAULT_KEEP_FLOAT``; measured in docs/precision.
   signal (small channels next to huge ones that a folded BatchNorm then amplifies, as in
   TinyViT's MBConv blocks). Measured per model, so an architecture without such channels keeps
   everything quantized.
-
 * ``"elementwise"``: only Conv and MatMul are quantized; the residual Adds (and any elementwise op
   between two quantized tensors) run in float between a DequantizeLinear and the next
   QuantizeLinear. With GELU as uint8 ops (below) this cost no measurable speed and lowered the
   embedding error on both EfficientViT and TinyViT.
+
 Weights are quantized per output channel: BatchNorm folding gives every channel its own scale.
 Activations are uint8 with weights int8 (u8s8), the pair onnxruntime's x86 kernels run on VNNI
 and AMX.
 
 GELU between two quantized tensors would run as dequantize -> float GELU -> quantize: three passes
-over the largest tensors of the encoder, in float32, which cost as much as all its convolutions.
+over the largest tensors of the encoder in float32, memory-bound, as slow as all its convolutions.
 ``gelu_lookups`` replaces each by two uint8 ops, ``x * sigmoid(slope * x)`` with the sigmoid a
 256-entry table (onnxruntime's ``QLinearSigmoid`` and ``QLinearMul``); the slope is fitted per
 GELU to its quantization scales, and a GELU the fit does not reproduce within
