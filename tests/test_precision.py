@@ -130,6 +130,7 @@ def test_int8_export_records_quantization_and_agreement(int8_export):
     quant = record["quantization"]
     assert quant["calibration_images"] == ["0.jpg", "1.jpg", "2.jpg"]
     assert quant["per_channel"] and quant["nodes_kept_float"] > 0 and quant["quantize_linear"] > 0
+    assert quant["gelu_lookups"] > 0 and quant["sensitive_tensors"] >= 0  # uint8 GELUs in the graph
     agreement = record["agreement"]
     assert set(agreement) == {"reference", "images", "boxes", "embedding_rel_l2", "mask_iou"}
     assert agreement["boxes"] == 3 and agreement["images"] == ["synthetic-holdout-0"]
