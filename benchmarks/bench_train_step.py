@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Any
 
 SETTINGS = ("off", "inference", "training")
 
@@ -27,6 +28,51 @@ SETTINGS = ("off", "inference", "training")
 def _rss_mib() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def add_step_arguments(ap: argparse.ArgumentParser, *, steps: int, steps_help: str) -> None:
+    """The options of one training step's size, shared with ``bench_finetune_frozen.py``."""
+    ap.add_argument("--model", default="l0")
+    ap.add_argument("--image-size", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--masks", type=int, default=16, help="masks (prompts) per image")
+    ap.add_argument("--steps", type=int, default=steps, help=steps_help)
+
+
+def training_run(args: argparse.Namespace, *, frozen: bool) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """(model, loss, optimizer, batch) of one finetune step on random inputs; with ``frozen`` the
+    encoder is frozen and the batch carries embeddings (a warm cache) instead of images."""
+    import torch
+
+    from evsam_cli.models import create_model
+    from evsam_cli.train.finetune import FinetuneLoss, PromptedSam
+
+    b, k = args.batch_size, args.masks
+    sam = create_model(args.model, input_size=args.image_size)
+    model = PromptedSam(sam, freeze_encoder=frozen).train()
+    loss = FinetuneLoss(torch.device("cpu"), focal_weight=20, dice_weight=1, embed=lambda lk: lk["emb"])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    s = sam.input_size
+    batch: dict[str, Any] = {
+        "masks": torch.rand(b, k, s, s) > 0.5,
+        "boxes": torch.tensor([[[10.0, 10.0, s - 12.0, s - 12.0]] * k] * b),
+        "points": torch.rand(b, k, 3, 2) * s,
+        "point_labels": torch.ones(b, k, 3),
+        "use_box": torch.arange(b) % 2 == 0,
+    }
+    if frozen:
+        batch["lookup"] = {"emb": torch.randn(b, 256, 64, 64), "hit_index": list(range(b)), "miss_index": []}
+    else:
+        batch["image"] = torch.randint(0, 255, (b, 3, s, s), dtype=torch.uint8)
+        batch["image_hw"] = torch.tensor([[s, s]] * b)
+    return model, loss, opt, batch
+
+
+def train_step(model: Any, loss: Any, opt: Any, batch: dict[str, Any]) -> None:
+    value, _ = loss(model, batch)
+    value.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
 
 
 def _one(args: argparse.Namespace) -> None:
@@ -40,32 +86,12 @@ def _one(args: argparse.Namespace) -> None:
 
     import torch
 
-    from evsam_cli.models import create_model
-    from evsam_cli.train.finetune import FinetuneLoss, PromptedSam
-
     torch.manual_seed(0)
-    b, k = args.batch_size, args.masks
-    sam = create_model(args.model, input_size=args.image_size)
-    model = PromptedSam(sam, freeze_encoder=False).train()
-    loss = FinetuneLoss(torch.device("cpu"), focal_weight=20, dice_weight=1, embed=lambda lk: lk["emb"])
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    s = sam.input_size
-    batch = {
-        "masks": torch.rand(b, k, s, s) > 0.5,
-        "boxes": torch.tensor([[[10.0, 10.0, s - 12.0, s - 12.0]] * k] * b),
-        "points": torch.rand(b, k, 3, 2) * s,
-        "point_labels": torch.ones(b, k, 3),
-        "use_box": torch.arange(b) % 2 == 0,
-        "image": torch.randint(0, 255, (b, 3, s, s), dtype=torch.uint8),
-        "image_hw": torch.tensor([[s, s]] * b),
-    }
+    model, loss, opt, batch = training_run(args, frozen=False)
     for step in range(args.steps):
         batch["step"] = step  # odd steps: multimask output, as in training
         r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-        value, _ = loss(model, batch)
-        value.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(model, loss, opt, batch)
         t1, r1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
         row = {
             "setting": args.setting,
@@ -82,11 +108,7 @@ def _one(args: argparse.Namespace) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="l0")
-    ap.add_argument("--image-size", type=int, default=None)
-    ap.add_argument("--batch-size", type=int, default=2)
-    ap.add_argument("--masks", type=int, default=16, help="masks (prompts) per image")
-    ap.add_argument("--steps", type=int, default=4, help="steps per process; the first is left out")
+    add_step_arguments(ap, steps=4, steps_help="steps per process; the first is left out")
     ap.add_argument("--rounds", type=int, default=1, help="processes per setting, interleaved")
     ap.add_argument(
         "--settings", default=",".join(SETTINGS), help="comma-separated, of " + ", ".join(SETTINGS)
