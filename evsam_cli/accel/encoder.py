@@ -66,12 +66,9 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
         device="meta",
     )
     bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-    fused.weight = nn.Parameter(
-        conv.weight * scale.reshape(-1, 1, 1, 1), requires_grad=conv.weight.requires_grad
-    )
-    fused.bias = nn.Parameter(
-        (bias - bn.running_mean) * scale + bn.bias, requires_grad=conv.weight.requires_grad
-    )
+    dtype, grad = conv.weight.dtype, conv.weight.requires_grad  # as the conv, whatever BatchNorm's dtype
+    fused.weight = nn.Parameter((conv.weight * scale.reshape(-1, 1, 1, 1)).to(dtype), requires_grad=grad)
+    fused.bias = nn.Parameter(((bias - bn.running_mean) * scale + bn.bias).to(dtype), requires_grad=grad)
     return fused
 
 
