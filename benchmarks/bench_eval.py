@@ -136,7 +136,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=640, help="longest image side, as COCO")
     parser.add_argument("--objects", type=int, nargs=2, default=(4, 12), help="objects per image (min max)")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=None, help="reader threads (default: evaluate's)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prompt", choices=("box", "detector"), default="box")

@@ -149,3 +149,50 @@ def test_lvis_box_prompts_with_limit(setup):
         1 for a in lvis["annotations"] if a["image_id"] == first and a["area"] >= 1
     )
     assert 0.0 <= metrics["miou"]["all"] <= 100.0
+
+
+class _Items:
+    """A stand-in for ``EvalImages``: item i is i, read after ``delay`` s; ``fail`` raises."""
+
+    def __init__(self, n: int, fail: int | None = None, delay: float = 0.0) -> None:
+        self.n, self.fail, self.delay, self.read = n, fail, delay, []
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        import time
+
+        time.sleep(self.delay * ((i * 7) % 3))  # out-of-order completion across threads
+        if i == self.fail:
+            raise OSError(f"cannot read {i}")
+        self.read.append(i)
+        return i
+
+
+@pytest.mark.parametrize("threads", [0, 1, 3])
+@pytest.mark.parametrize("batch_size", [1, 4, 10])
+def test_read_batches_keeps_order_and_batching(threads, batch_size):
+    from evsam_cli.evaluation.loader import read_batches
+
+    batches = list(read_batches(_Items(10, delay=0.002), batch_size, threads))  # type: ignore[arg-type]
+    assert [i for b in batches for i in b] == list(range(10))
+    assert [len(b) for b in batches] == [min(batch_size, 10 - s) for s in range(0, 10, batch_size)]
+
+
+def test_read_batches_raises_the_readers_error_and_stops_on_close():
+    from contextlib import closing
+
+    from evsam_cli.evaluation.loader import read_batches
+
+    with pytest.raises(OSError, match="cannot read 5"):
+        list(read_batches(_Items(12, fail=5), 2, 2))  # type: ignore[arg-type]
+    items = _Items(100, delay=0.001)
+    with closing(read_batches(items, 2, 2)) as batches:  # type: ignore[arg-type]
+        assert next(batches) == [0, 1]
+    seen = len(items.read)
+    assert seen <= 2 + 2 * 2 * 2  # the first batch and at most two batches per thread ahead
+    import time
+
+    time.sleep(0.05)
+    assert len(items.read) == seen  # no reads after close

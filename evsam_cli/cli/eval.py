@@ -98,7 +98,10 @@ def eval_cli(
         str, typer.Option(help="cpu, cuda, cuda:1 ... (under torchrun each rank takes its GPU).")
     ] = "cpu",
     batch_size: Annotated[int, typer.Option(min=1, help="Images per encoder pass.")] = 4,
-    workers: Annotated[int, typer.Option(min=0, help="DataLoader processes decoding images.")] = 2,
+    workers: Annotated[
+        int | None,
+        typer.Option(min=0, help="Threads reading images ahead of the model [default: cores less one, at most 4]."),
+    ] = None,
     dtype: DtypeOption = InferenceDtype.fp32,
     compare_fp32: Annotated[
         bool,

@@ -1,13 +1,22 @@
-"""Image decoding and ground-truth preparation in DataLoader workers.
+"""Image decoding and ground-truth preparation, in reader threads ahead of the model.
 
-Workers read the image, resize it for the encoder (longest side = the model's input size, PIL
-bilinear, as ``Sam.resize_image``) and, for box/point prompts, decode the ground-truth masks,
-so the main process only runs the model. An image that cannot be read becomes an item with an
-``error`` for the runner to skip and report.
+Each item is the image read and resized for the encoder (longest side = the model's input size,
+PIL bilinear, as ``Sam.resize_image``) and, for box/point prompts, its decoded ground-truth
+masks. An image that cannot be read becomes an item with an ``error`` for the runner to skip
+and report.
+
+``read_batches`` reads in threads rather than DataLoader processes. A forked worker shares the
+evaluating process's memory copy-on-write, so for as long as it lives every heap page that the
+model writes again (its activations reuse freed blocks every pass) costs a page fault and a
+copy: the kernel time this adds outweighs what the workers save (docs/benchmarks.md). Decoding a
+JPEG and resizing it with PIL release the GIL, so threads overlap with the model just as well.
 """
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,5 +102,31 @@ class EvalImages(Dataset):
         return item
 
 
-def collate(batch: list[EvalItem]) -> list[EvalItem]:
-    return batch
+def read_batches(items: EvalImages, batch_size: int, threads: int) -> Iterator[list[EvalItem]]:
+    """``items`` in order, in lists of ``batch_size``. With ``threads`` > 0 that many threads read
+    up to two batches per thread ahead of the caller; with 0 the caller reads each batch itself.
+    """
+    batch_size = max(1, batch_size)
+    if threads <= 0:
+        for start in range(0, len(items), batch_size):
+            yield [items[i] for i in range(start, min(start + batch_size, len(items)))]
+        return
+    ahead = batch_size * 2 * threads
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="evsam-read")
+    pending: deque[Future[EvalItem]] = deque()
+    try:
+        following = iter(range(len(items)))
+        for i in following:
+            pending.append(pool.submit(items.__getitem__, i))
+            if len(pending) == ahead:
+                break
+        while pending:
+            batch = [pending.popleft().result() for _ in range(min(batch_size, len(pending)))]
+            for i in following:
+                pending.append(pool.submit(items.__getitem__, i))
+                if len(pending) == ahead:
+                    break
+            yield batch
+    finally:
+        # An error or an early stop (the consumer closing the generator) leaves no reads behind.
+        pool.shutdown(wait=True, cancel_futures=True)

@@ -2,8 +2,8 @@
 
 Speed comes from the structure, not from approximations:
 
-* images are read, resized and their ground-truth masks decoded in DataLoader workers while
-  the model runs;
+* images are read, resized and their ground-truth masks decoded in reader threads while the
+  model runs (``loader.read_batches``);
 * the encoder runs on ``batch_size`` images at once (every image is padded to the same square);
 * all prompts of an image go through the decoder in a few batched passes (``SamPredictor.predict_best``)
   instead of one call per box or per click.
@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,19 +26,19 @@ from typing import Any
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
-from torch.utils.data import DataLoader
 
 from ..errors import DataError, SettingError
 from ..models import create_model
 from ..models.sam import Sam
 from ..predictor.sam_predictor import SamPredictor, default_prompts_per_pass
+from ..train.config import default_workers
 from ..utils import distributed as dist_utils
 from ..utils.devices import resolve_device
 from ..utils.io import write_json_atomic
 from . import detectors as det
 from .datasets import EvalDataset, bbox_xywh_to_xyxy, load_dataset
 from .detectors import DetectorOptions
-from .loader import EvalImages, EvalItem, collate
+from .loader import EvalImages, EvalItem, read_batches
 from .metrics import coco_segm_metrics, lvis_segm_metrics, mask_iou, miou_summary
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ def evaluate(
     limit: int | None = None,
     device: str = "cpu",
     batch_size: int = 4,
-    workers: int = 2,
+    workers: int | None = None,
     prompts_per_pass: int | None = None,
     input_size: int | None = None,
     dtype: str = "fp32",
@@ -89,7 +90,8 @@ def evaluate(
       detector: box source for detector prompts.
       data_root / images / annotations: the standard layout, or explicit paths.
       limit: evaluate only the first N images of the annotation file.
-      batch_size: images per encoder pass. workers: DataLoader processes decoding images.
+      batch_size: images per encoder pass. workers: threads reading images ahead of the model
+        (default ``default_workers``: the cores less one, at most 4).
       prompts_per_pass: prompts per decoder pass (default ``default_prompts_per_pass``).
       input_size: encoder input override (EfficientViT-SAM only; for quick tests).
       dtype: the predictor's precision ("fp32", "bf16", "fp16"; ``SamPredictor``).
@@ -137,39 +139,38 @@ def evaluate(
         with_gt=prompt != "detector",
         keep_rgb=run_detector is not None,
     )
-    loader = DataLoader(
-        items, batch_size=max(1, batch_size), num_workers=max(0, workers), collate_fn=collate, shuffle=False
-    )
     part = _ShardOutput()
     done = 0
-    for batch in loader:
-        for item in batch:
-            if item.fatal:
-                raise DataError(item.fatal)
-            if item.error:
-                log.warning("skipping image %s: %s", item.image.image_id, item.error)
-                part.skipped.append((item.index, _skip_entry(item)))
-        ok = [item for item in batch if item.error is None]
-        # Images without a single prompt (no annotations, no boxes) need no embedding.
-        todo = [item for item in ok if _has_prompts(item, prompt, boxes_by_image, run_detector)]
-        embeddings = _encode(predictor, todo) if todo else None
-        for item in ok:
-            j = next((k for k, t in enumerate(todo) if t is item), None)
-            _evaluate_image(
-                predictor,
-                None if j is None or embeddings is None else embeddings[j : j + 1],
-                item,
-                prompt,
-                clicks,
-                boxes_by_image,
-                run_detector,
-                part,
-                prompts_per_pass,
-            )
-            part.num_images += 1
-        done += len(batch)
-        if progress is not None and info.is_main:
-            progress(done, len(items))
+    # closing: an error mid-loop stops the reader threads at once, not when the generator is collected.
+    with closing(read_batches(items, batch_size, default_workers() if workers is None else workers)) as loader:
+        for batch in loader:
+            for item in batch:
+                if item.fatal:
+                    raise DataError(item.fatal)
+                if item.error:
+                    log.warning("skipping image %s: %s", item.image.image_id, item.error)
+                    part.skipped.append((item.index, _skip_entry(item)))
+            ok = [item for item in batch if item.error is None]
+            # Images without a single prompt (no annotations, no boxes) need no embedding.
+            todo = [item for item in ok if _has_prompts(item, prompt, boxes_by_image, run_detector)]
+            embeddings = _encode(predictor, todo) if todo else None
+            for item in ok:
+                j = next((k for k, t in enumerate(todo) if t is item), None)
+                _evaluate_image(
+                    predictor,
+                    None if j is None or embeddings is None else embeddings[j : j + 1],
+                    item,
+                    prompt,
+                    clicks,
+                    boxes_by_image,
+                    run_detector,
+                    part,
+                    prompts_per_pass,
+                )
+                part.num_images += 1
+            done += len(batch)
+            if progress is not None and info.is_main:
+                progress(done, len(items))
 
     parts = dist_utils.all_gather_objects(part)
     metrics: dict[str, Any] = {}
