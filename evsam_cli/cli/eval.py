@@ -100,7 +100,9 @@ def eval_cli(
     batch_size: Annotated[int, typer.Option(min=1, help="Images per encoder pass.")] = 4,
     workers: Annotated[
         int | None,
-        typer.Option(min=0, help="Threads reading images ahead of the model [default: cores less one, at most 4]."),
+        typer.Option(
+            min=0, help="Threads reading images ahead of the model [default: cores less one, at most 4]."
+        ),
     ] = None,
     dtype: DtypeOption = InferenceDtype.fp32,
     compare_fp32: Annotated[

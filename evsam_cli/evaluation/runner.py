@@ -142,7 +142,9 @@ def evaluate(
     part = _ShardOutput()
     done = 0
     # closing: an error mid-loop stops the reader threads at once, not when the generator is collected.
-    with closing(read_batches(items, batch_size, default_workers() if workers is None else workers)) as loader:
+    with closing(
+        read_batches(items, batch_size, default_workers() if workers is None else workers)
+    ) as loader:
         for batch in loader:
             for item in batch:
                 if item.fatal:
