@@ -97,7 +97,9 @@ def eval_cli(
     device: Annotated[
         str, typer.Option(help="cpu, cuda, cuda:1 ... (under torchrun each rank takes its GPU).")
     ] = "cpu",
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per encoder pass.")] = 4,
+    batch_size: Annotated[
+        int | None, typer.Option(min=1, help="Images per encoder pass [default: 1 on a CPU, 4 on a GPU].")
+    ] = None,
     workers: Annotated[
         int | None,
         typer.Option(

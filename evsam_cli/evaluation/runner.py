@@ -4,7 +4,8 @@ Speed comes from the structure, not from approximations:
 
 * images are read, resized and their ground-truth masks decoded in reader threads while the
   model runs (``loader.read_batches``);
-* the encoder runs on ``batch_size`` images at once (every image is padded to the same square);
+* on a GPU the encoder runs on ``batch_size`` images at once (every image is padded to the same
+  square); on a CPU one image at a time is faster per image (its activations stay in cache);
 * all prompts of an image go through the decoder in a few batched passes (``SamPredictor.predict_best``)
   instead of one call per box or per click.
 
@@ -73,7 +74,7 @@ def evaluate(
     annotations: str | Path | None = None,
     limit: int | None = None,
     device: str = "cpu",
-    batch_size: int = 4,
+    batch_size: int | None = None,
     workers: int | None = None,
     prompts_per_pass: int | None = None,
     input_size: int | None = None,
@@ -90,8 +91,9 @@ def evaluate(
       detector: box source for detector prompts.
       data_root / images / annotations: the standard layout, or explicit paths.
       limit: evaluate only the first N images of the annotation file.
-      batch_size: images per encoder pass. workers: threads reading images ahead of the model
-        (default ``default_workers``: the cores less one, at most 4).
+      batch_size: images per encoder pass (default ``default_batch_size``).
+      workers: threads reading images ahead of the model (default ``default_workers``: the
+        cores less one, at most 4).
       prompts_per_pass: prompts per decoder pass (default ``default_prompts_per_pass``).
       input_size: encoder input override (EfficientViT-SAM only; for quick tests).
       dtype: the predictor's precision ("fp32", "bf16", "fp16"; ``SamPredictor``).
@@ -143,7 +145,11 @@ def evaluate(
     done = 0
     # closing: an error mid-loop stops the reader threads at once, not when the generator is collected.
     with closing(
-        read_batches(items, batch_size, default_workers() if workers is None else workers)
+        read_batches(
+            items,
+            default_batch_size(dev) if batch_size is None else batch_size,
+            default_workers() if workers is None else workers,
+        )
     ) as loader:
         for batch in loader:
             for item in batch:
@@ -190,6 +196,12 @@ def evaluate(
         )
     metrics = dist_utils.broadcast_object(metrics)
     return metrics
+
+
+def default_batch_size(device: torch.device) -> int:
+    """Images per encoder pass: 4 on a GPU; 1 on a CPU, where a batch's activations outgrow the
+    caches and the encoder takes longer per image (docs/benchmarks.md)."""
+    return 4 if device.type == "cuda" else 1
 
 
 # ---------------------------------------------------------------------------- per image
