@@ -400,3 +400,89 @@ def test_streamed_transformer_of_other_depths(depth):
         streamed_hs, streamed = stream_transformer(transformer, image, pe, tokens, list(range(7)))
     torch.testing.assert_close(streamed_hs, hs, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(torch.cat(streamed.tiles, 1), keys, rtol=1e-5, atol=1e-5)
+
+
+def test_layer_norm_with_rstd_gradients():
+    x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    fn = streaming._LayerNormWithRstd.apply
+    assert torch.autograd.gradcheck(lambda *a: fn(*a, 1e-5), (x, w, b))
+    y, rstd = fn(x, w, b, 1e-5)
+    torch.testing.assert_close(y, nn.functional.layer_norm(x, (8,), w, b, 1e-5))
+    torch.testing.assert_close(rstd, torch.rsqrt(x.var(-1, correction=0, keepdim=True) + 1e-5))
+
+
+@pytest.mark.parametrize(("prompt", "multimask"), [("boxes", True), ("points", False), ("both", True)])
+def test_streamed_decoder_gradients_equal_module_path(prompt, multimask, monkeypatch):
+    """Training decodes through the streamed form with autograd (``decode_prompts``): the
+    gradients of every decoder parameter and of the image embedding are the module path's, in
+    float64 (the module's LayerNorm2d, float32 inside for fp16's sake, computed in float64 here)."""
+
+    def layer_norm_2d(self, x):
+        y = nn.functional.layer_norm(
+            x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps
+        )
+        return y.permute(0, 3, 1, 2)
+
+    monkeypatch.setattr(LayerNorm2d, "forward", layer_norm_2d)
+    torch.manual_seed(0)
+    model = create_model("efficientvit-sam-l0", input_size=128)
+    _spread_weights(model.mask_decoder)
+    dec = model.mask_decoder.double()
+    n = 4
+    xy = torch.rand(n, 2) * 700
+    boxes = torch.cat([xy, xy + 50 + torch.rand(n, 2) * 200], dim=1) if prompt != "points" else None
+    coords = torch.rand(n, 3, 2) * 1000 if prompt != "boxes" else None
+    labels = torch.tensor([[1, 0, 1]]).repeat(n, 1) if prompt != "boxes" else None
+    with torch.no_grad():
+        sparse, dense = model.prompt_encoder(
+            points=None if coords is None else (coords, labels), boxes=boxes, masks=None
+        )
+    sparse, dense = sparse.double(), dense.double()
+    pe = model.prompt_encoder.get_dense_pe().double()
+    emb0 = torch.randn(1, 256, 64, 64, dtype=torch.float64) + 2.0
+    grads = []
+    for streamed in (False, True):
+        dec.zero_grad(set_to_none=True)
+        emb = emb0.clone().requires_grad_(True)
+        if streamed:
+            masks, iou = stream_decode(
+                dec, emb, pe, sparse, dense, slice(1, None) if multimask else slice(0, 1)
+            )
+        else:
+            masks, iou = dec(emb, pe, sparse, dense, multimask)
+        weights = torch.linspace(-1.0, 1.0, masks.numel(), dtype=torch.float64).reshape(masks.shape)
+        (
+            (masks.tanh() * weights).sum()
+            + (iou * torch.arange(1.0, iou.numel() + 1).reshape(iou.shape)).sum()
+        ).backward()
+        grads.append({"image embedding": emb.grad, **{k: p.grad for k, p in dec.named_parameters()}})
+    ref, got = grads
+    # the same parameters take part as in the module (not the unread outputs' hypernetworks)
+    assert {k for k, g in got.items() if g is None} == {k for k, g in ref.items() if g is None}
+    for name, want in ref.items():
+        if want is None:
+            continue
+        scale = float(want.norm())
+        if scale < 1e-9:  # the key biases: no effect on a softmax, zero gradient up to rounding
+            assert float(got[name].norm()) < 1e-6, name
+            continue
+        assert float((got[name] - want).norm()) <= 1e-9 * scale, name
+
+
+def test_training_decodes_through_the_streamed_form(monkeypatch):
+    model = create_model("efficientvit-sam-l0", input_size=128)
+    calls = []
+    real = streaming.stream_decode
+    monkeypatch.setattr(streaming, "stream_decode", lambda *a: calls.append(1) or real(*a))
+    emb = torch.randn(1, 256, 64, 64)
+    boxes = torch.tensor([[10.0, 20.0, 300.0, 400.0], [0.0, 0.0, 900.0, 700.0]])
+    masks, iou = streaming.decode_prompts(model, emb, boxes=boxes, multimask_output=True)
+    assert calls and masks.requires_grad
+    want_masks, want_iou = model.decode(emb, boxes=boxes, multimask_output=True)
+    torch.testing.assert_close(masks, want_masks, rtol=0, atol=1e-5 * float(want_masks.abs().max()))
+    torch.testing.assert_close(iou, want_iou, rtol=1e-5, atol=1e-6)
+    calls.clear()
+    streaming.decode_prompts(model, emb.expand(2, -1, -1, -1), boxes=boxes, multimask_output=False)
+    assert not calls  # one embedding per prompt: the module path

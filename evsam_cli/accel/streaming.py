@@ -30,22 +30,25 @@ different order:
   into a part shared by all prompts plus a low-rank per-prompt product (``_FirstConv``).
 
 Results equal the module path up to float rounding (pinned by ``tests/test_optimize.py``).
-Training, export, GPUs and per-prompt image embeddings use the module path; this one runs on
-CPU without autograd, for an image embedding shared by every prompt (``backend.CpuBackend``
-decides).
+Inference on a CPU reaches it through ``backend.CpuBackend``, which also keeps the per-image
+part between calls; CPU training through ``decode_prompts``, since every step here is an
+ordinary differentiable op and autograd's backward of the reordered forward is the module's
+gradient, at a fraction of its memory traffic (``tests/test_optimize.py`` pins the gradients
+too). Export, GPUs and per-prompt image embeddings use the module path.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..models.mask_decoder import MaskDecoder
+from ..models.sam import Sam
 from ..models.transformer import Attention, TwoWayAttentionBlock, TwoWayTransformer
 
 # Elements per tile across all prompts of a pass (1 MiB of float32, rounded to whole rows of the
@@ -57,9 +60,11 @@ class _TokenAttention:
     """A token->image attention reduced to the image side, fed one tile of image tokens at a time.
 
     ``weights`` (N, h*T, C) are the queries already multiplied into the key projection, so the
-    logits over image tokens x are ``weights @ (x + pe)^T`` (the key bias adds a constant per
-    row, which the softmax cancels). Logits are collected per tile; ``finish`` takes the softmax
-    over all image tokens and mixes the tiles' values.
+    logits over image tokens x are ``weights @ (x + pe)^T + bias``. The key bias only adds a
+    constant per row, which the softmax cancels, but it is kept so that under autograd it takes
+    part as in the module (its gradient, zero up to rounding, and the optimizer's weight decay
+    then treat it alike). Logits are collected per tile; ``finish`` takes the softmax over all
+    image tokens and mixes the tiles' values.
     """
 
     def __init__(self, attn: Attention, queries: Tensor) -> None:
@@ -69,11 +74,12 @@ class _TokenAttention:
         qh = attn.q_proj(queries).reshape(n, t, h, d).transpose(1, 2)  # (N, h, T, d)
         self.attn = attn
         self.weights = (qh @ attn.k_proj.weight.reshape(h, d, c)).reshape(n, h * t, c) * d**-0.5
+        self.bias = (qh @ attn.k_proj.bias.reshape(h, d, 1)).reshape(n, h * t, 1) * d**-0.5
         self.logits: list[Tensor] = []
 
     def add_tile(self, keys: Tensor) -> None:
         """keys = tile + pe (N, R, C)."""
-        self.logits.append(torch.bmm(self.weights, keys.transpose(1, 2)))  # (N, hT, R)
+        self.logits.append(torch.baddbmm(self.bias, self.weights, keys.transpose(1, 2)))  # (N, hT, R)
 
     def finish(self, value_tiles: list[Tensor]) -> Tensor:
         """Values = the image-token tiles, in ``add_tile`` order -> output (N, T, C)."""
@@ -154,10 +160,38 @@ class _ImageAttention:
             logits = torch.baddbmm(self.bias, self.weights, keys.transpose(1, 2)).reshape(n, h, t, -1)
         p = torch.softmax(logits, dim=2).reshape(n, h * t, -1)
         out = torch.baddbmm(residual, p.transpose(1, 2), self.values)
-        out, _, rstd = torch.native_layer_norm(
-            out, out.shape[-1:], self.norm.weight, self.norm.bias, self.norm.eps
-        )
+        norm = self.norm
+        if torch.is_grad_enabled():
+            out, rstd = _LayerNormWithRstd.apply(out, norm.weight, norm.bias, norm.eps)
+        else:
+            out, _, rstd = torch.native_layer_norm(out, out.shape[-1:], norm.weight, norm.bias, norm.eps)
         return out, p, rstd
+
+
+class _LayerNormWithRstd(torch.autograd.Function):
+    """LayerNorm over the last axis that also returns its per-row 1/std (N, R, 1), with a gradient
+    through both outputs: ``_FirstConv`` and ``_AfterShared`` compute with the 1/std, and
+    ``native_layer_norm``'s backward ignores a gradient reaching it."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+        y, mean, rstd = torch.native_layer_norm(x, x.shape[-1:], weight, bias, eps)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        return y, rstd
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: Tensor | None, grad_rstd: Tensor | None) -> tuple[Tensor | None, ...]:
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if grad_y is not None:
+            grad_x, grad_w, grad_b = torch.ops.aten.native_layer_norm_backward(
+                grad_y, x, x.shape[-1:], mean, rstd, weight, bias, list(ctx.needs_input_grad[:3])
+            )
+        if grad_rstd is not None and ctx.needs_input_grad[0]:
+            # rstd = (var + eps)^(-1/2) with var = mean((x - mean)^2): d rstd / dx = -rstd^3 (x - mean) / C
+            extra = (grad_rstd * rstd.pow(3) / -x.shape[-1]) * (x - mean)
+            grad_x = extra if grad_x is None else grad_x + extra
+        return grad_x, grad_w, grad_b, None
 
 
 @dataclass
@@ -246,8 +280,10 @@ class _AfterShared:
         h = attn.num_heads
         d = attn.internal_dim // h
         qh = attn.q_proj(queries).reshape(n, t, h, d).transpose(1, 2) * d**-0.5
-        # the key bias adds a constant to each row, which the softmax cancels
-        a = torch.softmax(self.logits("keys:" + str(id(attn)), qh, attn.k_proj.weight, None), dim=2)
+        # (the key bias adds a constant to each row, which the softmax cancels: kept as in the module)
+        a = torch.softmax(
+            self.logits("keys:" + str(id(attn)), qh, attn.k_proj.weight, attn.k_proj.bias), dim=2
+        )
         ar = a * self.r  # (N, hT, HW)
         wv = attn.v_proj.weight
         image = self._image("values:" + str(id(attn)), wv, h, pe=False)  # (h, d, HW)
@@ -320,7 +356,13 @@ def _fused_linear(act: nn.Module, weight: Tensor, bias: Tensor) -> Callable[[Ten
         return lambda x: act(torch.addmm(bias, x, weight))
     name, algorithm = attr
     weight_t = weight.t().contiguous()  # (out, in), as F.linear
-    return lambda x: torch.ops.mkldnn._linear_pointwise(x, weight_t, bias, name, [], algorithm)
+
+    def fused(x: Tensor) -> Tensor:
+        if torch.is_grad_enabled() or x.dtype != weight_t.dtype:  # the oneDNN op has no backward
+            return act(torch.addmm(bias, x, weight))
+        return torch.ops.mkldnn._linear_pointwise(x, weight_t, bias, name, [], algorithm)
+
+    return fused
 
 
 class _FirstConv:
@@ -506,7 +548,10 @@ def stream_transformer(
     if shared is None:
         shared = SharedImage.compute(transformer, image, image_pe)
     src, pe = shared.src, shared.pe
-    rows = max(1, TILE_ELEMENTS // (c * n * w)) * w  # whole rows of the token grid
+    # Tiles of whole rows of the token grid. Under autograd one tile: every tile's activations
+    # are kept for the backward anyway, and the backward of each slice of a shared tensor writes
+    # a full-size gradient.
+    rows = hw if torch.is_grad_enabled() else max(1, TILE_ELEMENTS // (c * n * w)) * w
     tiles = [slice(i, min(i + rows, hw)) for i in range(0, hw, rows)]
 
     query_pe = tokens
@@ -626,3 +671,34 @@ def upscale_tiles(
         up.rest(y, hyper, masks[:, :, sl.start // w : sl.stop // w])
         start = sl.stop
     return masks.reshape(n, m, 4 * h, 4 * w)
+
+
+def decode_prompts(
+    sam: Sam,
+    image_embedding: Tensor,
+    *,
+    point_coords: Tensor | None = None,
+    point_labels: Tensor | None = None,
+    boxes: Tensor | None = None,
+    multimask_output: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """``Sam.decode`` of N prompts (no mask inputs) on one image embedding (1, C, H, W), with or
+    without autograd: through ``stream_decode`` on a CPU where the decoder streams, else through
+    the module. Same values and gradients up to float rounding. The training commands decode
+    through this, so a CPU training step runs the decoder's cheaper form forward and backward.
+    """
+    points = (point_coords, point_labels) if point_coords is not None else None
+    sparse, dense = sam.prompt_encoder(points=points, boxes=boxes, masks=None)
+    image_pe = sam.prompt_encoder.get_dense_pe()
+    decoder = sam.mask_decoder
+    if (
+        image_embedding.device.type == "cpu"
+        and image_embedding.shape[0] == 1
+        and decoder_streamable(decoder)
+        and not torch.jit.is_tracing()
+        and not torch.onnx.is_in_onnx_export()
+        and not torch.compiler.is_compiling()
+    ):
+        mask_slice = slice(1, None) if multimask_output else slice(0, 1)
+        return stream_decode(decoder, image_embedding, image_pe, sparse, dense, mask_slice)
+    return decoder(image_embedding, image_pe, sparse, dense, multimask_output)

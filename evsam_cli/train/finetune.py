@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..accel.streaming import decode_prompts
 from ..data.coco_train import open_coco
 from ..data.sa1b import Sa1bRecord, Sa1bStream, collate_stack, count_train_images, decode_mask, open_sa1b
 from ..data.transforms import normalize_padded, resize_longest_padded, resize_mask_padded
@@ -184,9 +185,12 @@ class PromptedSam(nn.Module):
         logits, ious = [], []
         for b in range(len(inputs)):
             if bool(use_box[b]):
-                out = self.sam.decode(embeddings[b : b + 1], boxes=boxes[b], multimask_output=multimask)
+                out = decode_prompts(
+                    self.sam, embeddings[b : b + 1], boxes=boxes[b], multimask_output=multimask
+                )
             else:
-                out = self.sam.decode(
+                out = decode_prompts(
+                    self.sam,
                     embeddings[b : b + 1],
                     point_coords=points[b],
                     point_labels=point_labels[b],
@@ -317,8 +321,8 @@ class BoxValidation:
                 x = normalize_padded(pixels[None].to(self.device), torch.tensor([resized]), sam.preprocessing)
                 embedding = sam.image_encoder(x)
             boxes = to_prompt_frame(np.stack([mask_box(m) for m in masks]), hw, sam.prompt_size)
-            low, _ = sam.decode(
-                embedding, boxes=torch.from_numpy(boxes).to(self.device), multimask_output=False
+            low, _ = decode_prompts(
+                sam, embedding, boxes=torch.from_numpy(boxes).to(self.device), multimask_output=False
             )
             pred = sam.postprocess_masks(low.float(), sam.prompt_frame_size(hw), hw)[:, 0]
             gt = torch.from_numpy(np.stack(masks)).to(self.device)
