@@ -62,8 +62,8 @@ class _TokenAttention:
     ``weights`` (N, h*T, C) are the queries already multiplied into the key projection, so the
     logits over image tokens x are ``weights @ (x + pe)^T + bias``. The key bias only adds a
     constant per row, which the softmax cancels, but it is kept so that under autograd it takes
-    part as in the module (its gradient, zero up to rounding, and the optimizer's weight decay
-    then treat it alike). Logits are collected per tile; ``finish`` takes the softmax over all
+    part as in the module (a gradient, zero up to rounding, rather than none: the optimizer then
+    treats the parameter alike on every device). Logits are collected per tile; ``finish`` takes the softmax over all
     image tokens and mixes the tiles' values.
     """
 
