@@ -63,8 +63,8 @@ class _TokenAttention:
     logits over image tokens x are ``weights @ (x + pe)^T + bias``. The key bias only adds a
     constant per row, which the softmax cancels, but it is kept so that under autograd it takes
     part as in the module (a gradient, zero up to rounding, rather than none: the optimizer then
-    treats the parameter alike on every device). Logits are collected per tile; ``finish`` takes the softmax over all
-    image tokens and mixes the tiles' values.
+    treats the parameter alike on every device). Logits are collected per tile; ``finish``
+    takes the softmax over all image tokens and mixes the tiles' values.
     """
 
     def __init__(self, attn: Attention, queries: Tensor) -> None:
@@ -482,18 +482,22 @@ def _token_update(layer: TwoWayAttentionBlock, queries: Tensor, token_to_image: 
 
 
 def can_stream(decoder: MaskDecoder, image_embeddings: Tensor, dense: Tensor) -> bool:
-    """Whether ``stream_decode`` applies to these inputs: inference (no autograd, no tracing,
-    ONNX export or ``torch.compile``), one image shared by all prompts and no per-prompt dense
-    (mask) embedding. Compilers fuse the module path themselves, and the per-image state would
-    make them recompile. ``decoder_streamable`` checks the decoder's configuration."""
+    """Whether the decode backend streams these inputs: inference (no autograd; training reaches
+    the streamed form through ``decode_prompts``), not traced or compiled (``_traced``), one image
+    shared by all prompts and no per-prompt dense (mask) embedding. ``decoder_streamable`` checks
+    the decoder's configuration."""
     return (
         not torch.is_grad_enabled()
-        and not torch.jit.is_tracing()
-        and not torch.onnx.is_in_onnx_export()
-        and not torch.compiler.is_compiling()
+        and not _traced()
         and image_embeddings.shape[0] == 1
         and dense.shape[0] == 1
     )
+
+
+def _traced() -> bool:
+    """Under tracing, ONNX export or ``torch.compile``, which fuse the module path themselves (and
+    would recompile for the streamed form's per-image state)."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
 
 
 def decoder_streamable(decoder: nn.Module) -> bool:
@@ -695,9 +699,7 @@ def decode_prompts(
         image_embedding.device.type == "cpu"
         and image_embedding.shape[0] == 1
         and decoder_streamable(decoder)
-        and not torch.jit.is_tracing()
-        and not torch.onnx.is_in_onnx_export()
-        and not torch.compiler.is_compiling()
+        and not _traced()
     ):
         mask_slice = slice(1, None) if multimask_output else slice(0, 1)
         return stream_decode(decoder, image_embedding, image_pe, sparse, dense, mask_slice)

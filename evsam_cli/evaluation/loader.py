@@ -15,7 +15,7 @@ JPEG and resizing it with PIL release the GIL, so threads overlap with the model
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Generator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -102,7 +102,7 @@ class EvalImages(Dataset):
         return item
 
 
-def read_batches(items: EvalImages, batch_size: int, threads: int) -> Iterator[list[EvalItem]]:
+def read_batches(items: EvalImages, batch_size: int, threads: int) -> Generator[list[EvalItem], None, None]:
     """``items`` in order, in lists of ``batch_size``. With ``threads`` > 0 that many threads read
     up to two batches per thread ahead of the caller; with 0 the caller reads each batch itself.
     """
