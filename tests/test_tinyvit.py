@@ -201,3 +201,51 @@ def test_lite_medsam_teaches_through_evsam_distill(tmp_path, lite_medsam_file, l
     torch.testing.assert_close(cached.float(), expected[0].half().float())
     student = create_model("l0", checkpoint=tmp_path / "run" / "student.pt", input_size=64)
     torch.testing.assert_close(student.mask_decoder.state_dict(), teacher.mask_decoder.state_dict())
+
+
+def test_training_decode_on_real_weights_has_the_module_gradients(lite_medsam, arc2017):
+    """How finetune decodes on a CPU (the streamed decoder under autograd, ``decode_prompts``),
+    on the real weights with the photo's own boxes and masks and the training loss: the loss and
+    every gradient are the module path's, and a step along them lowers the loss."""
+    from evsam_cli.accel.streaming import decode_prompts
+    from evsam_cli.data.transforms import resize_mask_padded
+    from evsam_cli.train.losses import upsampled_mask_losses
+
+    image, masks, boxes, _, embedding = arc2017
+    sam = lite_medsam
+    scale = sam.prompt_size / max(image.shape[:2])
+    box = torch.from_numpy(boxes[:8] * scale).float()
+    target = torch.stack([resize_mask_padded(m, sam.input_size) for m in masks[:8]])
+
+    def loss_of(decode) -> torch.Tensor:
+        logits, iou = decode(sam, embedding, boxes=box, multimask_output=True)
+        focal, dice, _ = upsampled_mask_losses(logits, target)
+        return (20 * focal + dice).min(dim=1).values.mean() + iou.square().mean()
+
+    results = []
+    for decode in (lambda s, e, **kw: s.decode(e, **kw), decode_prompts):
+        sam.zero_grad(set_to_none=True)
+        loss = loss_of(decode)
+        loss.backward()
+        results.append(
+            (float(loss), {k: p.grad.clone() for k, p in sam.named_parameters() if p.grad is not None})
+        )
+    (ref_loss, ref), (loss, grads) = results
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    assert ref.keys() == grads.keys()
+    # (the token->image key biases only shift a softmax: zero gradient up to rounding on both sides)
+    floor = 1e-6 * max(float(g.norm()) for g in ref.values())
+    for name, want in ref.items():
+        assert float((grads[name] - want).norm()) <= 2e-3 * float(want.norm()) + floor, name
+    with torch.no_grad():
+        for name, p in sam.named_parameters():
+            if name in grads:
+                p -= 1e-4 * grads[name] / grads[name].norm().clamp_min(1e-12)
+    try:
+        assert float(loss_of(decode_prompts)) < loss
+    finally:  # the module-scoped fixture is shared with the other tests
+        with torch.no_grad():
+            for name, p in sam.named_parameters():
+                if name in grads:
+                    p += 1e-4 * grads[name] / grads[name].norm().clamp_min(1e-12)
+        sam.zero_grad(set_to_none=True)
