@@ -691,16 +691,23 @@ def decode_prompts(
     the module. Same values and gradients up to float rounding. The training commands decode
     through this, so a CPU training step runs the decoder's cheaper form forward and backward.
     """
-    points = (point_coords, point_labels) if point_coords is not None else None
-    sparse, dense = sam.prompt_encoder(points=points, boxes=boxes, masks=None)
-    image_pe = sam.prompt_encoder.get_dense_pe()
     decoder = sam.mask_decoder
-    if (
+    if not (
         image_embedding.device.type == "cpu"
         and image_embedding.shape[0] == 1
         and decoder_streamable(decoder)
         and not _traced()
     ):
-        mask_slice = slice(1, None) if multimask_output else slice(0, 1)
-        return stream_decode(decoder, image_embedding, image_pe, sparse, dense, mask_slice)
-    return decoder(image_embedding, image_pe, sparse, dense, multimask_output)
+        return sam.decode(
+            image_embedding,
+            point_coords=point_coords,
+            point_labels=point_labels,
+            boxes=boxes,
+            multimask_output=multimask_output,
+        )
+    points = (point_coords, point_labels) if point_coords is not None else None
+    sparse, dense = sam.prompt_encoder(points=points, boxes=boxes, masks=None)
+    mask_slice = slice(1, None) if multimask_output else slice(0, 1)
+    return stream_decode(
+        decoder, image_embedding, sam.prompt_encoder.get_dense_pe(), sparse, dense, mask_slice
+    )

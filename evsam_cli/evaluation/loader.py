@@ -111,21 +111,21 @@ def read_batches(items: EvalImages, batch_size: int, threads: int) -> Generator[
         for start in range(0, len(items), batch_size):
             yield [items[i] for i in range(start, min(start + batch_size, len(items)))]
         return
-    ahead = batch_size * 2 * threads
     pool = ThreadPoolExecutor(threads, thread_name_prefix="evsam-read")
+    following = iter(range(len(items)))
     pending: deque[Future[EvalItem]] = deque()
-    try:
-        following = iter(range(len(items)))
+
+    def read_ahead() -> None:
         for i in following:
             pending.append(pool.submit(items.__getitem__, i))
-            if len(pending) == ahead:
-                break
+            if len(pending) == batch_size * 2 * threads:
+                return
+
+    try:
+        read_ahead()
         while pending:
             batch = [pending.popleft().result() for _ in range(min(batch_size, len(pending)))]
-            for i in following:
-                pending.append(pool.submit(items.__getitem__, i))
-                if len(pending) == ahead:
-                    break
+            read_ahead()
             yield batch
     finally:
         # An error or an early stop (the consumer closing the generator) leaves no reads behind.

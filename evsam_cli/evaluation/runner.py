@@ -32,8 +32,8 @@ from ..errors import DataError, SettingError
 from ..models import create_model
 from ..models.sam import Sam
 from ..predictor.sam_predictor import SamPredictor, default_prompts_per_pass
-from ..train.config import default_workers
 from ..utils import distributed as dist_utils
+from ..utils.cores import default_workers
 from ..utils.devices import resolve_device
 from ..utils.io import write_json_atomic
 from . import detectors as det

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 from ..errors import SettingError
+from ..utils.cores import cores_per_process, default_workers
 
 log = logging.getLogger("evsam.train")
 
@@ -258,17 +258,6 @@ def from_flat(cls: type[C], **settings: Any) -> C:
     if unknown:
         raise TypeError(f"{cls.__name__} has no setting {', '.join(sorted(unknown))}")
     return cls(**kwargs, **settings)
-
-
-def cores_per_process() -> int:
-    """The cores this process may use, shared by the processes torchrun starts on this machine."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-
-
-def default_workers() -> int:
-    """Data-loader workers per process: its cores less one for the training loop itself, at most 4."""
-    return max(0, min(4, cores_per_process() - 1))
 
 
 def finalize(config: DistillConfig | FinetuneConfig, *, val_images: int) -> None:

@@ -1,1 +1,2 @@
-"""Process-level helpers shared by the commands: devices, torch.distributed, atomic file output."""
+"""Process-level helpers shared by the commands: devices, core counts, torch.distributed, atomic
+file output."""
