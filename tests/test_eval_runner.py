@@ -196,3 +196,25 @@ def test_read_batches_raises_the_readers_error_and_stops_on_close():
 
     time.sleep(0.05)
     assert len(items.read) == seen  # no reads after close
+
+
+def test_reading_defaults_follow_the_machine(setup, monkeypatch):
+    """Unset, the encoder takes one image per pass on a CPU and the readers are the cores less one."""
+    import evsam_cli.evaluation.runner as runner
+    from evsam_cli.evaluation.loader import read_batches
+
+    root, _, weights, model = setup
+    seen = []
+
+    def spy(items, batch_size, threads):
+        seen.append((batch_size, threads))
+        return read_batches(items, batch_size, threads)
+
+    monkeypatch.setattr(runner, "read_batches", spy)
+    monkeypatch.setattr(runner, "default_workers", lambda: 3)
+    evaluate(
+        dataset="coco", output=root / "out_defaults", data_root=root / "coco", model=model, input_size=SIZE
+    )
+    assert seen == [(1, 3)]
+    assert runner.default_batch_size(torch.device("cpu")) == 1
+    assert runner.default_batch_size(torch.device("cuda")) == 4
