@@ -354,7 +354,9 @@ def test_streamed_transformer_equals_the_module():
         for n in (1, 5):
             tokens = torch.randn(n, 7, 256)
             hs, src = dec.transformer(image, pe, tokens)
-            hs2, streamed = stream_transformer(dec.transformer, image, pe, tokens, list(range(7)))
+            hs2, streamed = stream_transformer(
+                dec.transformer, image, pe, tokens, list(range(7)), keep_tiles=True
+            )
             tiles = streamed.tiles
             assert len(tiles) > 1 and all(t.shape[1] % 64 == 0 for t in tiles)  # whole grid rows
             torch.testing.assert_close(hs2, hs, rtol=1e-5, atol=1e-5)

@@ -302,7 +302,7 @@ def test_first_mask_convolution_expanded_through_the_transformer(offset):
     pe = model.prompt_encoder.get_dense_pe()
     tokens = torch.randn(6, 7, 256)
     with torch.no_grad():
-        _, streamed = stream_transformer(dec.transformer, image, pe, tokens, [0, 1])
+        _, streamed = stream_transformer(dec.transformer, image, pe, tokens, [0, 1], keep_tiles=True)
         up = streaming._Upscaler(dec.output_upscaling)
         for ids in (torch.arange(6), torch.tensor([4, 1])):
             subset = streamed.select(ids)
@@ -397,7 +397,10 @@ def test_streamed_transformer_of_other_depths(depth):
     image, pe, tokens = torch.randn(1, 256, 64, 64) + 2, torch.randn(1, 256, 64, 64), torch.randn(3, 7, 256)
     with torch.no_grad():
         hs, keys = transformer(image, pe, tokens)
-        streamed_hs, streamed = stream_transformer(transformer, image, pe, tokens, list(range(7)))
+        streamed_hs, streamed = stream_transformer(
+            transformer, image, pe, tokens, list(range(7)), keep_tiles=True
+        )
+        assert stream_transformer(transformer, image, pe, tokens, [0])[1].tiles is None  # not kept unasked
     torch.testing.assert_close(streamed_hs, hs, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(torch.cat(streamed.tiles, 1), keys, rtol=1e-5, atol=1e-5)
 

@@ -12,8 +12,8 @@ different order:
   stride-2 transposed convolution maps one input pixel to its own 2x2 output block). The image
   tokens are therefore processed in tiles of rows that stay in cache, one pass per layer.
 * The token->image attention that follows each such step needs a softmax over *all* image
-  tokens: its logits are collected tile by tile, and the softmax and the value mix run once
-  the layer's last tile is done.
+  tokens: it is taken online, tile by tile (running maxima and sums, as in flash attention),
+  so a layer's tiles are kept only where the next layer reads them again.
 * Projections are moved to the prompt-token side of every cross attention (exact algebra:
   softmax(q (x Wk^T + bk)^T) = softmax((q Wk) x^T), since q.bk is constant per row, and
   P (x Wv^T + bv) = (P x) Wv^T + bv, since the rows of P sum to one), and the first layer's
@@ -51,9 +51,10 @@ from ..models.mask_decoder import MaskDecoder
 from ..models.sam import Sam
 from ..models.transformer import Attention, TwoWayAttentionBlock, TwoWayTransformer
 
-# Elements per tile across all prompts of a pass (1 MiB of float32, rounded to whole rows of the
-# token grid), so a tile's intermediates stay in the CPU's L2/L3 caches.
-TILE_ELEMENTS = 1 << 18
+# Elements per tile across all prompts of a pass (2 MiB of float32, rounded to whole rows of the
+# token grid): a tile's intermediates stay in the CPU's L2/L3 caches, and are few enough per pass
+# that the fixed cost of each tile's small products stays low (docs/benchmarks.md).
+TILE_ELEMENTS = 1 << 19
 
 
 class _TokenAttention:
@@ -63,8 +64,10 @@ class _TokenAttention:
     logits over image tokens x are ``weights @ (x + pe)^T + bias``. The key bias only adds a
     constant per row, which the softmax cancels, but it is kept so that under autograd it takes
     part as in the module (a gradient, zero up to rounding, rather than none: the optimizer then
-    treats the parameter alike on every device). Logits are collected per tile; ``finish``
-    takes the softmax over all image tokens and mixes the tiles' values.
+    treats the parameter alike on every device). The softmax over all image tokens is taken
+    online, as in flash attention: each tile's values are mixed in as it comes, weighted against
+    the row maxima seen so far, and the sums so far are rescaled when a maximum grows. So no
+    tile has to be kept until the last one is seen.
     """
 
     def __init__(self, attn: Attention, queries: Tensor) -> None:
@@ -75,24 +78,33 @@ class _TokenAttention:
         self.attn = attn
         self.weights = (qh @ attn.k_proj.weight.reshape(h, d, c)).reshape(n, h * t, c) * d**-0.5
         self.bias = (qh @ attn.k_proj.bias.reshape(h, d, 1)).reshape(n, h * t, 1) * d**-0.5
-        self.logits: list[Tensor] = []
+        self.max: Tensor | None = None  # (N, hT, 1) row maxima of the logits so far
+        self.sum: Tensor | None = None  # (N, hT, 1) sums of exp(logits - max) so far
+        self.mixed: Tensor | None = None  # (N, hT, C) the same weights times the image tokens
 
-    def add_tile(self, keys: Tensor) -> None:
-        """keys = tile + pe (N, R, C)."""
-        self.logits.append(torch.baddbmm(self.bias, self.weights, keys.transpose(1, 2)))  # (N, hT, R)
+    def add_tile(self, keys: Tensor, values: Tensor) -> None:
+        """keys = tile + pe, values = tile (N, R, C)."""
+        logits = torch.baddbmm(self.bias, self.weights, keys.transpose(1, 2))  # (N, hT, R)
+        top = logits.amax(dim=2, keepdim=True)
+        if self.max is None or self.sum is None or self.mixed is None:
+            e = torch.exp(logits - top)
+            self.max, self.sum, self.mixed = top, e.sum(dim=2, keepdim=True), e @ values
+            return
+        top = torch.maximum(top, self.max)
+        rescale = torch.exp(self.max - top)
+        e = torch.exp(logits - top)
+        self.max = top
+        self.sum = torch.addcmul(e.sum(dim=2, keepdim=True), self.sum, rescale)
+        self.mixed = torch.baddbmm(self.mixed * rescale, e, values)
 
-    def finish(self, value_tiles: list[Tensor]) -> Tensor:
-        """Values = the image-token tiles, in ``add_tile`` order -> output (N, T, C)."""
+    def finish(self) -> Tensor:
+        """The attention's output (N, T, C), once every tile is added."""
         attn = self.attn
         n, ht, c = self.weights.shape
         h = attn.num_heads
         t, d = ht // h, attn.internal_dim // h
-        p = torch.softmax(torch.cat(self.logits, dim=2), dim=2)  # (N, hT, HW)
-        mixed = p.new_zeros(n, ht, c)
-        start = 0
-        for tile in value_tiles:  # softmax-weighted image tokens, per head
-            mixed.baddbmm_(p[:, :, start : start + tile.shape[1]], tile)
-            start += tile.shape[1]
+        assert self.mixed is not None and self.sum is not None, "no tiles were added"
+        mixed = self.mixed / self.sum  # softmax-weighted image tokens, per head
         wv = attn.v_proj.weight.reshape(h, d, c)
         out = mixed.reshape(n, h, t, c) @ wv.transpose(1, 2) + attn.v_proj.bias.reshape(h, 1, d)
         return attn.out_proj(out.transpose(1, 2).reshape(n, t, h * d))
@@ -206,25 +218,28 @@ class _LayerRecord:
 
 @dataclass
 class StreamedTokens:
-    """The transformer's final image tokens for N prompts, as ``tiles`` (N, R, C) of whole rows
-    of the token grid, in order (``torch.cat(tiles, 1)`` is the module's keys output).
-
-    From ``stream_transformer`` they also carry how they were made from the shared image tokens
-    (``image``, and one record per layer), which lets the mask head do most of its first
-    convolution once per image (``_FirstConv``).
+    """The transformer's final image tokens for N prompts, in tiles of whole rows of the token
+    grid (``rows``, in order), as how they were made from the shared image tokens: ``image`` and
+    one record per layer. That is what the mask head reads (``_FirstConv``: most of its first
+    convolution is then done once per image). The tokens themselves, (N, R, C) per tile, are
+    kept only where asked for (``tiles``; ``torch.cat(tiles, 1)`` is the module's keys output).
     """
 
-    tiles: list[Tensor]
-    image: SharedImage | None = None
-    layers: list[_LayerRecord] = field(default_factory=list)
+    rows: list[slice]
+    image: SharedImage
+    layers: list[_LayerRecord]
+    tiles: list[Tensor] | None = None
 
     def select(self, ids: Tensor) -> StreamedTokens:
         """The same for the prompts ``ids`` only."""
+        if len(ids) == self.layers[0].values.shape[0] and torch.equal(ids.cpu(), torch.arange(len(ids))):
+            return self  # all of them, in order: nothing to copy
         layers = [
             _LayerRecord(r.norm, r.values[ids], [p[ids] for p in r.probs], [s[ids] for s in r.rstd])
             for r in self.layers
         ]
-        return StreamedTokens([t[ids] for t in self.tiles], self.image, layers)
+        tiles = None if self.tiles is None else [t[ids] for t in self.tiles]
+        return StreamedTokens(self.rows, self.image, layers, tiles)
 
 
 class _AfterShared:
@@ -382,7 +397,6 @@ class _FirstConv:
     """
 
     def __init__(self, up: _Upscaler, tokens: StreamedTokens) -> None:
-        assert tokens.image is not None and tokens.layers
         self.layers = tokens.layers
         mats = []  # G_l A_{l+1}, so that v A_l = centre(v) @ mats[l]
         a = up.w1
@@ -458,12 +472,11 @@ class SharedImage:
 
     def attend(self, attn: Attention, queries: Tensor) -> Tensor:
         """The first token->image attention (``attn``) of queries (N, T, C) -> (N, T, C)."""
-        q = attn._separate_heads(attn.q_proj(queries))
-        n = q.shape[0]
-        out = F.scaled_dot_product_attention(
-            q, self.keys.expand(n, -1, -1, -1), self.values.expand(n, -1, -1, -1)
-        )
-        return attn.out_proj(attn._recombine_heads(out))
+        n, t, c = queries.shape
+        # Keys and values are the same for every prompt: all prompts' queries go in as one batch.
+        q = attn._separate_heads(attn.q_proj(queries.reshape(1, n * t, c)))
+        out = F.scaled_dot_product_attention(q, self.keys, self.values)
+        return attn.out_proj(attn._recombine_heads(out)).reshape(n, t, c)
 
 
 def _token_self_attention(layer: TwoWayAttentionBlock, queries: Tensor, query_pe: Tensor) -> Tensor:
@@ -534,6 +547,8 @@ def stream_transformer(
     tokens: Tensor,
     read_out: list[int],
     shared: SharedImage | None = None,
+    *,
+    keep_tiles: bool = False,
 ) -> tuple[Tensor, StreamedTokens]:
     """``TwoWayTransformer.forward`` for N prompts on one image, streamed (see module doc).
 
@@ -543,9 +558,12 @@ def stream_transformer(
       read_out: token positions whose final queries are wanted (the final attention is
         computed for those only).
       shared: ``SharedImage.compute(transformer, image, image_pe)``, if already at hand.
+      keep_tiles: keep the final image tokens themselves too (``StreamedTokens.tiles``).
     Returns:
       queries (N, len(read_out), C) and the final image tokens (``StreamedTokens``).
     """
+    if not transformer.layers:
+        raise ValueError("stream_transformer needs a transformer with at least one layer")
     n = tokens.shape[0]
     _, c, h, w = image.shape
     hw = h * w
@@ -593,6 +611,7 @@ def stream_transformer(
             next_q = _token_self_attention(layers[i + 1], queries, query_pe)
             attn, next_in = layers[i + 1].cross_attn_token_to_image, next_q + query_pe
         t2i = None if x is None else _TokenAttention(attn, next_in)
+        keep = not last or keep_tiles  # the next layer reads the tiles; after the last, the caller
         out, out_pe = [], []
         for k, sl in enumerate(tiles):
             if x is None:
@@ -604,23 +623,24 @@ def stream_transformer(
                 tile, p, rstd = i2t.apply(x[k], x_pe[k])
             records[-1].probs.append(p)
             records[-1].rstd.append(rstd)
-            out.append(tile)
+            if keep:
+                out.append(tile)
             if t2i is not None:
-                out_pe.append(tile + pe[:, sl])
-                t2i.add_tile(out_pe[-1])
+                keys = tile + pe[:, sl]
+                t2i.add_tile(keys, tile)
+                if not last:  # (the third layer on reads them: ``i2t.apply`` below)
+                    out_pe.append(keys)
         if t2i is None:  # after the first layer: the next attention reads the low-rank form
             after = _AfterShared(shared, records[-1])
             attended = after.attend(attn, next_in)
         else:
-            after, attended = None, t2i.finish(out)
+            after, attended = None, t2i.finish()
         x, x_pe = out, out_pe
         if last:
             queries = transformer.norm_final_attn(next_q + attended)
         else:
             queries = _token_update(layers[i + 1], next_q, attended)
-    if x is None:
-        raise ValueError("stream_transformer needs a transformer with at least one layer")
-    return queries, StreamedTokens(x, shared, records)
+    return queries, StreamedTokens(tiles, shared, records, x if keep_tiles else None)
 
 
 def stream_decode(
@@ -665,15 +685,11 @@ def upscale_tiles(
     h, w = grid
     n, m = hyper.shape[:2]
     up = _Upscaler(decoder.output_upscaling)
-    first = _FirstConv(up, tokens) if tokens.layers else None
+    first = _FirstConv(up, tokens)
     # Tiles are whole rows of tokens, so each lands in its own block of mask rows.
     masks = hyper.new_empty(n, m, h, 2, 2, w, 2, 2)
-    start = 0
-    for k, tile in enumerate(tokens.tiles):
-        sl = slice(start, start + tile.shape[1])
-        y = up.first(tile) if first is None else first.tile(k, sl)
-        up.rest(y, hyper, masks[:, :, sl.start // w : sl.stop // w])
-        start = sl.stop
+    for k, sl in enumerate(tokens.rows):
+        up.rest(first.tile(k, sl), hyper, masks[:, :, sl.start // w : sl.stop // w])
     return masks.reshape(n, m, 4 * h, 4 * w)
 
 
