@@ -213,6 +213,26 @@ def test_cpu_backend_equals_reference_backend(small_model, scene):
     np.testing.assert_allclose(ma, mb, rtol=1e-3, atol=1e-3)
 
 
+def test_mask_head_for_one_output_per_prompt(small_model, scene):
+    """The CPU backend's mask head for one chosen output per prompt (``predict_best``'s: only that
+    output's hypernetwork product is made) equals picking it from the mask head run for every
+    output, for prompts in any order; a prompt asked for twice takes the general path."""
+    image, _ = scene
+    pred = SamPredictor(small_model, backend="cpu")
+    pred.set_image(image)
+    boxes = np.array([[80, 45, 160, 135], [10, 10, 60, 90], [30, 20, 120, 100], [0, 0, 50, 50]])
+    inputs = pred._tensors(pred._prompts(None, None, boxes, None))
+    backend = pred.backend
+    with torch.inference_mode():
+        _, tokens = backend.decode_tokens(boxes=inputs["boxes"])
+        for prompt_idx, token_idx in (([2, 0, 3], [1, 0, 2]), ([0, 1, 2, 3], [2, 2, 0, 1]), ([1, 1], [0, 2])):
+            p, t = torch.tensor(prompt_idx), torch.tensor(token_idx)
+            got = backend.mask_logits(tokens, p, t)
+            want = ReferenceBackend.mask_logits(backend, tokens, p, t)  # every output, then the chosen
+            assert got.shape == (len(prompt_idx), 256, 256)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
 def test_backend_selection():
     model = create_model("efficientvit-sam-l0", input_size=64)
     assert cpu_backend_applies(model)

@@ -98,14 +98,14 @@ def test_evaluation_decodes_both_halves_under_inference_mode(monkeypatch):
     """Grad mode is per thread: the worker's half must not take the autograd path."""
     model = create_model("efficientvit-sam-l0", input_size=64)
     predictor = SamPredictor(model)
-    whole = predictor.backend.decode
+    whole = predictor.backend.decode_tokens
     seen = []
 
-    def decode(*args, **kwargs):
+    def decode_tokens(*args, **kwargs):
         seen.append((threading.current_thread().name, torch.is_inference_mode_enabled()))
         return whole(*args, **kwargs)
 
-    monkeypatch.setattr(predictor.backend, "decode", decode)
+    monkeypatch.setattr(predictor.backend, "decode_tokens", decode_tokens)
     rng = np.random.default_rng(0)
     xy = rng.uniform(0, 40, (20, 2))
     boxes = np.concatenate([xy, xy + 12], axis=1)

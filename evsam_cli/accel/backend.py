@@ -42,6 +42,7 @@ from .streaming import (
     decoder_streamable,
     stream_decode,
     stream_transformer,
+    upscale_tiles,
 )
 from .upscale import upscale_binary, upscale_logits
 
@@ -288,10 +289,26 @@ class CpuBackend(ReferenceBackend):
         grid = (self._image().shape[-2], self._image().shape[-1])
         return iou, DecodedTokens(mask_tokens, indices, grid, streamed=image_tokens)
 
+    def mask_logits(self, tokens: DecodedTokens, prompt_idx: Tensor, token_idx: Tensor) -> Tensor:
+        if tokens.streamed is None or len(torch.unique(prompt_idx)) != len(prompt_idx):
+            return super().mask_logits(tokens, prompt_idx, token_idx)
+        # One mask per prompt (``predict_best``, most segment-everything batches): the mask head's
+        # convolutions are shared by a prompt's outputs, but its hypernetwork product, the
+        # largest write, is then made for the wanted output only.
+        hyper = _hypernetwork_vectors(self.mask_decoder, tokens, prompt_idx)
+        chosen = hyper[torch.arange(len(prompt_idx)), token_idx].unsqueeze(1)  # (K, 1, C2)
+        streamed = tokens.streamed
+        out = [
+            upscale_tiles(self.mask_decoder, streamed.select(prompt_idx[sl]), chosen[sl], tokens.grid)
+            for sl in chunks(0, len(prompt_idx), _MASK_HEAD_PROMPTS)
+        ]
+        return torch.cat(out)[:, 0].float()
+
     def _mask_head(self, tokens: DecodedTokens, ids: Tensor) -> Tensor:
         if tokens.streamed is None:
             return super()._mask_head(tokens, ids)
-        return _streamed_mask_head(self.mask_decoder, tokens, ids)
+        hyper = _hypernetwork_vectors(self.mask_decoder, tokens, ids)
+        return upscale_tiles(self.mask_decoder, tokens.streamed.select(ids), hyper, tokens.grid)
 
     def upscale(
         self, low_res: Tensor, input_size: tuple[int, int], original_size: tuple[int, int], *, binary: bool
@@ -310,14 +327,11 @@ class CpuBackend(ReferenceBackend):
         return map_passes(fn, n, step, torch.device("cpu"))
 
 
-def _streamed_mask_head(decoder: MaskDecoder, tokens: DecodedTokens, ids: Tensor) -> Tensor:
-    from .streaming import upscale_tiles
-
-    assert tokens.streamed is not None
-    hyper = torch.stack(
+def _hypernetwork_vectors(decoder: MaskDecoder, tokens: DecodedTokens, ids: Tensor) -> Tensor:
+    """The hypernetwork vectors (K, len(indices), C2) of the prompts ``ids``."""
+    return torch.stack(
         [decoder.output_hypernetworks_mlps[i](tokens.mask_tokens[ids, i]) for i in tokens.indices], dim=1
     )
-    return upscale_tiles(decoder, tokens.streamed.select(ids), hyper, tokens.grid)
 
 
 def _inference_copy(module: M) -> M:

@@ -126,7 +126,8 @@ class SamPredictor(PromptablePredictor):
     ) -> Tensor:
         """For each of N prompts, the multimask output with the highest predicted IoU, at the
         original size and thresholded: SAM's ``predict(..., multimask_output=True)`` then
-        ``masks[scores.argmax()]``, with only the chosen mask upscaled.
+        ``masks[scores.argmax()]``, with the IoU predictions made first and only the chosen mask
+        made and upscaled.
 
         Args:
           point_coords / point_labels / boxes: as ``predict_batch``.
@@ -143,12 +144,13 @@ class SamPredictor(PromptablePredictor):
 
         @torch.inference_mode()  # grad mode is per thread, and map_passes may use a second one
         def decode(sl: slice) -> None:
-            low_res, iou = self.backend.decode(
-                **{k: None if v is None else v[sl] for k, v in inputs.items()}, multimask_output=True
+            # The IoU predictions come before the mask head, so it runs for the chosen masks only.
+            iou, tokens = self.backend.decode_tokens(
+                **{k: None if v is None else v[sl] for k, v in inputs.items() if k != "mask_input"}
             )
             best = iou.argmax(dim=1)
-            chosen = low_res[torch.arange(low_res.shape[0], device=low_res.device), best].unsqueeze(1)
-            out[sl] = self.backend.upscale(chosen.float(), frame, size, binary=True)[:, 0]
+            chosen = self.backend.mask_logits(tokens, torch.arange(len(best), device=best.device), best)
+            out[sl] = self.backend.upscale(chosen[:, None], frame, size, binary=True)[:, 0]
 
         self.backend.map_passes(decode, prompts.count, max_prompts_per_pass or self.max_prompts_per_pass)
         return out
