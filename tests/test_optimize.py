@@ -22,6 +22,7 @@ from evsam_cli.accel.streaming import (
     SharedImage,
     can_stream,
     decoder_streamable,
+    prepare_shared,
     stream_decode,
     stream_transformer,
 )
@@ -307,6 +308,33 @@ def test_streamed_decoder_equals_module_path(prompt, multimask, offset):
     torch.testing.assert_close(iou, ref_iou.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(via_backend[0], masks, rtol=0, atol=0)
     torch.testing.assert_close(via_backend[1], iou, rtol=0, atol=0)
+
+
+def test_prepared_image_state_is_what_decoding_computes():
+    """``prepare_shared`` computes exactly the per-image products a decode would compute on first
+    use (so the CPU backend's two decode threads find them all made), with the same values."""
+    torch.manual_seed(0)
+    model = create_model("efficientvit-sam-l0", input_size=128)
+    _spread_weights(model.mask_decoder)
+    dec = model.mask_decoder
+    image, pe = torch.randn(1, 256, 64, 64), model.prompt_encoder.get_dense_pe()
+    with torch.no_grad():
+        sparse, dense = model.prompt_encoder(
+            points=None, boxes=torch.tensor([[10.0, 20, 300, 400]]), masks=None
+        )
+        prepared = SharedImage.compute(dec.transformer, image + dense, pe)
+        prepare_shared(dec, prepared)
+        made = dict(prepared.derived)
+        lazy = SharedImage.compute(dec.transformer, image + dense, pe)
+        want = stream_decode(dec, image, pe, sparse, dense, slice(1, None), lazy)
+        got = stream_decode(dec, image, pe, sparse, dense, slice(1, None), prepared)
+    assert set(made) == set(lazy.derived) and set(prepared.derived) == set(made)  # nothing more
+    for name, tensor in made.items():
+        assert prepared.derived[name] is tensor
+        torch.testing.assert_close(tensor, lazy.derived[name], rtol=1e-6, atol=1e-6)
+    assert prepared.first_conv is not None and lazy.first_conv is not None
+    torch.testing.assert_close(prepared.first_conv, lazy.first_conv, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("offset", [0.0, 5.0])

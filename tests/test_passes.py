@@ -95,7 +95,8 @@ def test_predict_batch_on_two_threads_equals_one_pass_at_a_time():
 
 @pytest.mark.usefixtures("two_threads")
 def test_evaluation_decodes_both_halves_under_inference_mode(monkeypatch):
-    """Grad mode is per thread: the worker's half must not take the autograd path."""
+    """Grad mode is per thread: the worker's half must not take the autograd path. The image's
+    shared decoder state is made before the passes split."""
     model = create_model("efficientvit-sam-l0", input_size=64)
     predictor = SamPredictor(model)
     whole = predictor.backend.decode_tokens
@@ -103,6 +104,8 @@ def test_evaluation_decodes_both_halves_under_inference_mode(monkeypatch):
 
     def decode_tokens(*args, **kwargs):
         seen.append((threading.current_thread().name, torch.is_inference_mode_enabled()))
+        shared = predictor.backend._shared  # made before the split, not by each thread
+        assert shared is not None and shared.derived and shared.first_conv is not None
         return whole(*args, **kwargs)
 
     monkeypatch.setattr(predictor.backend, "decode_tokens", decode_tokens)

@@ -40,6 +40,7 @@ from .streaming import (
     StreamedTokens,
     can_stream,
     decoder_streamable,
+    prepare_shared,
     stream_decode,
     stream_transformer,
     upscale_tiles,
@@ -324,7 +325,19 @@ class CpuBackend(ReferenceBackend):
         return upscale_binary(low_res, input_size, original_size, prompt_size)
 
     def map_passes(self, fn: Callable[[slice], T], n: int, step: int) -> list[T]:
+        if self.embedding is not None:
+            self._prepare_image()
         return map_passes(fn, n, step, torch.device("cpu"))
+
+    def _prepare_image(self) -> None:
+        """The image's shared decoder state for prompts without mask inputs, made here with all
+        intra-op threads, before the passes split into two threads that would each make it."""
+        with torch.inference_mode():
+            _, dense = self._embed(None, None, None, None)
+            streamed = self._streamed_image(dense, masks=False)
+            if streamed is not None:
+                with self._lock:
+                    prepare_shared(self.mask_decoder, streamed[1])
 
 
 def _hypernetwork_vectors(decoder: MaskDecoder, tokens: DecodedTokens, ids: Tensor) -> Tensor:

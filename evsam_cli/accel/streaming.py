@@ -261,25 +261,12 @@ class _AfterShared:
         self.r = torch.cat(record.rstd, dim=1).transpose(1, 2)  # (N, 1, HW)
         self.values = _centre(record.values) * record.norm.weight  # (N, hT, C): Vc G
 
-    def _image(
-        self, name: str, weight: Tensor, heads: int, *, pe: bool, bias: Tensor | None = None
-    ) -> Tensor:
-        """Per image: x0c G W^T as (h, d, HW), and with ``pe`` (pe + beta) W^T + bias beside it,
-        as (h, d, 2 HW)."""
-        got = self.shared.derived.get(name)
-        if got is None:
-            parts = [(_centre(self.shared.src[0]) * self.norm.weight) @ weight.T]
-            if pe:
-                parts.append(F.linear(self.shared.pe[0] + self.norm.bias, weight, bias))
-            got = self.shared.derived[name] = (
-                torch.cat(parts).reshape(-1, heads, weight.shape[0] // heads).permute(1, 2, 0).contiguous()
-            )
-        return got
-
-    def logits(self, name: str, qh: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        """qh (N, h, T, d) dotted with (W (x1 + pe) + bias)_h for every image token -> (N, hT, HW)."""
+    def logits(self, qh: Tensor, proj: nn.Linear) -> Tensor:
+        """qh (N, h, T, d) dotted with (W (x1 + pe) + bias)_h for every image token, W and bias
+        those of ``proj`` -> (N, hT, HW)."""
         n, h, t, d = qh.shape
-        image = self._image(name, weight, h, pe=True, bias=bias)  # (h, d, 2 HW)
+        weight = proj.weight
+        image = _after_first_layer(self.shared, self.norm, proj, h, pe=True)  # (h, d, 2 HW)
         hw = image.shape[2] // 2
         shared = (qh.transpose(0, 1).reshape(h, n * t, d) @ image).reshape(h, n, t, 2 * hw)
         shared = shared.transpose(0, 1).reshape(n, h * t, 2 * hw)
@@ -296,12 +283,10 @@ class _AfterShared:
         d = attn.internal_dim // h
         qh = attn.q_proj(queries).reshape(n, t, h, d).transpose(1, 2) * d**-0.5
         # (the key bias adds a constant to each row, which the softmax cancels: kept as in the module)
-        a = torch.softmax(
-            self.logits("keys:" + str(id(attn)), qh, attn.k_proj.weight, attn.k_proj.bias), dim=2
-        )
+        a = torch.softmax(self.logits(qh, attn.k_proj), dim=2)
         ar = a * self.r  # (N, hT, HW)
         wv = attn.v_proj.weight
-        image = self._image("values:" + str(id(attn)), wv, h, pe=False)  # (h, d, HW)
+        image = _after_first_layer(self.shared, self.norm, attn.v_proj, h, pe=False)  # (h, d, HW)
         mixed = ar.reshape(n, h, t, -1).transpose(0, 1).reshape(h, n * t, -1) @ image.transpose(1, 2)
         mixed = mixed.reshape(h, n, t, d).transpose(0, 1)  # (N, h, T, d)
         coupling = (ar @ self.p.transpose(1, 2)).reshape(n, h, t, -1)  # (N, h, T, hT)
@@ -310,6 +295,25 @@ class _AfterShared:
         # rows of a sum to one: beta and the value bias pass through whole
         mixed = mixed + (wv @ self.norm.bias + attn.v_proj.bias).reshape(h, 1, d)
         return attn.out_proj(mixed.transpose(1, 2).reshape(n, t, h * d))
+
+
+def _after_first_layer(
+    shared: SharedImage, norm: nn.LayerNorm, proj: nn.Linear, heads: int, *, pe: bool
+) -> Tensor:
+    """``_AfterShared``'s per-image part of a projection W, bias b (``proj``) of the image tokens
+    after the first layer (whose LayerNorm is ``norm``): x0c G W^T as (h, d, HW), and with ``pe``
+    (pe + beta) W^T + b beside it, as (h, d, 2 HW). Computed once per image and projection."""
+    name = f"{id(proj)}:{pe}"
+    got = shared.derived.get(name)
+    if got is None:
+        weight = proj.weight
+        parts = [(_centre(shared.src[0]) * norm.weight) @ weight.T]
+        if pe:
+            parts.append(F.linear(shared.pe[0] + norm.bias, weight, proj.bias))
+        got = shared.derived[name] = (
+            torch.cat(parts).reshape(-1, heads, weight.shape[0] // heads).permute(1, 2, 0).contiguous()
+        )
+    return got
 
 
 class _Upscaler:
@@ -398,13 +402,7 @@ class _FirstConv:
 
     def __init__(self, up: _Upscaler, tokens: StreamedTokens) -> None:
         self.layers = tokens.layers
-        mats = []  # G_l A_{l+1}, so that v A_l = centre(v) @ mats[l]
-        a = up.w1
-        for record in reversed(self.layers):
-            g_a = record.norm.weight[:, None] * a
-            mats.append(g_a)
-            a = g_a - g_a.mean(0)
-        mats.reverse()
+        mats = _unrolled(up.w1, [record.norm for record in self.layers])
         n = self.layers[0].values.shape[0]
         if tokens.image.first_conv is None:  # x_0 A_1 (1, HW, 4*C1), once per image
             tokens.image.first_conv = _centre(tokens.image.src) @ mats[0]
@@ -433,6 +431,18 @@ class _FirstConv:
         coef = torch.cat(rows, dim=1).transpose(1, 2)
         first = torch.addcmul(self.const, self.base[:, sl], scales[0].transpose(1, 2))
         return torch.baddbmm(first, coef, self.basis)
+
+
+def _unrolled(w: Tensor, norms: list[nn.LayerNorm]) -> list[Tensor]:
+    """``_FirstConv``'s G_l A_{l+1} for a map W (C, D) after the layers' LayerNorms ``norms``, so
+    that v A_l = centre(v) @ result[l]."""
+    mats = []
+    a = w
+    for norm in reversed(norms):
+        g_a = norm.weight[:, None] * a
+        mats.append(g_a)
+        a = g_a - g_a.mean(0)
+    return mats[::-1]
 
 
 def _centre(v: Tensor) -> Tensor:
@@ -477,6 +487,24 @@ class SharedImage:
         q = attn._separate_heads(attn.q_proj(queries.reshape(1, n * t, c)))
         out = F.scaled_dot_product_attention(q, self.keys, self.values)
         return attn.out_proj(attn._recombine_heads(out)).reshape(n, t, c)
+
+
+def prepare_shared(decoder: MaskDecoder, shared: SharedImage) -> None:
+    """Compute now what the streamed decoder computes from the image alone on first use:
+    ``_AfterShared``'s projections of the tokens after the first layer and ``_FirstConv``'s
+    per-image part. Decoder passes on two threads (``passes.py``) would both compute them."""
+    transformer = decoder.transformer
+    layers = [cast(TwoWayAttentionBlock, layer) for layer in transformer.layers]
+    norm = layers[0].norm4
+    after = layers[1].cross_attn_token_to_image if len(layers) > 1 else transformer.final_attn_token_to_image
+    _after_first_layer(shared, norm, after.k_proj, after.num_heads, pe=True)
+    _after_first_layer(shared, norm, after.v_proj, after.num_heads, pe=False)
+    if len(layers) > 1:
+        queries = layers[1].cross_attn_image_to_token
+        _after_first_layer(shared, norm, queries.q_proj, queries.num_heads, pe=True)
+    if shared.first_conv is None and decoder_streamable(decoder):
+        w1 = _Upscaler(decoder.output_upscaling).w1
+        shared.first_conv = _centre(shared.src) @ _unrolled(w1, [layer.norm4 for layer in layers])[0]
 
 
 def _token_self_attention(layer: TwoWayAttentionBlock, queries: Tensor, query_pe: Tensor) -> Tensor:
@@ -602,7 +630,7 @@ def stream_transformer(
         logits = None
         if after is not None:  # the second layer's image->token logits, from the low-rank form
             qa = layer.cross_attn_image_to_token
-            logits = after.logits("queries:" + str(id(qa)), i2t.keys, qa.q_proj.weight, qa.q_proj.bias)
+            logits = after.logits(i2t.keys, qa.q_proj)
         last = i == len(layers) - 1
         if last:  # the final attention, for the read-out tokens only (its query rows are independent)
             next_q, attn = queries[:, read_out], transformer.final_attn_token_to_image
