@@ -125,6 +125,26 @@ def test_lite_medsam_segments_real_photos(lite_medsam, arc2017):
     assert miou > random_miou + 0.3, (miou, random_miou)
 
 
+def test_cpu_backend_best_masks_equal_the_modules_on_real_weights(lite_medsam, arc2017):
+    """``predict_best`` as ``evsam eval`` runs it (CPU backend: streamed decoder, IoU before the
+    mask head, two decoder threads) against the model's own modules, on real weights and a real
+    photo, with its boxes repeated to make two threads' worth of prompts: the same choices and
+    the same masks."""
+    image, masks, boxes, _, embedding = arc2017
+    boxes = np.concatenate([boxes] * (-(-20 // len(boxes))))[:20]
+    fast = SamPredictor(lite_medsam, backend="cpu")
+    reference = SamPredictor(lite_medsam, backend="reference", optimize=False)
+    for predictor in (fast, reference):
+        predictor.set_embedding(embedding, image.shape[:2])
+    got = fast.predict_best(boxes=boxes).numpy()
+    want = reference.predict_best(boxes=boxes).numpy()
+    assert (got == want).mean() > 0.99999
+    _, scores, _ = reference.predict_batch(boxes=boxes, multimask_output=True)
+    fast_masks, fast_scores, _ = fast.predict_batch(boxes=boxes, multimask_output=True)
+    np.testing.assert_array_equal(fast_scores.argmax(1), scores.argmax(1))
+    np.testing.assert_array_equal(fast_masks[np.arange(len(boxes)), scores.argmax(1)], got)
+
+
 def test_mobile_sam_equals_official_predictor(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # timm deprecation and registry warnings of the official code
