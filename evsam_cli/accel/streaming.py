@@ -340,11 +340,6 @@ class _Upscaler:
         self.fused = _fused_linear(self.act2, self.w2, self.b2)
         self.norm = norm
 
-    def first(self, tile: Tensor) -> Tensor:
-        """The first convolution of a tile (N, R, C) -> (N, R, 4*C1)."""
-        n, r, c = tile.shape
-        return torch.addmm(self.b1, tile.reshape(n * r, c), self.w1).reshape(n, r, -1)
-
     def rest(self, y: Tensor, hyper: Tensor, out: Tensor) -> None:
         """First-convolution outputs (N, R, 4*C1) of R tokens (whole rows of the W-token grid),
         hyper (N, M, C2) -> their mask logits, written to ``out`` (N, M, R / W, 2, 2, W, 2, 2).
@@ -639,7 +634,7 @@ def stream_transformer(
             next_q = _token_self_attention(layers[i + 1], queries, query_pe)
             attn, next_in = layers[i + 1].cross_attn_token_to_image, next_q + query_pe
         t2i = None if x is None else _TokenAttention(attn, next_in)
-        keep = not last or keep_tiles  # the next layer reads the tiles; after the last, the caller
+        keep = not last or keep_tiles  # for the next layer; after the last, only where asked for
         out, out_pe = [], []
         for k, sl in enumerate(tiles):
             if x is None:
@@ -656,7 +651,7 @@ def stream_transformer(
             if t2i is not None:
                 keys = tile + pe[:, sl]
                 t2i.add_tile(keys, tile)
-                if not last:  # (the third layer on reads them: ``i2t.apply`` below)
+                if not last:  # a third layer on reads them (``i2t.apply`` above)
                     out_pe.append(keys)
         if t2i is None:  # after the first layer: the next attention reads the low-rank form
             after = _AfterShared(shared, records[-1])
