@@ -24,6 +24,10 @@ The official side is its ``box_from_detector`` loop (one ``predict`` per box, th
 RLE-encoded); both results are scored by the same COCO mask AP code.
 
     python benchmarks/bench_eval.py --prompt detector --boxes-per-image 40 --images 12 --size 640
+
+``--write-set DIR`` writes the same set (``DIR/coco``), its detections (``DIR/dense_detections.json``)
+and the weights (``DIR/l0.pt``) to keep, and stops: for timing ``evsam eval`` itself on them, e.g.
+in one process against ``torchrun`` shards (docs/eval.md).
 """
 
 from __future__ import annotations
@@ -128,6 +132,23 @@ def dense_detections(ann_file: Path, out: Path, per_image: int, seed: int) -> in
     return len(dets)
 
 
+def write_set(root: Path, args: argparse.Namespace) -> None:
+    """The benchmark's set, dense detections and L0 weights, kept under ``root``."""
+    paths = write_coco(
+        root / "coco",
+        num_images=args.images,
+        image_size=args.size,
+        objects_per_image=tuple(args.objects),
+        seed=args.seed,
+    )
+    count = dense_detections(
+        paths["annotations"], root / "dense_detections.json", args.boxes_per_image, args.seed
+    )
+    torch.manual_seed(args.seed)
+    save_weights(create_model("efficientvit-sam-l0"), root / "l0.pt")
+    print(f"{args.images} images, {count} detections and L0 weights in {root}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -142,7 +163,13 @@ def main() -> None:
     parser.add_argument("--prompt", choices=("box", "detector"), default="box")
     parser.add_argument("--boxes-per-image", type=int, default=40, help="detector boxes per image")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--write-set", type=Path, default=None, help="write the set, detections and weights here; stop"
+    )
     args = parser.parse_args()
+    if args.write_set is not None:
+        write_set(args.write_set, args)
+        return
     # As the evsam command does at start; it applies to both implementations in this process.
     tune_cpu_allocator()
 
