@@ -132,8 +132,9 @@ def dense_detections(ann_file: Path, out: Path, per_image: int, seed: int) -> in
     return len(dets)
 
 
-def write_set(root: Path, args: argparse.Namespace) -> None:
-    """The benchmark's set, dense detections and L0 weights, kept under ``root``."""
+def write_set(root: Path, args: argparse.Namespace) -> tuple[dict[str, Path], Path, Path]:
+    """The benchmark's set (``root/coco``), its dense detections and the L0 weights under
+    ``root`` -> (the set's paths, the detections file, the weights file)."""
     paths = write_coco(
         root / "coco",
         num_images=args.images,
@@ -141,12 +142,11 @@ def write_set(root: Path, args: argparse.Namespace) -> None:
         objects_per_image=tuple(args.objects),
         seed=args.seed,
     )
-    count = dense_detections(
-        paths["annotations"], root / "dense_detections.json", args.boxes_per_image, args.seed
-    )
+    detections = root / "dense_detections.json"
+    dense_detections(paths["annotations"], detections, args.boxes_per_image, args.seed)
     torch.manual_seed(args.seed)
-    save_weights(create_model("efficientvit-sam-l0"), root / "l0.pt")
-    print(f"{args.images} images, {count} detections and L0 weights in {root}")
+    weights = save_weights(create_model("efficientvit-sam-l0"), root / "l0.pt")
+    return paths, detections, weights
 
 
 def main() -> None:
@@ -169,6 +169,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.write_set is not None:
         write_set(args.write_set, args)
+        print(f"{args.images} images, their detections and L0 weights in {args.write_set}")
         return
     # As the evsam command does at start; it applies to both implementations in this process.
     tune_cpu_allocator()
@@ -178,18 +179,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        paths = write_coco(
-            root / "coco",
-            num_images=args.images,
-            image_size=args.size,
-            objects_per_image=tuple(args.objects),
-            seed=args.seed,
-        )
-        detections = root / "dense_detections.json"
-        if args.prompt == "detector":
-            dense_detections(paths["annotations"], detections, args.boxes_per_image, args.seed)
-        torch.manual_seed(args.seed)
-        weights = save_weights(create_model("efficientvit-sam-l0"), root / "l0.pt")
+        paths, detections, weights = write_set(root, args)
 
         official_s, evsam_s = [], []
         official_result: tuple[list[float], list[float]] = ([], [])
