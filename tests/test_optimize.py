@@ -234,6 +234,40 @@ def test_mask_head_for_one_output_per_prompt(small_model, scene):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
 
 
+@pytest.mark.parametrize("shape", [(180, 240), (240, 150), (200, 200)])
+def test_mask_head_skips_the_frame_padding(small_model, shape):
+    """With the extent the upscaling reads, the CPU backend's mask head computes the logits of
+    the image's part of the prompt frame only: equal to the full head's there, zeros in the
+    padding (which no upscaling weighs), and ``predict_best`` makes the same masks as the
+    reference backend, for landscape, portrait and square images."""
+    image = (np.random.default_rng(0).random((*shape, 3)) * 255).astype(np.uint8)
+    pred = SamPredictor(small_model, backend="cpu")
+    reference = SamPredictor(small_model, backend="reference", optimize=False)
+    for p in (pred, reference):
+        p.set_image(image)
+    boxes = np.array([[10, 20, 120, 140], [30, 10, 140, 100], [0, 0, 100, 80]])
+    inputs = pred._tensors(pred._prompts(None, None, boxes, None))
+    backend = pred.backend
+    assert pred.input_size is not None and pred.original_size is not None
+    extent = backend.read_extent((256, 256), pred.input_size, pred.original_size)
+    if shape[0] != shape[1]:
+        assert min(extent) < 256  # some of the frame is padding
+    with torch.inference_mode():
+        _, tokens = backend.decode_tokens(boxes=inputs["boxes"])
+        p, t = torch.arange(3), torch.tensor([2, 0, 1])
+        full = backend.mask_logits(tokens, p, t)
+        cut = backend.mask_logits(tokens, p, t, extent=extent)
+    rows, cols = extent
+    torch.testing.assert_close(cut[:, :rows, :cols], full[:, :rows, :cols], rtol=1e-6, atol=1e-5)
+    # whole tokens (4 x 4 logits) are skipped: columns token by token, rows tile by tile
+    assert not cut[:, :, -(-cols // 4) * 4 :].any()
+    if rows < 200:
+        assert not cut[:, -4:].any()
+    got = pred.predict_best(boxes=boxes).numpy()
+    want = reference.predict_best(boxes=boxes).numpy()
+    assert (got == want).mean() > 0.999
+
+
 def test_backend_selection():
     model = create_model("efficientvit-sam-l0", input_size=64)
     assert cpu_backend_applies(model)
@@ -360,8 +394,12 @@ def test_first_mask_convolution_expanded_through_the_transformer(offset):
             for k, tile in enumerate(subset.tiles):
                 # the first convolution as the per-token linear map it is
                 want = torch.addmm(up.b1, tile.reshape(-1, tile.shape[2]), up.w1).reshape(*tile.shape[:2], -1)
-                got = first.tile(k, slice(start, start + tile.shape[1]))
+                got = first.tile(k, slice(start, start + tile.shape[1]), 64, 64)
                 torch.testing.assert_close(got, want, rtol=0, atol=2e-5 * float(want.abs().max()))
+                # the first 41 tokens of each row of 64 only (an image leaving the rest to padding)
+                left = first.tile(k, slice(start, start + tile.shape[1]), 64, 41)
+                want = want.unflatten(1, (-1, 64))[:, :, :41].flatten(1, 2)
+                torch.testing.assert_close(left, want, rtol=0, atol=2e-5 * float(want.abs().max()))
                 start += tile.shape[1]
 
 

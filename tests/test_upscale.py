@@ -62,6 +62,39 @@ def test_binary_upscaling_equals_thresholded_logits(original, kind):
     assert not ((got != (ref > 0)) & (ref.abs() > 1e-3)).any()
 
 
+@pytest.mark.parametrize("original", SIZES, ids=[f"{h}x{w}" for h, w in SIZES])
+def test_read_extent_bounds_what_the_upscaling_reads(original):
+    """Low-res logits past ``read_extent`` (the padding of the prompt frame) change nothing: set
+    to zeros (as the CPU backend leaves them) or to huge values, every upscaling path gives the
+    same result as from the full logits. And the extent is tight: the last row and column it
+    keeps do change the result."""
+    masks = _blobs(2, 2, seed=3)
+    frame = preprocess_shape(*original, 1024)
+    rows = upscale.read_extent(256, 1024, frame[0], original[0])
+    cols = upscale.read_extent(256, 1024, frame[1], original[1])
+    # the image's share of the frame, and a pixel more for the bilinear taps at its edge
+    assert rows <= min(256, -(-frame[0] // 4) + 1) and cols <= min(256, -(-frame[1] // 4) + 1)
+    for fill in (0.0, 1e6, -1e6):
+        cut = torch.full_like(masks, fill)
+        cut[..., :rows, :cols] = masks[..., :rows, :cols]
+        assert torch.equal(
+            upscale_logits(cut, frame, original, 1024), upscale_logits(masks, frame, original, 1024)
+        )
+        assert torch.equal(
+            upscale._banded_binary(cut, frame, original, 1024),
+            upscale._banded_binary(masks, frame, original, 1024),
+        )
+        sign = upscale._sign_rule(cut, frame, original, 1024)
+        if sign is not None:
+            assert torch.equal(sign, upscale_binary(masks, frame, original, 1024))
+    for last in ((rows - 1, slice(None)), (slice(None), cols - 1)):
+        moved = masks.clone()
+        moved[(..., *last)] += 100.0
+        assert not torch.equal(
+            upscale_logits(moved, frame, original, 1024), upscale_logits(masks, frame, original, 1024)
+        )
+
+
 @pytest.mark.parametrize("path", ["_sign_rule", "_banded_binary"])
 def test_edge_values(path):
     upscale_fn = getattr(upscale, path)

@@ -45,7 +45,7 @@ from .streaming import (
     stream_transformer,
     upscale_tiles,
 )
-from .upscale import upscale_binary, upscale_logits
+from .upscale import read_extent, upscale_binary, upscale_logits
 
 if TYPE_CHECKING:
     from ..models.sam import Sam
@@ -183,12 +183,34 @@ class ReferenceBackend:
         indices = list(range(1, dec.num_mask_tokens))
         return iou[:, indices].float(), DecodedTokens(mask_tokens, indices, grid, image=image)
 
-    def mask_logits(self, tokens: DecodedTokens, prompt_idx: Tensor, token_idx: Tensor) -> Tensor:
+    def mask_logits(
+        self,
+        tokens: DecodedTokens,
+        prompt_idx: Tensor,
+        token_idx: Tensor,
+        *,
+        extent: tuple[int, int] | None = None,
+    ) -> Tensor:
         """The second half: low-res logits (K, 256, 256) of the outputs ``token_idx`` (positions
-        in the IoU predictions' columns) of the prompts ``prompt_idx`` (both (K,))."""
+        in the IoU predictions' columns) of the prompts ``prompt_idx`` (both (K,)).
+
+        ``extent`` (rows, cols): only the logits ``[:rows, :cols]`` will be read (``read_extent``
+        of an upscaling); a backend may then return zeros elsewhere (this one computes all).
+        """
         needed, inverse = torch.unique(prompt_idx, return_inverse=True)
         out = [self._mask_head(tokens, ids) for ids in needed.split(_MASK_HEAD_PROMPTS)]
         return torch.cat(out)[inverse, token_idx].float()
+
+    def read_extent(
+        self, low_res: tuple[int, int], input_size: tuple[int, int], original_size: tuple[int, int]
+    ) -> tuple[int, int]:
+        """The leading (rows, cols) of (h, w) low-res logits that ``upscale`` to ``original_size``
+        weighs (the rest is padding of the prompt frame), for ``mask_logits(extent=...)``."""
+        frame = self.model.prompt_size
+        return (
+            read_extent(low_res[0], frame, input_size[0], original_size[0]),
+            read_extent(low_res[1], frame, input_size[1], original_size[1]),
+        )
 
     def _mask_head(self, tokens: DecodedTokens, ids: Tensor) -> Tensor:
         assert tokens.image is not None
@@ -290,7 +312,14 @@ class CpuBackend(ReferenceBackend):
         grid = (self._image().shape[-2], self._image().shape[-1])
         return iou, DecodedTokens(mask_tokens, indices, grid, streamed=image_tokens)
 
-    def mask_logits(self, tokens: DecodedTokens, prompt_idx: Tensor, token_idx: Tensor) -> Tensor:
+    def mask_logits(
+        self,
+        tokens: DecodedTokens,
+        prompt_idx: Tensor,
+        token_idx: Tensor,
+        *,
+        extent: tuple[int, int] | None = None,
+    ) -> Tensor:
         if tokens.streamed is None or len(torch.unique(prompt_idx)) != len(prompt_idx):
             return super().mask_logits(tokens, prompt_idx, token_idx)
         # One mask per prompt (``predict_best``, most segment-everything batches): the mask head's
@@ -299,8 +328,9 @@ class CpuBackend(ReferenceBackend):
         hyper = _hypernetwork_vectors(self.mask_decoder, tokens, prompt_idx)
         chosen = hyper[torch.arange(len(prompt_idx)), token_idx].unsqueeze(1)  # (K, 1, C2)
         streamed = tokens.streamed
+        # Tokens whose logits lie in the padding of the prompt frame are skipped (zeros).
         out = [
-            upscale_tiles(self.mask_decoder, streamed.select(prompt_idx[sl]), chosen[sl], tokens.grid)
+            upscale_tiles(self.mask_decoder, streamed.select(prompt_idx[sl]), chosen[sl], tokens.grid, extent)
             for sl in chunks(0, len(prompt_idx), _MASK_HEAD_PROMPTS)
         ]
         return torch.cat(out)[:, 0].float()

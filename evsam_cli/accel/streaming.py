@@ -410,21 +410,29 @@ class _FirstConv:
         self.basis = torch.cat(rows, dim=1)
         self.const = self.layers[-1].norm.bias @ up.w1 + up.b1
 
-    def tile(self, k: int, sl: slice) -> Tensor:
-        """First-convolution outputs (N, R, 4*C1) of tile ``k``, image tokens ``sl``."""
+    def tile(self, k: int, sl: slice, width: int, cols: int) -> Tensor:
+        """First-convolution outputs (N, R', 4*C1) of tile ``k``, image tokens ``sl`` (whole rows of
+        ``width`` tokens), for the first ``cols`` tokens of each row (R' of the tile's R)."""
         n, _, r = self.layers[0].probs[k].shape
-        scales: list[Tensor] = []  # S_L, ..., S_1 as (N, 1, R)
+
+        def kept(x: Tensor, dim: int = -1) -> Tensor:  # R -> R' tokens along ``dim``
+            if cols == width:
+                return x
+            d = dim % x.dim()
+            return x.unflatten(d, (-1, width)).narrow(d + 1, 0, cols).flatten(d, d + 1)
+
+        scales: list[Tensor] = []  # S_L, ..., S_1 as (N, 1, R')
         for record in reversed(self.layers):
-            rstd = record.rstd[k].reshape(n, 1, r)
+            rstd = kept(record.rstd[k].reshape(n, 1, r))
             scales.append(rstd if not scales else scales[-1] * rstd)
         scales.reverse()
-        rows = []  # the coefficients, transposed: (N, rows of the basis, R)
+        rows = []  # the coefficients, transposed: (N, rows of the basis, R')
         for i, record in enumerate(self.layers):
-            rows.append(record.probs[k] * scales[i])
+            rows.append(kept(record.probs[k]) * scales[i])
             if i:
                 rows.append(scales[i])
         coef = torch.cat(rows, dim=1).transpose(1, 2)
-        first = torch.addcmul(self.const, self.base[:, sl], scales[0].transpose(1, 2))
+        first = torch.addcmul(self.const, kept(self.base[:, sl], 1), scales[0].transpose(1, 2))
         return torch.baddbmm(first, coef, self.basis)
 
 
@@ -701,18 +709,33 @@ def stream_decode(
 
 
 def upscale_tiles(
-    decoder: MaskDecoder, tokens: StreamedTokens, hyper: Tensor, grid: tuple[int, int]
+    decoder: MaskDecoder,
+    tokens: StreamedTokens,
+    hyper: Tensor,
+    grid: tuple[int, int],
+    extent: tuple[int, int] | None = None,
 ) -> Tensor:
     """The mask head on streamed image tokens covering the (H, W) token grid row by row, with
-    hypernetwork vectors (N, M, C2) -> mask logits (N, M, 4H, 4W)."""
+    hypernetwork vectors (N, M, C2) -> mask logits (N, M, 4H, 4W).
+
+    ``extent`` (rows, columns): only the mask logits ``[:rows, :cols]`` are needed (an image
+    that leaves part of the prompt frame to padding; ``upscale.read_extent``). The tokens whose
+    logits lie wholly outside are then skipped and their logits returned as zeros."""
     h, w = grid
     n, m = hyper.shape[:2]
     up = _Upscaler(decoder.output_upscaling)
     first = _FirstConv(up, tokens)
+    rows, cols = h, w
+    if extent is not None:  # each token makes a 4 x 4 block of logits
+        rows, cols = min(h, -(-extent[0] // 4)), min(w, -(-extent[1] // 4))
     # Tiles are whole rows of tokens, so each lands in its own block of mask rows.
-    masks = hyper.new_empty(n, m, h, 2, 2, w, 2, 2)
+    full = rows == h and cols == w
+    masks = hyper.new_empty(n, m, h, 2, 2, w, 2, 2) if full else hyper.new_zeros(n, m, h, 2, 2, w, 2, 2)
     for k, sl in enumerate(tokens.rows):
-        up.rest(first.tile(k, sl), hyper, masks[:, :, sl.start // w : sl.stop // w])
+        if sl.start // w >= rows:
+            break
+        block = masks[:, :, sl.start // w : sl.stop // w, :, :, :cols]
+        up.rest(first.tile(k, sl, w, cols), hyper, block)
     return masks.reshape(n, m, 4 * h, 4 * w)
 
 

@@ -149,7 +149,12 @@ class SamPredictor(PromptablePredictor):
                 **{k: None if v is None else v[sl] for k, v in inputs.items() if k != "mask_input"}
             )
             best = iou.argmax(dim=1)
-            chosen = self.backend.mask_logits(tokens, torch.arange(len(best), device=best.device), best)
+            # Only the logits the upscaling weighs are needed: the padding of the frame is not.
+            low_res = (4 * tokens.grid[0], 4 * tokens.grid[1])
+            extent = self.backend.read_extent(low_res, frame, size)
+            chosen = self.backend.mask_logits(
+                tokens, torch.arange(len(best), device=best.device), best, extent=extent
+            )
             out[sl] = self.backend.upscale(chosen[:, None], frame, size, binary=True)[:, 0]
 
         self.backend.map_passes(decode, prompts.count, max_prompts_per_pass or self.max_prompts_per_pass)
