@@ -6,6 +6,7 @@ import urllib.error
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from evsam_cli.errors import CheckpointError
 from evsam_cli.models import create_model, export_state_dict, hub_dir, read_state_dict, save_weights, zoo
@@ -93,6 +94,39 @@ def test_save_weights_records_model_and_reloads(tmp_path, l0_state):
     assert not list(path.parent.glob("*.tmp"))
     again = create_model("l0", checkpoint=path, input_size=64)
     torch.testing.assert_close(_embed(again), _embed(model), rtol=0, atol=0)
+
+
+class _CountInit(TorchFunctionMode):
+    """Counts the ``torch.nn.init`` calls that reach their body."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += getattr(func, "__module__", None) == "torch.nn.init"
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", ["l0", "mobile-sam"])
+def test_a_loaded_model_skips_random_init(tmp_path, name):
+    """With a checkpoint, construction runs no ``torch.nn.init`` function and the model holds
+    exactly the file's weights, with its non-persistent buffers (pixel statistics, TinyViT's
+    attention-bias indices) as a randomly initialised build has them."""
+    torch.manual_seed(0)
+    random = create_model(name)
+    path = save_weights(random, tmp_path / "w.pt")
+    with _CountInit() as counted:
+        loaded = create_model(name, checkpoint=path)
+    assert counted.calls == 0
+    with _CountInit() as counted:
+        create_model(name)
+    assert counted.calls > 50  # (a build without one draws every weight)
+    kept = dict(loaded.named_buffers())
+    for key, value in random.named_buffers():
+        assert torch.equal(kept[key], value), key
+    for key, value in random.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
 
 
 def test_wrong_model_error_names_model_file_and_keys(tmp_path, l0_state):

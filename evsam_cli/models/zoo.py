@@ -9,9 +9,11 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..errors import UnknownModelError
 from .checkpoints import download_checkpoint, load_checkpoint, to_model_layout
@@ -293,6 +295,20 @@ def guess_model(state: Mapping[str, torch.Tensor]) -> str | None:
     return None
 
 
+class _WithoutInit(TorchFunctionMode):
+    """Module construction with the ``torch.nn.init`` functions skipped (they return their tensor
+    as allocated): for a model whose weights are loaded next, where drawing random weights first
+    is most of the build's time. A torch-function mode, so it holds for this thread only."""
+
+    def __torch_function__(
+        self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
+
+
 def create_model(
     name: str,
     checkpoint: str | os.PathLike[str] | None = None,
@@ -313,7 +329,11 @@ def create_model(
         Used for training at a reduced size and for fast tests.
     """
     spec = get_spec(name)
-    model = spec.build()
+    if checkpoint is None:
+        model = spec.build()
+    else:  # every parameter and persistent buffer is then loaded strictly: no random init first
+        with _WithoutInit():
+            model = spec.build()
     if input_size is not None and input_size != model.input_size:
         if spec.family != "efficientvit-sam":
             raise ValueError(f"{spec.name} only runs at {model.input_size}x{model.input_size}")
