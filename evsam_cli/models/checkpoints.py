@@ -217,7 +217,8 @@ def describe_mismatch(model: Sam, path: Path, state: Mapping[str, torch.Tensor])
 def load_checkpoint(model: Sam, checkpoint: str | os.PathLike[str]) -> dict[str, Any]:
     """Load ``checkpoint`` into ``model`` strictly; returns the evsam metadata of the file."""
     path = Path(checkpoint).expanduser()
-    state, meta = read_state_dict(path)
+    # Mapped, not read: the load copies each tensor into the model once, straight from the file.
+    state, meta = read_state_dict(path, mmap=True)
     state = to_model_layout(model, state)
     problem = describe_mismatch(model, path, state)
     if problem is not None:
