@@ -141,6 +141,9 @@ class SamPredictor(PromptablePredictor):
         assert self.input_size is not None and self.original_size is not None
         frame, size = self.input_size, self.original_size
         out = torch.empty((prompts.count, *size), dtype=torch.bool, device=self.device)
+        # Only the low-res logits the upscaling weighs are needed: the padding of the frame is not.
+        # (The low-res logits are the size of a mask input: SAM feeds them back as one.)
+        extent = self.backend.read_extent(self.model.prompt_encoder.mask_input_size, frame, size)
 
         @torch.inference_mode()  # grad mode is per thread, and map_passes may use a second one
         def decode(sl: slice) -> None:
@@ -149,9 +152,6 @@ class SamPredictor(PromptablePredictor):
                 **{k: None if v is None else v[sl] for k, v in inputs.items() if k != "mask_input"}
             )
             best = iou.argmax(dim=1)
-            # Only the logits the upscaling weighs are needed: the padding of the frame is not.
-            low_res = (4 * tokens.grid[0], 4 * tokens.grid[1])
-            extent = self.backend.read_extent(low_res, frame, size)
             chosen = self.backend.mask_logits(
                 tokens, torch.arange(len(best), device=best.device), best, extent=extent
             )
