@@ -127,9 +127,9 @@ def read_extent(low: int, frame: int, image: int, out: int) -> int:
     """How many leading low-res pixels of one axis (of ``low``) the upscaling to ``out`` pixels
     weighs, for an image spanning ``image`` of the ``frame``: the rest may hold any finite value
     (zeros, say) without changing ``upscale_logits`` or ``upscale_binary`` (the sign rule's
-    windows may reach one pixel further, but only its exact path then reads it, with weight 0)."""
-    weighs = (upscale_matrix(image, out, frame, low) != 0).any(axis=0)
-    return int(np.flatnonzero(weighs)[-1]) + 1
+    windows may reach one pixel further, but only its exact path then reads it, with weight 0).
+    That is the furthest low-res pixel any block of the banded products reads (``_bands``)."""
+    return max(band.hi for band in _bands(low, frame, image, out))
 
 
 def _banded_binary(
